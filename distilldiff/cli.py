@@ -1,0 +1,94 @@
+"""``distilldiff`` command line: distill, sample, teacher train."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _add_train_args(p: argparse.ArgumentParser, config_required: bool) -> None:
+    p.add_argument("--config", required=config_required, help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable), e.g. --set train.max_steps=100")
+    p.add_argument("--output-dir", help="run folder (default: output_dir from the config)")
+    p.add_argument("--resume", metavar="latest|PATH", help="resume from the newest checkpoint of the run folder, or from PATH")
+
+
+def _config_path(args) -> str:
+    if args.config:
+        return args.config
+    if args.resume and args.output_dir:
+        return str(Path(args.output_dir) / "config.yaml")
+    raise SystemExit("error: --config is required (or --resume with --output-dir of an existing run)")
+
+
+def cmd_distill(args) -> None:
+    from .config import DistillConfig, load_config
+    from .distill import distill
+
+    cfg = load_config(DistillConfig, _config_path(args), args.overrides)
+    student = distill(cfg, resume=args.resume, output_dir=args.output_dir)
+    print(f"student written to {student}")
+
+
+def cmd_teacher_train(args) -> None:
+    from .config import TeacherTrainConfig, load_config
+    from .teacher_training import train_teacher
+
+    cfg = load_config(TeacherTrainConfig, _config_path(args), args.overrides)
+    folder = train_teacher(cfg, resume=args.resume, output_dir=args.output_dir)
+    print(f"teacher pipeline written to {folder}")
+
+
+def cmd_sample(args) -> None:
+    from .sampling import load_sampler
+
+    sampler = load_sampler(args.model, steps=args.steps, guidance_scale=args.guidance_scale, device=args.device)
+    out = sampler.save_grid(args.num, args.out, seed=args.seed, class_label=args.class_label)
+    print(f"{args.num} samples ({sampler.description}) written to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distilldiff", description="Distil many-step diffusion models into one- or few-step generators.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("distill", help="train a student against a frozen teacher")
+    _add_train_args(p, config_required=False)
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("sample", help="draw a grid of samples from a run, student or teacher folder")
+    p.add_argument("--model", required=True, help="run folder, student folder, teacher pipeline folder or builtin:mnist")
+    p.add_argument("--num", type=int, default=64, help="number of samples")
+    p.add_argument("--out", default="samples.png", help="output PNG")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (teachers: DDIM steps, default 50; students: their own)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-label", type=int, default=None, help="class of every sample (default: cycle through classes)")
+    p.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance weight w for teachers (0: none)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("teacher", help="teacher utilities")
+    tsub = p.add_subparsers(dest="teacher_command", required=True)
+    t = tsub.add_parser("train", help="train a diffusers teacher on the embedded MNIST digits")
+    _add_train_args(t, config_required=False)
+    t.set_defaults(func=cmd_teacher_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"distilldiff: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distilldiff: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

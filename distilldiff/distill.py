@@ -1,0 +1,111 @@
+"""Distillation runs: build the networks an objective needs from the teacher and train them."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import ConfigError, DistillConfig, dump_yaml, from_dict
+from .engine import Engine, TrainTask
+from .objectives import OBJECTIVES, Objective
+from .students import OneStepGenerator
+from .teachers import CFGDenoiser, Denoiser, VPDenoiser, load_teacher
+
+from .sampling import STUDENT_INFO_FILE
+
+
+def build_teacher(cfg: DistillConfig) -> Denoiser:
+    """The frozen teacher of a run (classifier-free guided if ``teacher.guidance_scale`` > 0)."""
+    t = cfg.teacher
+    return load_teacher(t.path, t.guidance_scale, sigma_data=t.sigma_data, num_classes=t.num_classes, null_class=t.null_class)
+
+
+def objective_config(cfg: DistillConfig):
+    """``(objective class, its validated hyperparameters)`` for ``objective.name``."""
+    raw = dict(cfg.objective)
+    name = raw.pop("name", None)
+    if name is None:
+        raise ConfigError("missing required key 'objective.name'")
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective.name: unknown objective {name!r} (available: {', '.join(OBJECTIVES)})")
+    cls, config_cls = OBJECTIVES[name]
+    return cls, from_dict(config_cls, raw, "objective")
+
+
+def save_student(generator: OneStepGenerator, folder: Path, info: dict) -> None:
+    """Write a one-step VP student: ``unet/`` and ``scheduler/`` (diffusers) + ``distilldiff_student.json``."""
+    from diffusers import DDPMScheduler
+
+    den = generator.denoiser
+    if not isinstance(den, VPDenoiser):
+        raise TypeError(f"save_student supports VP (diffusers) students, got {type(den).__name__}")
+    folder = Path(folder)
+    den.model.save_pretrained(str(folder / "unet"), safe_serialization=True)
+    if den.scheduler_config is not None:
+        DDPMScheduler.from_config(den.scheduler_config).save_pretrained(str(folder / "scheduler"))
+    meta = {
+        "kind": "one_step",
+        "init_sigma": generator.init_sigma,
+        "prediction_type": den.prediction_type,
+        "sigma_data": den.sigma_data,
+        "num_classes": den.num_classes,
+        "null_class": den.null_class,
+        **info,
+    }
+    (folder / STUDENT_INFO_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def build_distill_task(cfg: DistillConfig) -> TrainTask:
+    """Teacher, objective and student networks for :class:`~distilldiff.engine.Engine`.
+
+    Every trainable network starts as a copy of the (unguided) teacher; the objective's
+    student becomes a :class:`OneStepGenerator` at ``student.init_sigma``.
+    """
+    objective_cls, objective_cfg = objective_config(cfg)  # validate before loading anything
+    teacher = build_teacher(cfg)
+    objective = objective_cls.build(objective_cfg, teacher)
+    base = teacher.inner if isinstance(teacher, CFGDenoiser) else teacher
+    networks: dict[str, nn.Module] = {}
+    for name, role in objective.networks.items():
+        if role == "frozen":
+            networks[name] = teacher
+        elif role == "student":
+            networks[name] = OneStepGenerator.from_teacher(base, cfg.student.init_sigma)
+        else:
+            networks[name] = copy.deepcopy(base).requires_grad_(True)
+
+    def grid_cond(n: int, device) -> dict[str, Tensor]:
+        if base.num_classes is None:
+            return {}
+        return {"class_labels": torch.arange(n, device=device) % base.num_classes}
+
+    return TrainTask(
+        objective=objective,
+        networks=networks,
+        sample_shape=base.sample_shape,
+        cond_fn=lambda n, device: base.sample_class_labels(n, device),
+        grid_cond_fn=grid_cond,
+        sample_fn=lambda gen, noise, cond: gen(noise, **cond),
+        save_fn=save_student,
+        info={"teacher": cfg.teacher.path, "guidance_scale": cfg.teacher.guidance_scale, "objective": objective.name},
+    )
+
+
+def distill(cfg: DistillConfig, resume: str | None = None, output_dir: str | Path | None = None) -> Path:
+    """Run a distillation; returns the folder of the EMA student (``OUTPUT/student``).
+
+    Example:
+        >>> from distilldiff.config import DistillConfig, load_config
+        >>> cfg = load_config(DistillConfig, "configs/mnist/sid.yaml", ["train.max_steps=10"])
+        >>> student_dir = distill(cfg)  # doctest: +SKIP
+    """
+    out = Path(output_dir or cfg.output_dir)
+    engine = Engine(build_distill_task(cfg), cfg.train, out)
+    if engine.accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, out / "config.yaml")
+    return engine.train(resume)

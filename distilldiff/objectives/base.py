@@ -1,0 +1,104 @@
+"""What an objective is: the networks it needs, its training phases, and one loss per phase.
+
+Objectives never import the training engine; the engine imports them.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One optimisation phase: ``trains`` is the only network whose parameters it updates.
+
+    ``repeats`` is how many times the phase runs per training step (a critic:generator ratio
+    of 5:1 is ``Phase("fake_score", "fake_score", repeats=5)`` before the generator phase).
+    """
+
+    name: str
+    trains: str
+    repeats: int = 1
+
+
+@dataclass
+class Batch:
+    """Inputs of one phase step, drawn fresh by the engine for every call.
+
+    Attributes:
+        noise: ``[B, *sample_shape]`` standard normal noise for the generator.
+        cond: conditioning keyword arguments for the networks (e.g. ``class_labels [B]``).
+        real: ``[B, *sample_shape]`` real data, for objectives with ``needs_real_data``.
+    """
+
+    noise: Tensor
+    cond: dict[str, Any] = field(default_factory=dict)
+    real: Tensor | None = None
+
+
+class Objective(abc.ABC):
+    """Base class of all objectives.
+
+    Class attributes:
+        name: registry name used in configs (``objective.name``).
+        networks: role of every network the objective uses: ``"student"`` (the trained result,
+            whose EMA is kept), ``"critic"`` (trained helper, e.g. a fake score) or ``"frozen"``.
+        needs_real_data: whether batches must carry real data.
+    """
+
+    name: ClassVar[str]
+    networks: ClassVar[Mapping[str, str]]
+    needs_real_data: ClassVar[bool] = False
+
+    @classmethod
+    def build(cls, config: Any, teacher: nn.Module) -> "Objective":
+        """Construct from the objective's config dataclass and the (frozen) teacher denoiser."""
+        return cls(config)
+
+    @property
+    def student(self) -> str:
+        return next(k for k, role in self.networks.items() if role == "student")
+
+    @abc.abstractmethod
+    def phases(self) -> list[Phase]:
+        """The phases of one training step, in order."""
+
+    @abc.abstractmethod
+    def loss(self, phase: Phase, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """Scalar loss of ``phase`` and a dict of detached scalars to log."""
+
+
+def sum_chw(x: Tensor) -> Tensor:
+    """Sum over every non-batch dimension: ``[B, ...] -> [B]``."""
+    return x.flatten(1).sum(1)
+
+
+def mean_chw(x: Tensor) -> Tensor:
+    """Mean over every non-batch dimension: ``[B, ...] -> [B]``."""
+    return x.flatten(1).mean(1)
+
+
+def bcast(t: Tensor, like: Tensor) -> Tensor:
+    """``[B] -> [B, 1, ..., 1]`` matching ``like``'s number of dimensions."""
+    return t.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def edm_sigma(batch: int, p_mean: float, p_std: float, like: Tensor) -> Tensor:
+    """EDM training noise levels ``sigma = exp(N(P_mean, P_std^2))`` (Karras et al. 2022, sec. 5)."""
+    return (torch.randn(batch, device=like.device, dtype=like.dtype) * p_std + p_mean).exp()
+
+
+def edm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
+    """EDM loss weight ``lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2`` (Karras et al. 2022, eq. 8)."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def denoising_loss(denoiser: nn.Module, x0: Tensor, sigma: Tensor, weight: Tensor, cond: Mapping[str, Any]) -> Tensor:
+    """``mean_B weight * sum_CHW ||D(x0 + sigma n, sigma) - x0||^2`` (denoising score matching)."""
+    noisy = x0 + bcast(sigma, x0) * torch.randn_like(x0)
+    return (weight * sum_chw((denoiser(noisy, sigma, **cond) - x0) ** 2)).mean()

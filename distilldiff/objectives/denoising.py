@@ -1,0 +1,67 @@
+"""Training a diffusion model from data (used to train the shipped MNIST teacher)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .base import Batch, Objective, Phase, denoising_loss
+
+
+@dataclass
+class DenoisingConfig:
+    """Hyperparameters of :class:`DenoisingObjective`.
+
+    Attributes:
+        cond_drop_prob: probability of replacing a class label with the null label, so the
+            model also learns the unconditional score (classifier-free guidance).
+    """
+
+    cond_drop_prob: float = 0.1
+
+
+class DenoisingObjective(Objective):
+    """DDPM training of a VP model, written in sigma space.
+
+    Timesteps are uniform on the scheduler's grid and the loss on x0 is weighted so that it
+    equals the loss on the model's own output: epsilon-prediction ``||eps_hat - eps||^2 =
+    ||x0_hat - x0||^2 / sigma^2`` (Ho et al. 2020, eq. 14), v-prediction ``(1 + sigma^2) / sigma^2``,
+    sample-prediction 1.
+    """
+
+    name: ClassVar[str] = "denoising"
+    networks: ClassVar[Mapping[str, str]] = {"model": "student"}
+    needs_real_data: ClassVar[bool] = True
+
+    def __init__(self, config: DenoisingConfig, sigmas: Tensor, prediction_type: str, null_class: int | None):
+        if config.cond_drop_prob > 0 and null_class is None:
+            raise ValueError("objective.cond_drop_prob > 0 needs a model with a null class label (null_class)")
+        self.config = config
+        self.sigmas = sigmas.float()
+        self.prediction_type = prediction_type
+        self.null_class = null_class
+
+    def phases(self) -> list[Phase]:
+        return [Phase("denoise", "model")]
+
+    def weight(self, sigma: Tensor) -> Tensor:
+        if self.prediction_type == "epsilon":
+            return 1 / sigma**2
+        if self.prediction_type == "v_prediction":
+            return (1 + sigma**2) / sigma**2
+        return torch.ones_like(sigma)
+
+    def loss(self, phase: Phase, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        x0 = batch.real
+        t = torch.randint(0, len(self.sigmas), (x0.shape[0],))
+        sigma = self.sigmas[t].to(x0)
+        cond = dict(batch.cond)
+        if "class_labels" in cond and self.config.cond_drop_prob > 0:
+            drop = torch.rand(x0.shape[0], device=x0.device) < self.config.cond_drop_prob
+            cond["class_labels"] = torch.where(drop, self.null_class, cond["class_labels"])
+        # per-pixel mean, as diffusers' MSE on the model output
+        loss = denoising_loss(nets["model"], x0, sigma, self.weight(sigma), cond) / x0[0].numel()
+        return loss, {"loss": loss.detach()}

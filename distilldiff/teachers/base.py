@@ -1,0 +1,70 @@
+"""The one denoiser interface every teacher and student sits behind (k-diffusion style)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class Denoiser(nn.Module):
+    """A denoiser ``D(x, sigma, **cond) ~= E[x0 | x_sigma]`` in EDM's sigma space.
+
+    ``x_sigma = x0 + sigma * eps``. Subclasses implement :meth:`denoise`; callers use
+    ``denoiser(x, sigma, **cond)``.
+
+    Attributes:
+        sigma_min: smallest noise level the model was trained on.
+        sigma_max: largest noise level the model was trained on.
+        sigma_data: standard deviation of the data (EDM's ``sigma_data``).
+        sample_shape: shape of one sample without the batch dimension, e.g. ``(1, 28, 28)``.
+        num_classes: number of class labels for class-conditional models, else ``None``.
+        null_class: label meaning "no class" (used by classifier-free guidance), else ``None``.
+    """
+
+    sigma_min: float
+    sigma_max: float
+    sigma_data: float
+    sample_shape: tuple[int, ...]
+    num_classes: int | None = None
+    null_class: int | None = None
+
+    def forward(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
+        """Denoise ``x`` (``[B, *sample_shape]``) at noise level ``sigma`` (scalar or ``[B]``)."""
+        return self.denoise(x, self.expand_sigma(sigma, x), **cond)
+
+    def denoise(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        """Subclass hook: ``sigma`` arrives as a ``[B]`` tensor in ``x``'s dtype and device."""
+        raise NotImplementedError
+
+    @staticmethod
+    def expand_sigma(sigma: Tensor | float, x: Tensor) -> Tensor:
+        """Return ``sigma`` as a ``[B]`` tensor on ``x``'s device and dtype."""
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
+        if sigma.ndim == 0:
+            return sigma.expand(x.shape[0])
+        sigma = sigma.reshape(-1)
+        if sigma.shape[0] != x.shape[0]:
+            raise ValueError(f"sigma has {sigma.shape[0]} entries but x has batch size {x.shape[0]}")
+        return sigma
+
+    def prior_scale(self, sigma: Tensor) -> Tensor:
+        """Scale s such that ``s * z`` (z ~ N(0, I)) is this model's pure-noise input at ``sigma``.
+
+        EDM-style models use ``s = sigma``. VP models override it with ``sqrt(1 + sigma^2)`` so
+        that the network sees exactly unit-variance noise, as a diffusers scheduler feeds it.
+        """
+        return sigma
+
+    def score(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
+        """grad_x log p_sigma(x) = (D(x, sigma) - x) / sigma^2."""
+        s = self.expand_sigma(sigma, x).reshape(-1, *([1] * (x.ndim - 1)))
+        return (self(x, sigma, **cond) - x) / s**2
+
+    def sample_class_labels(self, n: int, device: torch.device | str, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Draw conditioning for ``n`` samples: uniform class labels, or ``{}`` if unconditional."""
+        if self.num_classes is None:
+            return {}
+        labels = torch.randint(0, self.num_classes, (n,), device="cpu", generator=generator)
+        return {"class_labels": labels.to(device)}

@@ -1,0 +1,80 @@
+"""The CLI on the shipped teacher: a short SiD run, resume, sampling, and one-line config errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from distilldiff.cli import main
+
+TINY = ["--set", "train.batch_size=2", "--set", "train.num_sample_images=4", "--set", "train.log_every=1"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "distilldiff.cli", *args], capture_output=True, text=True)
+
+
+def test_distill_checkpoint_resume_and_sample(tmp_path):
+    run = tmp_path / "run"
+    r = run_cli("distill", "--config", "configs/mnist/sid.yaml", "--output-dir", str(run), *TINY,
+                "--set", "train.max_steps=2", "--set", "train.checkpoint_every=2", "--set", "train.sample_every=2")
+    assert r.returncode == 0, r.stderr
+    assert (run / "checkpoints" / "step-0000002" / "state.json").is_file()
+    assert (run / "samples" / "step-0000002.png").is_file()
+    assert (run / "config.yaml").is_file() and (run / "student" / "distilldiff_student.json").is_file()
+
+    r = run_cli("distill", "--output-dir", str(run), "--resume", "latest", "--set", "train.max_steps=3")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout + r.stderr and "at step 2" in r.stdout + r.stderr
+    state = json.loads((run / "checkpoints" / "step-0000003" / "state.json").read_text())
+    assert state["step"] == 3 and state["nimg"] == 6
+    meta = json.loads((run / "student" / "distilldiff_student.json").read_text())
+    assert meta["objective"] == "sid" and meta["step"] == 3 and meta["init_sigma"] == 2.5
+
+    out = tmp_path / "grid.png"
+    r = run_cli("sample", "--model", str(run), "--num", "4", "--out", str(out), "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size == (2 + 2 * 30, 2 + 2 * 30)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.lr_rate=1"], "unknown key 'train.lr_rate'"),
+        (["train.lr=fast"], "train.lr: expected a number, got 'fast'"),
+        (["train.max_steps=1.5"], "train.max_steps: expected an integer, got 1.5"),
+        (["train.mixed_precision=fp8"], "train.mixed_precision: 'fp8' is not one of 'no', 'fp16', 'bf16'"),
+        (["teacher.path=/no/such/teacher"], "teacher.path '/no/such/teacher': no such folder"),
+        (["objective.name=nope"], "objective.name: unknown objective 'nope'"),
+        (["objective.alpah=1.0"], "unknown key 'objective.alpah'"),
+        (["student.init_sigma=500"], "student.init_sigma=500.0 is outside the teacher's noise range"),
+    ],
+)
+def test_bad_config_is_a_one_line_error(tmp_path, capsys, overrides, message):
+    args = ["distill", "--config", "configs/mnist/sid.yaml", "--output-dir", str(tmp_path / "r")]
+    for o in overrides:
+        args += ["--set", o]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_missing_config_file_and_key(tmp_path, capsys):
+    assert main(["distill", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("objective: {name: sid}\n")
+    assert main(["distill", "--config", str(cfg)]) == 2
+    assert "missing required key 'teacher'" in capsys.readouterr().err
+    cfg.write_text("teacher: {path: builtin:mnist\n")
+    assert main(["distill", "--config", str(cfg)]) == 2
+    assert "invalid YAML" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_exits_nonzero(tmp_path):
+    r = run_cli("distill", "--config", "configs/mnist/sid.yaml", "--output-dir", str(tmp_path), "--resume", "latest")
+    assert r.returncode == 2
+    assert "no checkpoint under" in r.stderr.strip().splitlines()[-1]

@@ -1,0 +1,101 @@
+"""The training engine: non-finite handling, EMA, checkpoints and resume (on toy networks)."""
+
+import json
+from typing import ClassVar, Mapping
+
+import pytest
+import torch
+from torch import nn
+
+from distilldiff.engine import EMA, Engine, NonFiniteError, TrainTask
+from distilldiff.objectives.base import Objective, Phase
+from distilldiff.toy import save_state, scatter_image
+
+from toy_setup import train_config
+
+
+class Quadratic(Objective):
+    """Pulls a linear generator's outputs to zero; returns NaN at chosen calls."""
+
+    name: ClassVar[str] = "quadratic"
+    networks: ClassVar[Mapping[str, str]] = {"generator": "student"}
+
+    def __init__(self, nan_at=()):
+        self.calls, self.nan_at = 0, set(nan_at)
+
+    def phases(self):
+        return [Phase("generator", "generator")]
+
+    def loss(self, phase, nets, batch):
+        self.calls += 1
+        loss = nets["generator"](batch.noise).pow(2).mean()
+        if self.calls in self.nan_at:
+            loss = loss * float("nan")
+        return loss, {"loss": loss.detach()}
+
+
+def task(objective):
+    torch.manual_seed(0)
+    return TrainTask(
+        objective=objective,
+        networks={"generator": nn.Linear(2, 2)},
+        sample_shape=(2,),
+        cond_fn=lambda n, d: {},
+        sample_fn=lambda g, z, c: scatter_image(g(z)),
+        save_fn=save_state,
+    )
+
+
+def test_nonfinite_loss_stops_with_step_phase_and_network(tmp_path):
+    engine = Engine(task(Quadratic(nan_at={3})), train_config(max_steps=10, batch_size=4), tmp_path)
+    with pytest.raises(NonFiniteError, match=r"non-finite loss at step 3, phase 'generator' \(network 'generator'\)"):
+        engine.train()
+
+
+def test_nonfinite_loss_skip_counts_and_leaves_weights_untouched(tmp_path):
+    engine = Engine(task(Quadratic(nan_at={2, 5})), train_config(max_steps=6, batch_size=4, nonfinite="skip", checkpoint_every=6), tmp_path)
+    engine.train()
+    assert engine.state.nonfinite == 2
+    state = json.loads((tmp_path / "checkpoints" / "step-0000006" / "state.json").read_text())
+    assert state["nonfinite"] == 2 and state["step"] == 6
+
+
+def test_skip_mode_gives_up_after_max_nonfinite(tmp_path):
+    engine = Engine(task(Quadratic(nan_at=range(1, 100))), train_config(max_steps=10, batch_size=4, nonfinite="skip", max_nonfinite=3), tmp_path)
+    with pytest.raises(NonFiniteError, match="exceed train.max_nonfinite=3"):
+        engine.train()
+
+
+def test_ema_half_life():
+    net = nn.Linear(1, 1, bias=False)
+    nn.init.zeros_(net.weight)
+    ema = EMA(net, halflife_kimg=0.1, rampup=None)  # half-life 100 images
+    nn.init.ones_(net.weight)
+    ema.update(net, nimg=100, batch_size=100)
+    assert ema.module.weight.item() == pytest.approx(0.5)
+
+
+def test_checkpoint_resume_continues_the_same_run(tmp_path):
+    full = Engine(task(Quadratic()), train_config(max_steps=8, batch_size=4, checkpoint_every=4), tmp_path / "full")
+    full.train()
+    part = Engine(task(Quadratic()), train_config(max_steps=4, batch_size=4, checkpoint_every=4), tmp_path / "part")
+    part.train()
+    resumed = Engine(task(Quadratic()), train_config(max_steps=8, batch_size=4, checkpoint_every=4), tmp_path / "part")
+    resumed.train(resume="latest")
+    assert resumed.state.step == 8 and resumed.state.nimg == 32
+    for a, b in zip(full.task.networks["generator"].parameters(), resumed.task.networks["generator"].parameters()):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(full.ema.module.parameters(), resumed.ema.module.parameters()):
+        torch.testing.assert_close(a, b)
+    assert (tmp_path / "part" / "samples" / "latest.png").is_file()
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path):
+    engine = Engine(task(Quadratic()), train_config(max_steps=2, batch_size=4), tmp_path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint under"):
+        engine.train(resume="latest")
+
+
+def test_batch_size_must_divide(tmp_path):
+    with pytest.raises(ValueError, match="batch_size=5 is not divisible"):
+        Engine(task(Quadratic()), train_config(batch_size=5, grad_accum=2), tmp_path)
