@@ -1,3 +1,27 @@
-"""distilldiff: distil a frozen many-step diffusion teacher into a one- or few-step student."""
+"""distilldiff: distil a frozen many-step diffusion teacher into a one- or few-step student.
+
+Public API::
+
+    from distilldiff import load_teacher, load_config, DistillConfig, distill, load_sampler
+"""
+
+from .config import ConfigError, DistillConfig, TeacherTrainConfig, TrainConfig, load_config
+from .distill import build_distill_task, distill
+from .engine import Engine, NonFiniteError, TrainTask
+from .objectives import OBJECTIVES, Batch, Objective, Phase, SiD, SiDConfig
+from .samplers import ddim_sample, karras_sigmas, multistep_sample
+from .sampling import Sampler, load_sampler
+from .students import OneStepGenerator
+from .teacher_training import train_teacher
+from .teachers import CFGDenoiser, Denoiser, GaussianMixtureDenoiser, VPDenoiser, load_teacher
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError", "DistillConfig", "TeacherTrainConfig", "TrainConfig", "load_config",
+    "build_distill_task", "distill", "Engine", "NonFiniteError", "TrainTask",
+    "OBJECTIVES", "Batch", "Objective", "Phase", "SiD", "SiDConfig",
+    "ddim_sample", "karras_sigmas", "multistep_sample", "Sampler", "load_sampler",
+    "OneStepGenerator", "train_teacher",
+    "CFGDenoiser", "Denoiser", "GaussianMixtureDenoiser", "VPDenoiser", "load_teacher",
+]

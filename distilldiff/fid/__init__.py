@@ -1,0 +1,21 @@
+"""FID evaluation, offline, with the standard TF Inception-v3 network (DESIGN.md section 4)."""
+
+from .api import (
+    BUILTIN_REFERENCES,
+    FIDResult,
+    ReferenceStats,
+    builtin_reference_images,
+    compute_fid,
+    extract_features,
+    image_batches,
+    load_reference,
+)
+from .features import InceptionFeatureExtractor, build_fidelity_extractor, cache_dir, images_to_uint8, resolve_weights
+from .metrics import feature_statistics, frechet_distance, kernel_inception_distance, precision_recall
+
+__all__ = [
+    "BUILTIN_REFERENCES", "FIDResult", "ReferenceStats", "builtin_reference_images", "compute_fid",
+    "extract_features", "image_batches", "load_reference", "InceptionFeatureExtractor",
+    "build_fidelity_extractor", "cache_dir", "images_to_uint8", "resolve_weights",
+    "feature_statistics", "frechet_distance", "kernel_inception_distance", "precision_recall",
+]

@@ -1,0 +1,157 @@
+"""FID module: closed forms, agreement with torch-fidelity, reference files, KID, P/R, errors."""
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from PIL import Image
+
+from distilldiff.fid import (
+    InceptionFeatureExtractor,
+    ReferenceStats,
+    compute_fid,
+    feature_statistics,
+    frechet_distance,
+    kernel_inception_distance,
+    precision_recall,
+    resolve_weights,
+)
+from distilldiff.data import mnist5k
+
+
+@pytest.fixture(scope="module")
+def extractor(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DISTILLDIFF_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield InceptionFeatureExtractor(device="cpu", batch_size=32)
+    mp.undo()
+
+
+def write_pngs(folder, images):
+    folder.mkdir(parents=True, exist_ok=True)
+    arr = ((images[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    for i, a in enumerate(arr):
+        Image.fromarray(a).save(folder / f"{i:05d}.png")
+    return folder
+
+
+def test_frechet_distance_of_diagonal_gaussians_matches_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    a, b = rng.uniform(0.1, 2, 5), rng.uniform(0.1, 2, 5)
+    exact = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(exact, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_eigenvalue_trace_matches_scipy_sqrtm(seed):
+    rng = np.random.default_rng(seed)
+    d = 30
+    A, B = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+    s1, s2 = A @ A.T / d + 0.1 * np.eye(d), B @ B.T / d + 0.1 * np.eye(d)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    reference = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(reference, rel=1e-9)
+    assert frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fid_of_a_set_with_itself_is_zero(extractor):
+    x = mnist5k()[0][:16]
+    ref = ReferenceStats.from_features(extractor(x))
+    result = compute_fid(x, 16, ref, extractor)
+    assert abs(result.fid) < 1e-3
+    assert "default_1.pt" in result.weights
+
+
+def test_fid_equals_torch_fidelity_calculate_metrics(extractor, tmp_path):
+    import torch_fidelity
+
+    images = mnist5k()[0]
+    d1 = write_pngs(tmp_path / "a", images[:32])
+    d2 = write_pngs(tmp_path / "b", images[2500:2532])
+    weights = tmp_path / "mapped.pth"
+    torch.save(resolve_weights().state_dict, weights)  # torch-fidelity reads a .pth of the same weights
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(d1), input2=str(d2), fid=True, cuda=False, cache=False, verbose=False,
+        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(weights),
+    )["frechet_inception_distance"]
+    ref = ReferenceStats.from_features(extractor(torch.stack([torch.from_numpy(np.array(Image.open(p))) for p in sorted(d2.iterdir())])[:, None]))
+    ours = compute_fid(d1, 32, ref, extractor).fid
+    assert ours == pytest.approx(theirs, rel=1e-4)
+
+
+def test_reference_npz_round_trip_and_edm_format(tmp_path):
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(50, 8))
+    stats = ReferenceStats.from_features(feats, "x")
+    loaded = ReferenceStats.load(stats.save(tmp_path / "ref.npz"))
+    np.testing.assert_array_equal(loaded.mu, stats.mu)
+    np.testing.assert_array_equal(loaded.sigma, stats.sigma)
+    np.testing.assert_allclose(loaded.features, feats, rtol=1e-6)
+    np.savez(tmp_path / "edm.npz", mu=stats.mu, sigma=stats.sigma)  # EDM's published format
+    edm = ReferenceStats.load(tmp_path / "edm.npz")
+    assert edm.features is None and edm.mu.dtype == np.float64
+    np.savez(tmp_path / "bad.npz", mean=stats.mu)
+    with pytest.raises(ValueError, match=r"lacks key\(s\) \['mu', 'sigma'\]"):
+        ReferenceStats.load(tmp_path / "bad.npz")
+
+
+def test_kid_is_near_zero_for_one_distribution_and_positive_for_two():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(400, 16)), rng.normal(size=(400, 16))
+    same, _ = kernel_inception_distance(a, b, num_subsets=20, subset_size=200)
+    shifted, _ = kernel_inception_distance(a, b + 1.0, num_subsets=20, subset_size=200)
+    assert abs(same) < 0.02 and shifted > 0.3
+    ident, _ = kernel_inception_distance(a, a, num_subsets=20, subset_size=200)
+    assert abs(ident) < 0.05
+
+
+def test_precision_recall_identical_and_disjoint():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200, 4))
+    assert precision_recall(a, a) == (1.0, 1.0)
+    assert precision_recall(a, a + 100.0) == (0.0, 0.0)
+    p, r = precision_recall(a, a[:, :] * 0.05)  # collapsed fakes: precise, but poor recall
+    assert p > 0.9 and r < 0.3
+
+
+def test_statistics_need_two_samples():
+    with pytest.raises(ValueError, match=r"need \[N >= 2, D\]"):
+        feature_statistics(np.zeros((1, 3)))
+
+
+def test_errors_empty_folder_mixed_sizes_too_many_missing_weights(extractor, tmp_path):
+    ref = ReferenceStats(np.zeros(2048), np.eye(2048))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        compute_fid(tmp_path / "empty", 10, ref, extractor)
+    mixed = write_pngs(tmp_path / "mixed", mnist5k()[0][:3])
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(mixed / "99999.png")
+    with pytest.raises(ValueError, match="99999.png: image of size 32x32x1, expected 28x28x1"):
+        compute_fid(mixed, 4, ref, extractor)
+    with pytest.raises(ValueError, match="--num 10 is larger than the 4 images available"):
+        compute_fid(mixed, 10, ref, extractor)
+    with pytest.raises(FileNotFoundError, match="Inception weights: .*nope.pt not found"):
+        InceptionFeatureExtractor(tmp_path / "nope.pt")
+
+
+def test_cli_fid_ref_and_fid_of_a_teacher(extractor, tmp_path, capsys):
+    """Runs while the module fixture's DISTILLDIFF_CACHE (with the mapped weights) is set."""
+    import json
+
+    from distilldiff.cli import main
+
+    ref = tmp_path / "ref.npz"
+    assert main(["fid-ref", "--dataset", "mnist5k", "--num", "12", "--features", "--out", str(ref), "--device", "cpu"]) == 0
+    out = tmp_path / "fid.json"
+    args = ["fid", "--model", "builtin:mnist", "--steps", "1", "--num", "12", "--ref", str(ref), "--kid", "--pr", "--json", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert f"FID {result['fid']:.4f}" in printed and result["num"] == 12 and result["extra"] == {"steps": 1}
+    assert result["fid"] > 0 and result["kid"] is not None and 0 <= result["precision"] <= 1
+    assert "1-step DDIM" in result["model"] and "default_1.pt" in result["weights"]
+    assert main(["fid", "--model", "builtin:mnist", "--images", str(tmp_path), "--ref", str(ref)]) == 2
+    assert "exactly one of --model DIR and --images DIR" in capsys.readouterr().err
+
