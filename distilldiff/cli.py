@@ -19,7 +19,9 @@ def _config_path(args) -> str:
         return args.config
     if args.resume and args.output_dir:
         return str(Path(args.output_dir) / "config.yaml")
-    raise SystemExit("error: --config is required (or --resume with --output-dir of an existing run)")
+    from .config import ConfigError
+
+    raise ConfigError("--config is required (or --resume with --output-dir of an existing run)")
 
 
 def cmd_distill(args) -> None:
@@ -62,7 +64,8 @@ def cmd_fid(args) -> None:
         default_json = Path(args.model) / f"fid-{Path(str(args.ref)).stem}-{args.num}" if Path(args.model).is_dir() else None
     else:
         source, what = args.images, args.images
-        default_json = None
+        folder = Path(args.images)
+        default_json = folder.parent / f"{folder.name}.fid-{Path(str(args.ref)).stem}-{args.num}"
     result = compute_fid(source, args.num, args.ref, extractor, kid=args.kid, pr=args.pr, batch_size=args.batch_size, model=what)
     if args.steps is not None:
         result.extra["steps"] = args.steps
@@ -72,9 +75,10 @@ def cmd_fid(args) -> None:
     if result.precision is not None:
         line += f"  precision {result.precision:.4f} recall {result.recall:.4f}"
     print(line)
-    json_path = args.json or (f"{default_json}{'-steps' + str(args.steps) if args.steps else ''}.json" if default_json else None)
-    if json_path:
-        print(f"written to {result.to_json(json_path)}")
+    if args.json is None and default_json is None:  # a hub id or builtin teacher: no folder of its own
+        return
+    json_path = args.json or f"{default_json}{'-steps' + str(args.steps) if args.steps else ''}.json"
+    print(f"written to {result.to_json(json_path)}")
 
 
 def cmd_fid_ref(args) -> None:
@@ -158,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"distilldiff: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

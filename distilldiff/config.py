@@ -62,7 +62,7 @@ class TrainConfig:
     grad_clip: float | None = None
     ema_halflife_kimg: float = 500.0
     ema_rampup: float | None = 0.05
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     grad_accum: int = 1
     seed: int = 0
     log_every: int = 10
@@ -76,11 +76,16 @@ class TrainConfig:
     cpu: bool = False
 
     def __post_init__(self):
-        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
+        for key in ("max_steps", "batch_size", "grad_accum", "log_every", "sample_every", "checkpoint_every",
+                    "keep_checkpoints", "num_sample_images"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        for key in ("lr", "critic_lr", "grad_clip", "ema_halflife_kimg", "time_budget_min"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:  # also rejects nan
+                raise ConfigError(f"train.{key} must be > 0, got {value}")
+        if self.max_nonfinite < 0:
+            raise ConfigError(f"train.max_nonfinite must be >= 0, got {self.max_nonfinite}")
 
 
 @dataclass
@@ -152,6 +157,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 errors.append(e)
         raise errors[0]
     if origin is Literal:
+        if value is False and "no" in typing.get_args(tp):  # YAML 1.1 reads a bare `no` as false
+            value = "no"
         if value not in typing.get_args(tp):
             choices = ", ".join(repr(a) for a in typing.get_args(tp))
             raise ConfigError(f"{key}: {value!r} is not one of {choices}")
@@ -182,6 +189,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

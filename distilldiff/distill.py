@@ -59,6 +59,16 @@ def save_student(generator: OneStepGenerator, folder: Path, info: dict) -> None:
     (folder / STUDENT_INFO_FILE).write_text(json.dumps(meta, indent=2))
 
 
+def resolved_config(cfg: DistillConfig) -> dict:
+    """The config as written to the run folder: every objective default filled in."""
+    from .config import to_dict
+
+    _, objective_cfg = objective_config(cfg)
+    data = to_dict(cfg)
+    data["objective"] = {"name": cfg.objective["name"], **to_dict(objective_cfg)}
+    return data
+
+
 def build_distill_task(cfg: DistillConfig) -> TrainTask:
     """Teacher, objective and student networks for :class:`~distilldiff.engine.Engine`.
 
@@ -105,7 +115,9 @@ def distill(cfg: DistillConfig, resume: str | None = None, output_dir: str | Pat
     """
     out = Path(output_dir or cfg.output_dir)
     engine = Engine(build_distill_task(cfg), cfg.train, out)
+    if resume:
+        engine.find_checkpoint(resume)  # a bad --resume fails before anything is written
     if engine.accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, out / "config.yaml")
+        dump_yaml(resolved_config(cfg), out / "config.yaml")
     return engine.train(resume)

@@ -73,6 +73,7 @@ class TrainState:
     step: int = 0
     nimg: int = 0
     nonfinite: int = 0
+    scaler_skips: int = 0
     train_seconds: float = 0.0
 
 
@@ -150,6 +151,7 @@ class Engine:
         self.ema = EMA(acc.unwrap_model(self.models[obj.student]), train.ema_halflife_kimg, train.ema_rampup)
         self.state = TrainState()
         self._grid_noise = None
+        self._consecutive_scaler_skips = 0
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -166,12 +168,14 @@ class Engine:
         return Batch(noise=noise, cond=self.task.cond_fn(n, dev))
 
     def _nets_for(self, phase: Phase) -> dict[str, nn.Module]:
-        """The trained network as prepared (DDP-wrapped); every other one unwrapped and frozen."""
+        """The trained network as prepared (DDP-wrapped, train mode); every other one unwrapped,
+        frozen and in eval mode (gradients still flow through its input)."""
         nets = dict(self.frozen)
         for name, model in self.models.items():
             inner = self.accelerator.unwrap_model(model)
-            inner.requires_grad_(name == phase.trains)
-            nets[name] = model if name == phase.trains else inner
+            trained = name == phase.trains
+            inner.requires_grad_(trained).train(trained)
+            nets[name] = model if trained else inner
         return nets
 
     def _any(self, flag: bool) -> bool:
@@ -205,15 +209,26 @@ class Engine:
             for k, v in extra.items():
                 logs[f"{phase.name}/{k}"] = logs.get(f"{phase.name}/{k}", 0.0) + float(v) / cfg.grad_accum
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
-        norm = acc.clip_grad_norm_(model.parameters(), max_norm)
-        # under fp16 the loss scaler owns overflow handling (it skips the step itself)
-        if cfg.mixed_precision != "fp16" and self._any(not bool(torch.isfinite(torch.as_tensor(norm)))):
+        norm = acc.clip_grad_norm_(model.parameters(), max_norm)  # None under DeepSpeed
+        scaled = acc.scaler is not None  # fp16: the loss scaler skips overflowing steps itself
+        if norm is not None and not scaled and self._any(not bool(torch.isfinite(torch.as_tensor(norm)))):
             opt.zero_grad(set_to_none=True)
             self._nonfinite("gradient", phase)
             return {}
         opt.step()
         opt.zero_grad(set_to_none=True)
-        logs[f"{phase.name}/grad_norm"] = float(norm)
+        if scaled and getattr(opt, "step_was_skipped", False):
+            self.state.scaler_skips += 1
+            self._consecutive_scaler_skips += 1
+            if self._consecutive_scaler_skips > cfg.max_nonfinite:
+                raise NonFiniteError(
+                    f"non-finite gradient at step {self.state.step + 1}, phase '{phase.name}' (network '{phase.trains}'): "
+                    f"the fp16 loss scaler skipped {self._consecutive_scaler_skips} updates in a row (train.max_nonfinite={cfg.max_nonfinite})"
+                )
+        else:
+            self._consecutive_scaler_skips = 0
+        if norm is not None:
+            logs[f"{phase.name}/grad_norm"] = float(norm)
         return logs
 
     # -- checkpoints -----------------------------------------------------------------------------
@@ -224,7 +239,7 @@ class Engine:
     def find_checkpoint(self, resume: str) -> Path:
         """``latest`` -> newest checkpoint of this run; otherwise the given path."""
         if resume == "latest":
-            found = sorted(self.checkpoint_dir().glob(f"{CHECKPOINT_PREFIX}*"))
+            found = self.complete_checkpoints()
             if not found:
                 raise FileNotFoundError(f"--resume latest: no checkpoint under {self.checkpoint_dir()}")
             return found[-1]
@@ -232,6 +247,10 @@ class Engine:
         if not (path / "state.json").is_file():
             raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no state.json)")
         return path
+
+    def complete_checkpoints(self) -> list[Path]:
+        """This run's checkpoints that finished writing (a save killed half-way has no state.json)."""
+        return sorted(p for p in self.checkpoint_dir().glob(f"{CHECKPOINT_PREFIX}*") if (p / "state.json").is_file())
 
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
@@ -241,7 +260,7 @@ class Engine:
             save_file(self.ema.state_dict(), str(path / "ema.safetensors"))
             (path / "state.json").write_text(json.dumps(self.state.__dict__, indent=2))
             self.task.save_fn(self.ema.module, self.output_dir / "student", self._info())
-            old = sorted(self.checkpoint_dir().glob(f"{CHECKPOINT_PREFIX}*"))[: -self.cfg.keep_checkpoints]
+            old = self.complete_checkpoints()[: -self.cfg.keep_checkpoints]
             for p in old:
                 shutil.rmtree(p)
         acc.wait_for_everyone()
@@ -281,6 +300,11 @@ class Engine:
             path = self.find_checkpoint(resume)
             self.load_checkpoint(path)
             acc.print(f"resumed from {path} at step {self.state.step}")
+        elif self.complete_checkpoints():
+            raise FileExistsError(
+                f"{self.output_dir} holds checkpoints of an earlier run; pass --resume latest to continue it "
+                "or choose another --output-dir"
+            )
         acc.init_trackers("distilldiff")
         phases = obj.phases()
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not acc.is_local_main_process, desc=obj.name, dynamic_ncols=True)
@@ -289,7 +313,8 @@ class Engine:
         budget = cfg.time_budget_min * 60 if cfg.time_budget_min is not None else math.inf
         last_saved = self.state.step if resume else -1
         try:
-            while self.state.step < cfg.max_steps and self.state.train_seconds < budget:
+            # every process takes the same decision to stop, or DDP would hang at the next collective
+            while self.state.step < cfg.max_steps and not self._any(self.state.train_seconds >= budget):
                 t0 = time.time()
                 for phase in phases:
                     for _ in range(phase.repeats):

@@ -55,6 +55,7 @@ def build_teacher_task(cfg: TeacherTrainConfig) -> TrainTask:
 
     sched_cfg = to_dict(cfg.scheduler)
     scheduler = DDPMScheduler(**sched_cfg)
+    torch.manual_seed(cfg.train.seed)  # the initial weights follow train.seed
     unet = build_unet(cfg.model)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     if shape != (1, 28, 28):
@@ -88,6 +89,8 @@ def train_teacher(cfg: TeacherTrainConfig, resume: str | None = None, output_dir
     """Train a teacher; returns the folder of its EMA pipeline (``OUTPUT/student``)."""
     out = Path(output_dir or cfg.output_dir)
     engine = Engine(build_teacher_task(cfg), cfg.train, out)
+    if resume:
+        engine.find_checkpoint(resume)  # a bad --resume fails before anything is written
     if engine.accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, out / "config.yaml")

@@ -50,6 +50,9 @@ def test_distill_checkpoint_resume_and_sample(tmp_path):
         (["objective.name=nope"], "objective.name: unknown objective 'nope'"),
         (["objective.alpah=1.0"], "unknown key 'objective.alpah'"),
         (["student.init_sigma=500"], "student.init_sigma=500.0 is outside the teacher's noise range"),
+        (["train.num_sample_images=0"], "train.num_sample_images must be >= 1, got 0"),
+        (["train.grad_clip=0"], "train.grad_clip must be > 0, got 0.0"),
+        (["train.lr=.nan"], "train.lr must be > 0, got nan"),
     ],
 )
 def test_bad_config_is_a_one_line_error(tmp_path, capsys, overrides, message):
@@ -72,6 +75,19 @@ def test_missing_config_file_and_key(tmp_path, capsys):
     cfg.write_text("teacher: {path: builtin:mnist\n")
     assert main(["distill", "--config", str(cfg)]) == 2
     assert "invalid YAML" in capsys.readouterr().err
+
+
+def test_yaml_1_1_spellings_are_accepted():
+    from distilldiff.config import DistillConfig, load_config
+
+    cfg = load_config(DistillConfig, "configs/mnist/sid.yaml", ["train.lr=1e-5", "train.mixed_precision=no"])
+    assert cfg.train.lr == 1e-5 and cfg.train.mixed_precision == "no"
+    assert load_config(DistillConfig, "configs/mnist/sid.yaml").train.mixed_precision is None  # accelerate decides
+
+
+def test_missing_config_flag_is_a_one_line_error(capsys):
+    assert main(["distill"]) == 2
+    assert capsys.readouterr().err.strip() == "distilldiff: error: --config is required (or --resume with --output-dir of an existing run)"
 
 
 def test_resume_without_checkpoint_exits_nonzero(tmp_path):

@@ -90,6 +90,19 @@ def test_checkpoint_resume_continues_the_same_run(tmp_path):
     assert (tmp_path / "part" / "samples" / "latest.png").is_file()
 
 
+def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
+    Engine(task(Quadratic()), train_config(max_steps=2, batch_size=4), tmp_path).train()
+    with pytest.raises(FileExistsError, match="holds checkpoints of an earlier run; pass --resume latest"):
+        Engine(task(Quadratic()), train_config(max_steps=4, batch_size=4), tmp_path).train()
+
+
+def test_latest_skips_a_checkpoint_whose_save_was_interrupted(tmp_path):
+    Engine(task(Quadratic()), train_config(max_steps=2, batch_size=4, checkpoint_every=2), tmp_path).train()
+    (tmp_path / "checkpoints" / "step-0000009").mkdir()  # killed mid-save: no state.json
+    engine = Engine(task(Quadratic()), train_config(max_steps=3, batch_size=4), tmp_path)
+    assert engine.find_checkpoint("latest").name == "step-0000002"
+
+
 def test_resume_without_checkpoint_is_an_error(tmp_path):
     engine = Engine(task(Quadratic()), train_config(max_steps=2, batch_size=4), tmp_path)
     with pytest.raises(FileNotFoundError, match="no checkpoint under"):

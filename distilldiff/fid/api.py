@@ -71,7 +71,7 @@ def image_batches(source: ImageSource, num: int, batch_size: int = 250) -> Itera
     if callable(source):
         done = 0
         while done < num:
-            batch = source(min(batch_size, num - done))
+            batch = source(min(batch_size, num - done))[: num - done]
             done += len(batch)
             yield batch
         return
@@ -150,7 +150,9 @@ def load_reference(ref: str | Path, extractor: InceptionFeatureExtractor) -> Ref
     if str(ref) in BUILTIN_REFERENCES:
         cached = cache_dir() / f"ref-{ref}-inception-{extractor.weights_sha1[:16]}.npz"
         if cached.is_file():
-            return ReferenceStats.load(cached)
+            stats = ReferenceStats.load(cached)
+            stats.source = str(ref)
+            return stats
         images = builtin_reference_images(str(ref))
         stats = ReferenceStats.from_features(extract_features(images, len(images), extractor, desc=f"reference {ref}"), str(ref))
         stats.save(cached)

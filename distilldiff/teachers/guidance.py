@@ -41,7 +41,8 @@ class CFGDenoiser(Denoiser):
             return self.inner(x, sigma, class_labels=torch.full((x.shape[0],), self.null_class, device=x.device), **cond)
         class_labels = torch.as_tensor(class_labels, device=x.device).reshape(-1).expand(x.shape[0])
         null = torch.full_like(class_labels, self.null_class)
-        other = {k: torch.cat([v, v]) if torch.is_tensor(v) and v.ndim > 0 else v for k, v in cond.items()}
+        batched = lambda v: torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == x.shape[0]  # noqa: E731
+        other = {k: torch.cat([v, v]) if batched(v) else v for k, v in cond.items()}
         both = self.inner(
             torch.cat([x, x]), torch.cat([sigma, sigma]), class_labels=torch.cat([class_labels, null]), **other
         )

@@ -77,7 +77,8 @@ class VPDenoiser(Denoiser):
     def denoise(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
         x_t = vp_scale_input(x, s)
-        t = self.sigma_to_timestep(sigma.detach()).to(x.dtype)
+        t_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # 999 stays 999
+        t = self.sigma_to_timestep(sigma.detach()).to(t_dtype)
         out = self.model(x_t, t, **cond)
         out = getattr(out, "sample", out)
         if out.shape[1] == 2 * x.shape[1]:  # learned variance: keep the mean prediction
