@@ -20,14 +20,6 @@ def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float
     return (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
-def default_sigmas(denoiser: Denoiser, num_steps: int) -> Tensor:
-    """The denoiser's own discrete DDIM grid (trailing spacing) if it has one, else Karras."""
-    inner = getattr(denoiser, "inner", denoiser)
-    if hasattr(inner, "discrete_sigmas"):
-        return inner.discrete_sigmas(num_steps, "trailing")
-    return karras_sigmas(num_steps, denoiser.sigma_min, denoiser.sigma_max)
-
-
 @torch.no_grad()
 def ddim_sample(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, **cond: Any) -> Tensor:
     """Deterministic DDIM (= Euler in sigma space) from ``sigmas[0]`` down to 0.
