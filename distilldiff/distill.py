@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError, DistillConfig, dump_yaml, from_dict
+from .config import ConfigError, DistillConfig, from_dict
 from .engine import Engine, TrainTask
-from .objectives import OBJECTIVES, Objective
+from .objectives import OBJECTIVES
 from .students import OneStepGenerator
 from .teachers import CFGDenoiser, Denoiser, VPDenoiser, load_teacher
 
@@ -113,11 +113,5 @@ def distill(cfg: DistillConfig, resume: str | None = None, output_dir: str | Pat
         >>> cfg = load_config(DistillConfig, "configs/mnist/sid.yaml", ["train.max_steps=10"])
         >>> student_dir = distill(cfg)  # doctest: +SKIP
     """
-    out = Path(output_dir or cfg.output_dir)
-    engine = Engine(build_distill_task(cfg), cfg.train, out)
-    if resume:
-        engine.find_checkpoint(resume)  # a bad --resume fails before anything is written
-    if engine.accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(resolved_config(cfg), out / "config.yaml")
-    return engine.train(resume)
+    engine = Engine(build_distill_task(cfg), cfg.train, Path(output_dir or cfg.output_dir))
+    return engine.run(resolved_config(cfg), resume)

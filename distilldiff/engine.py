@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
+from .config import TrainConfig, dump_yaml
 from .images import save_grid
 from .objectives.base import Batch, Objective, Phase
 
@@ -292,6 +292,16 @@ class Engine:
         return path
 
     # -- the loop --------------------------------------------------------------------------------
+
+    def run(self, config: Any, resume: str | None = None) -> Path:
+        """Start a run: check ``resume`` before anything is written, save ``config`` as the run's
+        ``config.yaml``, then :meth:`train`."""
+        if resume:
+            self.find_checkpoint(resume)
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(config, self.output_dir / "config.yaml")
+        return self.train(resume)
 
     def train(self, resume: str | None = None) -> Path:
         """Run to ``train.max_steps`` (or the time budget); returns the student folder."""

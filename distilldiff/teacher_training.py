@@ -8,12 +8,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .config import TeacherTrainConfig, dump_yaml
+from .config import TeacherTrainConfig, from_dict
 from .data import RandomBatches, mnist5k
 from .engine import Engine, TrainTask
-from .objectives.base import Objective
 from .objectives.denoising import DenoisingConfig, DenoisingObjective
-from .config import from_dict
 from .samplers import ddim_sample
 from .teachers.vp import TEACHER_INFO_FILE, VPDenoiser
 
@@ -87,11 +85,5 @@ def build_teacher_task(cfg: TeacherTrainConfig) -> TrainTask:
 
 def train_teacher(cfg: TeacherTrainConfig, resume: str | None = None, output_dir: str | None = None) -> Path:
     """Train a teacher; returns the folder of its EMA pipeline (``OUTPUT/student``)."""
-    out = Path(output_dir or cfg.output_dir)
-    engine = Engine(build_teacher_task(cfg), cfg.train, out)
-    if resume:
-        engine.find_checkpoint(resume)  # a bad --resume fails before anything is written
-    if engine.accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, out / "config.yaml")
-    return engine.train(resume)
+    engine = Engine(build_teacher_task(cfg), cfg.train, Path(output_dir or cfg.output_dir))
+    return engine.run(cfg, resume)

@@ -94,3 +94,4 @@ def test_resume_without_checkpoint_exits_nonzero(tmp_path):
     r = run_cli("distill", "--config", "configs/mnist/sid.yaml", "--output-dir", str(tmp_path), "--resume", "latest")
     assert r.returncode == 2
     assert "no checkpoint under" in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "config.yaml").exists()  # a bad --resume writes nothing

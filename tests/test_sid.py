@@ -1,16 +1,12 @@
 """SiD: losses against a direct float64 computation, gradient routing, and convergence on a GMM."""
 
-import copy
-import math
-
 import pytest
 import torch
 
 from distilldiff.engine import Engine
 from distilldiff.objectives import Batch, SiD, SiDConfig
-from distilldiff.objectives.base import Phase
 
-from toy_setup import WEIGHTS, fitted_copy, mode_report, sid_task, teacher, train_config
+from toy_setup import WEIGHTS, mode_report, sid_task, teacher, train_config
 
 
 def direct_generator_loss(x_g, y_real, y_fake, alpha, scale):

@@ -6,7 +6,7 @@ import functools
 import torch
 
 from distilldiff.config import TrainConfig
-from distilldiff.engine import Engine, TrainTask
+from distilldiff.engine import TrainTask
 from distilldiff.students import OneStepGenerator
 from distilldiff.teachers import GaussianMixtureDenoiser
 from distilldiff.toy import MLPDenoiser, fit_denoiser, save_state, scatter_image

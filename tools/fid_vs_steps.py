@@ -36,6 +36,8 @@ def _npz_source(path: Path):
 
 def entries(args) -> list[tuple[str, int | None, object, str]]:
     """(name, steps, image source, description) for every set to evaluate."""
+    from distilldiff.sampling import load_sampler
+
     out = []
     for p in args.samples or []:
         p = Path(p)
@@ -43,14 +45,10 @@ def entries(args) -> list[tuple[str, int | None, object, str]]:
         m = re.fullmatch(r"(.+)-(\d+)steps", p.stem)
         out.append((m.group(1) if m else p.stem, int(m.group(2)) if m else 1, images, desc))
     if args.teacher:
-        from distilldiff.sampling import load_sampler
-
         for k in args.steps:
             s = load_sampler(args.teacher, steps=k)
             out.append(("teacher", k, s.batches(args.num, seed=args.seed, batch_size=args.batch_size), s.description))
     for spec in args.student or []:
-        from distilldiff.sampling import load_sampler
-
         name, path = spec.split("=", 1) if "=" in spec else (Path(spec).name, spec)
         s = load_sampler(path)
         out.append((name, 1, s.batches(args.num, seed=args.seed, batch_size=args.batch_size), s.description))
