@@ -1,4 +1,4 @@
-"""``distilldiff`` command line: distill, sample, teacher train."""
+"""``distilldiff`` command line: distill, sample, export, fid, fid-ref, teacher train."""
 
 from __future__ import annotations
 
@@ -48,6 +48,13 @@ def cmd_sample(args) -> None:
     sampler = load_sampler(args.model, steps=args.steps, guidance_scale=args.guidance_scale, device=args.device)
     out = sampler.save_grid(args.num, args.out, seed=args.seed, class_label=args.class_label)
     print(f"{args.num} samples ({sampler.description}) written to {out}")
+
+
+def cmd_export(args) -> None:
+    from .export import export_run
+
+    out = export_run(args.run, args.out, force=args.force)
+    print(f"exported to {out} (see {out / 'README.md'} for the sampling call)")
 
 
 def cmd_fid(args) -> None:
@@ -117,15 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (teachers: DDIM steps, default 50; students: their own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-label", type=int, default=None, help="class of every sample (default: cycle through classes)")
-    p.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance weight w for teachers (0: none)")
+    p.add_argument("--guidance-scale", type=float, default=None, help="guidance weight w: classifier-free guidance for teachers (default none), the input w of guidance-distilled students (default: their own)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("export", help="export a run's EMA student as a folder plain diffusers loads")
+    p.add_argument("--run", required=True, help="run folder (its newest checkpoint's student) or a student folder")
+    p.add_argument("--out", required=True, help="destination folder (must not exist or be empty)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty destination")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("fid", help="FID (and optionally KID, precision/recall) of a model or an image folder")
     p.add_argument("--model", help="run folder, student folder, teacher folder or builtin:mnist")
     p.add_argument("--images", help="folder of images instead of a model")
     p.add_argument("--steps", type=int, default=None, help="sampling steps for teachers (default 50)")
-    p.add_argument("--guidance-scale", type=float, default=0.0, help="classifier-free guidance weight w for teachers")
+    p.add_argument("--guidance-scale", type=float, default=None, help="guidance weight w (teachers: classifier-free guidance; guided students: their input w)")
     p.add_argument("--ref", default="mnist5k", help="built-in reference (mnist5k) or a .npz with mu and sigma")
     p.add_argument("--num", type=int, default=5000, help="number of generated images (N)")
     p.add_argument("--batch-size", type=int, default=250)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
@@ -13,9 +12,8 @@ from .config import ConfigError, DistillConfig, from_dict
 from .engine import Engine, TrainTask
 from .objectives import OBJECTIVES
 from .students import OneStepGenerator
-from .teachers import CFGDenoiser, Denoiser, VPDenoiser, load_teacher
-
-from .sampling import STUDENT_INFO_FILE
+from .export import save_student
+from .teachers import CFGDenoiser, Denoiser, load_teacher
 
 
 def build_teacher(cfg: DistillConfig) -> Denoiser:
@@ -34,29 +32,6 @@ def objective_config(cfg: DistillConfig):
         raise ConfigError(f"objective.name: unknown objective {name!r} (available: {', '.join(OBJECTIVES)})")
     cls, config_cls = OBJECTIVES[name]
     return cls, from_dict(config_cls, raw, "objective")
-
-
-def save_student(generator: OneStepGenerator, folder: Path, info: dict) -> None:
-    """Write a one-step VP student: ``unet/`` and ``scheduler/`` (diffusers) + ``distilldiff_student.json``."""
-    from diffusers import DDPMScheduler
-
-    den = generator.denoiser
-    if not isinstance(den, VPDenoiser):
-        raise TypeError(f"save_student supports VP (diffusers) students, got {type(den).__name__}")
-    folder = Path(folder)
-    den.model.save_pretrained(str(folder / "unet"), safe_serialization=True)
-    if den.scheduler_config is not None:
-        DDPMScheduler.from_config(den.scheduler_config).save_pretrained(str(folder / "scheduler"))
-    meta = {
-        "kind": "one_step",
-        "init_sigma": generator.init_sigma,
-        "prediction_type": den.prediction_type,
-        "sigma_data": den.sigma_data,
-        "num_classes": den.num_classes,
-        "null_class": den.null_class,
-        **info,
-    }
-    (folder / STUDENT_INFO_FILE).write_text(json.dumps(meta, indent=2))
 
 
 def resolved_config(cfg: DistillConfig) -> dict:
@@ -101,7 +76,7 @@ def build_distill_task(cfg: DistillConfig) -> TrainTask:
         grid_cond_fn=grid_cond,
         sample_fn=lambda gen, noise, cond: gen(noise, **cond),
         save_fn=save_student,
-        info={"teacher": cfg.teacher.path, "guidance_scale": cfg.teacher.guidance_scale, "objective": objective.name},
+        info={"teacher": cfg.teacher.path, "teacher_guidance_scale": cfg.teacher.guidance_scale, "objective": objective.name},
     )
 
 

@@ -9,6 +9,8 @@ from torch import Tensor
 
 from .teachers.base import Denoiser
 
+SAMPLERS = ("ddim", "multistep")
+
 
 def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
     """EDM's ``[num_steps]`` decreasing noise levels (Karras et al. 2022, eq. 5), float64."""
@@ -20,33 +22,40 @@ def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float
     return (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
-@torch.no_grad()
-def ddim_sample(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, **cond: Any) -> Tensor:
-    """Deterministic DDIM (= Euler in sigma space) from ``sigmas[0]`` down to 0.
+def sample_loop(
+    denoiser: Denoiser, noise: Tensor, sigmas: Tensor, sampler: str = "ddim", generator: torch.Generator | None = None, **cond: Any
+) -> Tensor:
+    """Run ``len(sigmas)`` denoiser evaluations from standard-normal ``noise`` ``[B, *sample_shape]``.
 
-    ``noise``: ``[B, *sample_shape]`` standard normal; it is scaled by the denoiser's
-    ``prior_scale(sigmas[0])``. Each step is ``x_b = x0 + (sigma_b / sigma_a) (x_a - x0)``;
-    the last step returns x0. Returns ``[B, *sample_shape]``.
+    The noise is scaled by ``denoiser.prior_scale(sigmas[0])``. Between evaluations,
+    ``"ddim"`` moves deterministically, ``x_b = x0 + (sigma_b / sigma_a) (x_a - x0)`` (DDIM =
+    Euler in sigma space), and ``"multistep"`` re-noises, ``x_b = x0 + sigma_b * n`` with fresh
+    ``n`` from ``generator`` (consistency sampling). The last evaluation's x0 is returned.
+    Gradients flow (students train through this); wrap in ``torch.no_grad()`` to sample.
     """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     sigmas = sigmas.to(device=noise.device, dtype=noise.dtype)
     x = noise * denoiser.prior_scale(sigmas[0])
     for i, s in enumerate(sigmas):
         x0 = denoiser(x, s, **cond)
         if i + 1 == len(sigmas):
             return x0
-        x = x0 + (sigmas[i + 1] / s) * (x - x0)
+        if sampler == "ddim":
+            x = x0 + (sigmas[i + 1] / s) * (x - x0)
+        else:
+            fresh = torch.randn(noise.shape, generator=generator, dtype=noise.dtype, device="cpu").to(noise.device)
+            x = x0 + sigmas[i + 1] * fresh
     return x
+
+
+@torch.no_grad()
+def ddim_sample(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, **cond: Any) -> Tensor:
+    """Deterministic DDIM from ``sigmas[0]`` down to 0 (see :func:`sample_loop`). ``[B, *sample_shape]``."""
+    return sample_loop(denoiser, noise, sigmas, "ddim", **cond)
 
 
 @torch.no_grad()
 def multistep_sample(denoiser: Denoiser, noise: Tensor, sigmas: Tensor, generator: torch.Generator | None = None, **cond: Any) -> Tensor:
     """Consistency-style sampling: denoise, re-noise to the next sigma with fresh noise, repeat."""
-    sigmas = sigmas.to(device=noise.device, dtype=noise.dtype)
-    x = noise * denoiser.prior_scale(sigmas[0])
-    for i, s in enumerate(sigmas):
-        x0 = denoiser(x, s, **cond)
-        if i + 1 == len(sigmas):
-            return x0
-        fresh = torch.randn(noise.shape, generator=generator, dtype=noise.dtype, device="cpu").to(noise.device)
-        x = x0 + sigmas[i + 1] * fresh
-    return x
+    return sample_loop(denoiser, noise, sigmas, "multistep", generator, **cond)

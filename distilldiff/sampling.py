@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from .export import STUDENT_INFO_FILE, load_student
 from .images import save_grid
 from .samplers import ddim_sample
-from .students import OneStepGenerator
 from .teachers import CFGDenoiser, Denoiser, VPDenoiser, load_teacher
-
-STUDENT_INFO_FILE = "distilldiff_student.json"
 
 
 @dataclass
@@ -24,14 +21,18 @@ class Sampler:
 
     Attributes:
         denoiser: the underlying (student or teacher) denoiser.
-        draw: ``(noise, cond) -> images``.
+        draw: ``(noise, cond, generator) -> images``.
         description: one line saying what is sampled and how.
+        extra_cond: scalar conditioning passed to every call (``guidance_scale`` of a guided student).
+        num_steps: network evaluations per sample (teachers: DDIM steps).
     """
 
     denoiser: Denoiser
-    draw: Callable[[Tensor, dict], Tensor]
+    draw: Callable[[Tensor, dict, torch.Generator], Tensor]
     description: str
     device: torch.device
+    extra_cond: dict = field(default_factory=dict)
+    num_steps: int | None = None
 
     @torch.no_grad()
     def sample(self, num: int, seed: int = 0, class_label: int | None = None, batch_size: int = 256) -> Tensor:
@@ -40,7 +41,11 @@ class Sampler:
 
     @torch.no_grad()
     def batches(self, num: int, seed: int = 0, class_label: int | None = None, batch_size: int = 256):
-        """Yield ``num`` samples in CPU batches of ``batch_size`` (the same images as :meth:`sample`)."""
+        """Yield ``num`` samples in CPU batches of ``batch_size`` (the same images as :meth:`sample`).
+
+        One CPU generator seeded with ``seed`` draws each batch's initial noise and then any noise
+        the sampler needs (multistep students), in the order an exported pipeline draws them.
+        """
         g = torch.Generator().manual_seed(seed)
         for start in range(0, num, batch_size):
             n = min(batch_size, num - start)
@@ -51,33 +56,34 @@ class Sampler:
                 cond["class_labels"] = labels.to(self.device)
             elif class_label is not None:
                 raise ValueError("--class-label given, but the model is not class-conditional")
-            yield self.draw(noise, cond).float().cpu()
+            for key, value in self.extra_cond.items():
+                cond[key] = torch.full((n,), value, device=self.device)
+            yield self.draw(noise, cond, g).float().cpu()
 
     def save_grid(self, num: int, path: str | Path, seed: int = 0, class_label: int | None = None) -> Path:
         """Sample ``num`` images and write them as one PNG grid."""
         return save_grid(self.sample(num, seed, class_label), path)
 
 
-def _load_student(folder: Path, device: torch.device) -> Sampler:
-    from diffusers import DDPMScheduler, UNet2DModel
-
-    meta = json.loads((folder / STUDENT_INFO_FILE).read_text())
-    if meta.get("kind") != "one_step":
-        raise ValueError(f"{folder / STUDENT_INFO_FILE}: unsupported student kind {meta.get('kind')!r}")
-    unet = UNet2DModel.from_pretrained(str(folder / "unet"), use_safetensors=True)
-    scheduler = DDPMScheduler.from_pretrained(str(folder / "scheduler"))
-    size = unet.config.sample_size
-    den = VPDenoiser(
-        unet, scheduler.alphas_cumprod, meta["prediction_type"], (unet.config.in_channels, size, size),
-        meta["sigma_data"], meta["num_classes"], meta["null_class"],
-    )
-    gen = OneStepGenerator(den, meta["init_sigma"]).to(device).eval()
-    return Sampler(den, lambda z, cond: gen(z, **cond), f"one-step {meta.get('objective', '')} student, sigma_init={meta['init_sigma']}", device)
+def _load_student(folder: Path, device: torch.device, guidance_scale: float | None) -> Sampler:
+    student, meta = load_student(folder)
+    student = student.to(device)
+    extra = {}
+    if meta.get("guidance_scale") is not None:
+        extra["guidance_scale"] = meta["guidance_scale"] if guidance_scale is None else float(guidance_scale)
+    elif guidance_scale:
+        raise ValueError(f"{folder}: --guidance-scale given, but this student has no guidance input")
+    desc = f"{student.num_steps}-step {meta.get('objective', '')} student ({student.sampler})"
+    if extra:
+        desc += f", w={extra['guidance_scale']}"
+    return Sampler(student.denoiser, lambda z, cond, g: student(z, generator=g, **cond), desc, device, extra, student.num_steps)
 
 
-def load_sampler(model: str, steps: int | None = None, guidance_scale: float = 0.0, device: str | None = None) -> Sampler:
-    """A :class:`Sampler` for a run folder, a student folder, or a teacher (folder, hub id, ``builtin:NAME``).
+def load_sampler(model: str, steps: int | None = None, guidance_scale: float | None = None, device: str | None = None) -> Sampler:
+    """A :class:`Sampler` for a run folder, a student or exported folder, or a teacher (folder, hub id, ``builtin:NAME``).
 
+    Students sample with their own steps (``steps`` must be ``None`` or that count);
+    guidance-conditioned students take ``guidance_scale`` as their input ``w`` (default: their own).
     Teachers sample with deterministic DDIM on their own timestep grid (``steps``, default 50),
     optionally with classifier-free guidance weight ``guidance_scale``.
     """
@@ -86,16 +92,17 @@ def load_sampler(model: str, steps: int | None = None, guidance_scale: float = 0
     if (path / "student" / STUDENT_INFO_FILE).is_file():
         path = path / "student"
     if (path / STUDENT_INFO_FILE).is_file():
-        if steps not in (None, 1):
-            raise ValueError(f"{model}: a one-step student samples in 1 step, got --steps {steps}")
-        return _load_student(path, dev)
+        sampler = _load_student(path, dev, guidance_scale)
+        if steps not in (None, sampler.num_steps):
+            raise ValueError(f"{model}: this student samples in {sampler.num_steps} step(s), got --steps {steps}")
+        return sampler
     if path.is_dir() and (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{model}: run folder has no student yet (it is written at the first checkpoint)")
-    teacher = load_teacher(model, guidance_scale).to(dev).eval()
+    teacher = load_teacher(model, guidance_scale or 0.0).to(dev).eval()
     steps = steps or 50
     inner = teacher.inner if isinstance(teacher, CFGDenoiser) else teacher
     sigmas = inner.discrete_sigmas(steps, "trailing") if isinstance(inner, VPDenoiser) else None
     if sigmas is None:
         raise ValueError(f"{model}: sampling supports DDPM-family teachers")
     desc = f"teacher, {steps}-step DDIM" + (f", guidance w={guidance_scale}" if guidance_scale else "")
-    return Sampler(inner, lambda z, cond: ddim_sample(teacher, z, sigmas, **cond), desc, dev)
+    return Sampler(inner, lambda z, cond, g: ddim_sample(teacher, z, sigmas, **cond), desc, dev, num_steps=steps)

@@ -1,17 +1,63 @@
-"""Students: one-step generators built from a copy of the teacher (DESIGN.md section 2)."""
+"""Students: few-step generators built from a copy of the teacher (DESIGN.md section 2)."""
 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .samplers import SAMPLERS, sample_loop
 from .teachers.base import Denoiser
 
 
-class OneStepGenerator(nn.Module):
+class Student(nn.Module):
+    """A denoiser evaluated at fixed noise levels: ``x = sample_loop(D_student, z, sigmas, sampler)``.
+
+    Every distilled student is one of these: a one-step generator (one sigma), a few-step DDIM
+    student (progressive distillation), or a multistep consistency student. The folder format and
+    the exported diffusers pipeline (:mod:`distilldiff.export`) are derived from these fields.
+
+    Args:
+        denoiser: the student's denoiser (usually a deep copy of the teacher; trained in place).
+        sigmas: decreasing noise levels, one per network evaluation.
+        sampler: ``"ddim"`` (deterministic) or ``"multistep"`` (re-noise between evaluations).
+    """
+
+    def __init__(self, denoiser: Denoiser, sigmas: Sequence[float], sampler: str = "ddim"):
+        super().__init__()
+        sigmas = [float(s) for s in sigmas]
+        if not sigmas:
+            raise ValueError("a student needs at least one noise level")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"student sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if any(b >= a for a, b in zip(sigmas, sigmas[1:])):
+            raise ValueError(f"student sigmas must decrease strictly, got {sigmas}")
+        for s in sigmas:
+            if not denoiser.sigma_min <= s <= denoiser.sigma_max:
+                raise ValueError(
+                    f"student noise level {s} is outside the teacher's noise range "
+                    f"[{denoiser.sigma_min:.4g}, {denoiser.sigma_max:.4g}]"
+                )
+        self.denoiser = denoiser
+        self.sigmas = sigmas
+        self.sampler = sampler
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.denoiser.sample_shape
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.sigmas)
+
+    def forward(self, z: Tensor, generator: torch.Generator | None = None, **cond: Any) -> Tensor:
+        """Map standard-normal ``z`` ``[B, *sample_shape]`` to samples of the same shape."""
+        return sample_loop(self.denoiser, z, torch.tensor(self.sigmas, dtype=torch.float64), self.sampler, generator, **cond)
+
+
+class OneStepGenerator(Student):
     """``x_g = G(z, c) = D_student(prior_scale(s_init) * z, s_init, c)``, ``z ~ N(0, I)``.
 
     ``prior_scale`` is ``sigma`` for EDM-style denoisers and ``sqrt(1 + sigma^2)`` for VP ones,
@@ -24,14 +70,16 @@ class OneStepGenerator(nn.Module):
     """
 
     def __init__(self, denoiser: Denoiser, init_sigma: float):
-        super().__init__()
         if not denoiser.sigma_min <= init_sigma <= denoiser.sigma_max:
             raise ValueError(
                 f"student.init_sigma={init_sigma} is outside the teacher's noise range "
                 f"[{denoiser.sigma_min:.4g}, {denoiser.sigma_max:.4g}]"
             )
-        self.denoiser = denoiser
-        self.init_sigma = float(init_sigma)
+        super().__init__(denoiser, [init_sigma], "ddim")
+
+    @property
+    def init_sigma(self) -> float:
+        return self.sigmas[0]
 
     @classmethod
     def from_teacher(cls, teacher: Denoiser, init_sigma: float) -> "OneStepGenerator":
@@ -39,11 +87,6 @@ class OneStepGenerator(nn.Module):
         student = copy.deepcopy(teacher).requires_grad_(True)
         return cls(student, init_sigma)
 
-    @property
-    def sample_shape(self) -> tuple[int, ...]:
-        return self.denoiser.sample_shape
-
-    def forward(self, z: Tensor, **cond: Any) -> Tensor:
-        """Map noise ``z`` ``[B, *sample_shape]`` to samples of the same shape."""
-        sigma = torch.full((z.shape[0],), self.init_sigma, device=z.device, dtype=z.dtype)
+    def forward(self, z: Tensor, generator: torch.Generator | None = None, **cond: Any) -> Tensor:
+        sigma = torch.full((z.shape[0],), self.sigmas[0], device=z.device, dtype=z.dtype)
         return self.denoiser(z * self.denoiser.prior_scale(sigma[0]), sigma, **cond)

@@ -31,7 +31,7 @@ def test_distill_checkpoint_resume_and_sample(tmp_path):
     state = json.loads((run / "checkpoints" / "step-0000003" / "state.json").read_text())
     assert state["step"] == 3 and state["nimg"] == 6
     meta = json.loads((run / "student" / "distilldiff_student.json").read_text())
-    assert meta["objective"] == "sid" and meta["step"] == 3 and meta["init_sigma"] == 2.5
+    assert meta["objective"] == "sid" and meta["step"] == 3 and meta["sigmas"] == [2.5]
 
     out = tmp_path / "grid.png"
     r = run_cli("sample", "--model", str(run), "--num", "4", "--out", str(out), "--device", "cpu")

@@ -1,0 +1,316 @@
+"""Student folders that plain diffusers loads: save, load, and export from a run.
+
+A student folder is a diffusers pipeline folder (``model_index.json``, ``unet/`` and
+``scheduler/`` in safetensors/JSON) plus ``distilldiff_student.json`` and a model card:
+
+* a deterministic, unconditional student whose noise levels are a DDIM ``"trailing"`` grid of the
+  teacher's schedule (possibly truncated at its first timestep) is saved as a stock
+  ``DDIMPipeline``; ``pipe(num_inference_steps=K)`` reproduces it;
+* everything else (class labels, guidance input, off-grid noise levels, multistep sampling) is
+  saved as :class:`~distilldiff.pipelines.DistillDiffPipeline`, whose source file is copied into
+  the folder so that ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` works
+  without distilldiff.
+
+The training engine writes this format to ``RUN/student`` at every checkpoint; :func:`export_run`
+copies a run's student to a clean folder with a model card that records its measured FID.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .students import Student
+from .teachers.vp import VPDenoiser, ddim_timesteps
+
+STUDENT_INFO_FILE = "distilldiff_student.json"
+PIPELINE_MODULE = "pipeline_distilldiff"
+FORMAT_VERSION = 2
+
+
+def _pipeline_source() -> Path:
+    from .pipelines import pipeline_distilldiff
+
+    return Path(pipeline_distilldiff.__file__)
+
+
+def _teacher_scheduler_config(den: VPDenoiser) -> dict:
+    from diffusers import DDPMScheduler
+
+    if den.scheduler_config is not None:
+        cfg = {k: v for k, v in den.scheduler_config.items() if not k.startswith("_")}
+    else:  # an in-process denoiser: recover the betas from alphas_cumprod
+        a = den.alphas_cumprod
+        betas = 1 - a / torch.cat([a.new_ones(1), a[:-1]])
+        cfg = {"num_train_timesteps": len(a), "trained_betas": betas.tolist()}
+    cfg["prediction_type"] = den.prediction_type
+    return dict(DDPMScheduler.from_config(cfg).config)
+
+
+def stock_ddim_scheduler(student: Student):
+    """A ``DDIMScheduler`` whose ``num_inference_steps=K`` call lands on the student's timesteps, or ``None``.
+
+    Only unconditional, deterministic students whose noise levels sit exactly on the teacher's
+    timesteps fit: the grid must be DDIM's ``"trailing"`` spacing of the schedule truncated at the
+    student's first timestep (``num_train_timesteps = t_0 + 1``).
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    den = student.denoiser
+    if student.sampler != "ddim" or den.num_classes is not None or _is_guided(den):
+        return None
+    t = den.sigma_to_timestep(torch.tensor(student.sigmas, dtype=torch.float64))
+    ti = t.round()
+    if float((t - ti).abs().max()) > 1e-6:
+        return None
+    t0 = int(ti[0]) + 1
+    if ddim_timesteps(t0, len(student.sigmas), "trailing") != [int(v) for v in ti]:
+        return None
+    cfg = _teacher_scheduler_config(den)
+    if t0 < den.num_train_timesteps:
+        betas = DDPMScheduler.from_config(cfg).betas[:t0]
+        cfg.update(num_train_timesteps=t0, trained_betas=betas.tolist())
+    cfg.update(timestep_spacing="trailing", clip_sample=False, thresholding=False, set_alpha_to_one=True, steps_offset=0)
+    return DDIMScheduler.from_config(cfg)
+
+
+def _is_guided(den: VPDenoiser) -> bool:
+    from .pipelines import GuidedUNet2DModel
+
+    return isinstance(den.model, GuidedUNet2DModel)
+
+
+def sampling_call(info: dict, path: str = "PATH") -> str:
+    """The exact Python call that samples an exported student (for READMEs and model cards)."""
+    k = len(info["sigmas"])
+    if info["pipeline"] == "DDIMPipeline":
+        return (
+            "from diffusers import DDIMPipeline\n"
+            f'pipe = DDIMPipeline.from_pretrained("{path}", use_safetensors=True)\n'
+            f"images = pipe(batch_size=16, num_inference_steps={k}, eta=0.0).images"
+        )
+    args = ["batch_size=16"]
+    if info.get("num_classes") is not None:
+        args.append(f"class_labels=[i % {info['num_classes']} for i in range(16)]")
+    if info.get("guidance_scale") is not None:
+        args.append(f"guidance_scale={info['guidance_scale']}")
+    return (
+        "from diffusers import DiffusionPipeline\n"
+        "# runs pipeline_distilldiff.py from this folder; with distilldiff installed, use\n"
+        f"# distilldiff.pipelines.DistillDiffPipeline.from_pretrained(\"{path}\") instead (no remote code)\n"
+        f'pipe = DiffusionPipeline.from_pretrained("{path}", trust_remote_code=True)\n'
+        f"images = pipe({', '.join(args)}).images  # {k} network evaluation(s)"
+    )
+
+
+def save_student(student: Student, folder: str | Path, info: dict[str, Any] | None = None) -> Path:
+    """Write ``student`` as a diffusers pipeline folder (see the module docstring); returns the folder.
+
+    ``info`` (teacher, objective, step, images seen, ...) goes into ``distilldiff_student.json``
+    and the model card. Weights are written as safetensors only.
+    """
+    from diffusers import DDIMPipeline, DDPMScheduler
+
+    from .pipelines import DistillDiffPipeline
+
+    den = student.denoiser
+    if not isinstance(den, VPDenoiser):
+        raise TypeError(f"save_student supports VP (diffusers) students, got {type(den).__name__}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    guidance = (info or {}).get("default_guidance_scale") if _is_guided(den) else None
+    if _is_guided(den) and guidance is None:
+        guidance = 1.0
+    ddim = stock_ddim_scheduler(student)
+    if ddim is not None:
+        DDIMPipeline(unet=den.model, scheduler=ddim).save_pretrained(str(folder), safe_serialization=True)
+        pipeline = "DDIMPipeline"
+    else:
+        scheduler = DDPMScheduler.from_config(_teacher_scheduler_config(den))
+        pipe = DistillDiffPipeline(den.model, scheduler, student.sigmas, student.sampler, den.num_classes, guidance)
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+        index_path = folder / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = [PIPELINE_MODULE, "DistillDiffPipeline"]
+        shutil.copyfile(_pipeline_source(), folder / f"{PIPELINE_MODULE}.py")
+        if guidance is not None:  # the network class lives in the same file, loaded as a component
+            index["unet"] = [PIPELINE_MODULE, "GuidedUNet2DModel"]
+            shutil.copyfile(_pipeline_source(), folder / "unet" / f"{PIPELINE_MODULE}.py")
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        pipeline = "DistillDiffPipeline"
+    meta = {
+        "format": FORMAT_VERSION,
+        "pipeline": pipeline,
+        "sampler": student.sampler,
+        "sigmas": student.sigmas,
+        "timesteps": [float(t) for t in den.sigma_to_timestep(torch.tensor(student.sigmas, dtype=torch.float64))],
+        "prediction_type": den.prediction_type,
+        "sigma_data": den.sigma_data,
+        "num_classes": den.num_classes,
+        "null_class": den.null_class,
+        "guidance_scale": guidance,
+        **{k: v for k, v in (info or {}).items() if k != "default_guidance_scale"},
+    }
+    (folder / STUDENT_INFO_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (folder / "README.md").write_text(model_card(meta, path=folder.name))
+    return folder
+
+
+def load_student(folder: str | Path) -> tuple[Student, dict]:
+    """Read a student folder back: ``(student, distilldiff_student.json contents)``; safetensors only."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from .pipelines import GuidedUNet2DModel
+
+    folder = Path(folder)
+    meta_path = folder / STUDENT_INFO_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{folder}: not a student folder (no {STUDENT_INFO_FILE})")
+    meta = json.loads(meta_path.read_text())
+    if "sigmas" not in meta:  # format 1: one-step students only
+        if meta.get("kind") != "one_step":
+            raise ValueError(f"{meta_path}: unsupported student kind {meta.get('kind')!r}")
+        meta.update(sigmas=[meta["init_sigma"]], sampler="ddim", teacher_guidance_scale=meta.pop("guidance_scale", None))
+        meta["guidance_scale"] = None
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    unet_cls = {"UNet2DModel": UNet2DModel, "GuidedUNet2DModel": GuidedUNet2DModel}.get(unet_config.get("_class_name"))
+    if unet_cls is None:
+        raise ValueError(f"{folder / 'unet' / 'config.json'}: unsupported network class {unet_config.get('_class_name')!r}")
+    unet = _load_model(unet_cls, folder / "unet")
+    scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(str(folder / "scheduler")))
+    inner_cfg = unet.config if unet_cls is UNet2DModel else unet.unet.config
+    size = inner_cfg.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    den = VPDenoiser(
+        unet, scheduler.alphas_cumprod, meta["prediction_type"], (inner_cfg.in_channels, h, w),
+        meta["sigma_data"], meta["num_classes"], meta["null_class"],
+    )
+    den.scheduler_config = dict(scheduler.config)
+    return Student(den.eval(), meta["sigmas"], meta["sampler"]), meta
+
+
+def _load_model(cls, path: Path):
+    """``cls.from_pretrained(path)`` from safetensors, with one-line errors for missing or corrupt weights."""
+    weights = list(path.glob("*.safetensors"))
+    if not weights:
+        pickled = [p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+        extra = f" (found {', '.join(pickled)}: pickle checkpoints are not read; convert them to safetensors)" if pickled else ""
+        raise FileNotFoundError(f"{path}: no .safetensors weights{extra}")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        for w in weights:
+            with safe_open(str(w), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+    except (SafetensorError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{path}: corrupted or unreadable safetensors weights ({first})") from None
+    return cls.from_pretrained(str(path), use_safetensors=True)
+
+
+def model_card(meta: dict, fid: dict | None = None, path: str = "PATH") -> str:
+    """Markdown model card: teacher, objective, steps, images seen, FID (if measured), the sampling call."""
+    k = len(meta["sigmas"])
+    lines = [
+        "---",
+        "library_name: diffusers",
+        "tags: [distilldiff, diffusion-distillation, unconditional-image-generation]" if meta.get("num_classes") is None
+        else "tags: [distilldiff, diffusion-distillation, class-conditional-image-generation]",
+        "---",
+        "",
+        f"# {k}-step student distilled with distilldiff",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| teacher | `{meta.get('teacher', 'unknown')}`"
+        + (f" (classifier-free guidance w={meta['teacher_guidance_scale']})" if meta.get("teacher_guidance_scale") else "") + " |",
+        f"| objective | {meta.get('objective', 'unknown')} |",
+        f"| network evaluations per sample | {k} ({meta['sampler']} sampler) |",
+        f"| noise levels (sigma) | {', '.join(f'{s:.4g}' for s in meta['sigmas'])} |",
+        f"| training updates | {meta.get('step', 'unknown')} |",
+        f"| training images seen | {meta.get('images_seen', 'unknown')} |",
+        f"| training wall-clock | {meta['train_seconds']:.0f} s |" if meta.get("train_seconds") is not None else "| training wall-clock | unknown |",
+        f"| pipeline class | `{meta['pipeline']}` |",
+    ]
+    if meta.get("num_classes") is not None:
+        lines.append(f"| classes | {meta['num_classes']} (`class_labels`) |")
+    if meta.get("guidance_scale") is not None:
+        lines.append(f"| guidance scale input | yes (default w={meta['guidance_scale']}) |")
+    if fid:
+        lines.append(f"| FID | {fid['fid']:.2f} (N={fid['num']}, reference {fid['reference']}, {fid.get('weights', '')}) |")
+    else:
+        lines.append("| FID | not measured (run `distilldiff fid --model THIS_FOLDER`) |")
+    lines += ["", "## Sampling", "", "```python", sampling_call(meta, path), "```", ""]
+    lines += [
+        "Weights are safetensors. The student network is evaluated at the noise levels above, in EDM's",
+        "sigma space (`x = x0 + sigma * eps`), fed to the VP network as `x / sqrt(1 + sigma^2)` at the",
+        "matching (fractional) training timestep of the teacher's schedule.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _find_fid(*folders: Path) -> dict | None:
+    """The measured FID with the largest N among ``fid-*.json`` files of the given folders."""
+    best = None
+    for folder in folders:
+        for p in sorted(folder.glob("fid-*.json")):
+            try:
+                r = json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if "fid" in r and "num" in r and (best is None or r["num"] > best["num"]):
+                best = r
+    return best
+
+
+def export_run(run: str | Path, out: str | Path, force: bool = False) -> Path:
+    """Export a run's EMA student (the one of its newest checkpoint) to a clean diffusers folder.
+
+    Args:
+        run: a run folder (with ``checkpoints/`` and ``student/``) or a student folder.
+        out: the destination; must not exist or be empty unless ``force``.
+        force: replace a non-empty ``out``.
+
+    Returns:
+        ``out``. The model card records the FID measured with ``distilldiff fid`` if any.
+    """
+    run, out = Path(run), Path(out)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run folder")
+    if (run / STUDENT_INFO_FILE).is_file():
+        src, fid_folders = run, (run,)
+    else:
+        ckpts = sorted((run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else []
+        if not ckpts or not (run / "student" / STUDENT_INFO_FILE).is_file():
+            raise FileNotFoundError(f"{run}: the run has no checkpoint yet (nothing to export)")
+        src, fid_folders = run / "student", (run, run / "student")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not force:
+            raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
+        if out.resolve() in (run.resolve(), src.resolve()):
+            raise ValueError(f"{out}: cannot export a run onto itself")
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    student, meta = load_student(src)
+    info = {k: v for k, v in meta.items() if k not in _DERIVED_KEYS}
+    if meta.get("guidance_scale") is not None:
+        info["default_guidance_scale"] = meta["guidance_scale"]
+    save_student(student, out, info)
+    fid = _find_fid(*fid_folders)
+    if fid is not None:
+        meta_out = json.loads((out / STUDENT_INFO_FILE).read_text())
+        meta_out["fid"] = {k: fid.get(k) for k in ("fid", "num", "reference", "weights")}
+        (out / STUDENT_INFO_FILE).write_text(json.dumps(meta_out, indent=2) + "\n")
+        (out / "README.md").write_text(model_card(meta_out, fid, path=out.name))
+    return out
+
+
+_DERIVED_KEYS = {
+    "format", "pipeline", "sampler", "sigmas", "timesteps", "prediction_type", "sigma_data",
+    "num_classes", "null_class", "guidance_scale", "kind", "init_sigma", "fid",
+}

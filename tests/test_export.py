@@ -1,0 +1,210 @@
+"""Exported students load in plain diffusers (a fresh process that never imports distilldiff)
+and sample exactly what distilldiff samples from the same noise."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from distilldiff.export import export_run, load_student, save_student, stock_ddim_scheduler
+from distilldiff.pipelines import DistillDiffPipeline, GuidedUNet2DModel
+from distilldiff.sampling import load_sampler
+from distilldiff.students import Student
+from distilldiff.teachers import VPDenoiser
+
+NUM, SEED = 6, 3
+
+
+def tiny_denoiser(prediction_type: str = "epsilon", num_classes: int | None = None, seed: int = 0) -> VPDenoiser:
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, num_class_embeds=None if num_classes is None else num_classes + 1,
+    )
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+    den = VPDenoiser(unet, scheduler.alphas_cumprod, prediction_type, (1, 8, 8), num_classes=num_classes,
+                     null_class=None if num_classes is None else num_classes)
+    den.scheduler_config = dict(scheduler.config)
+    return den.eval()
+
+
+def grid_sigmas(den: VPDenoiser, timesteps: list[int]) -> list[float]:
+    return [float(den.schedule.sigmas[t]) for t in timesteps]
+
+
+def make_students() -> dict[str, tuple[Student, dict]]:
+    """The four kinds the issue names: one-step, few-step, class-conditional, guidance-conditioned."""
+    one = tiny_denoiser("sample", seed=1)
+    few = tiny_denoiser("v_prediction", seed=2)
+    cls = tiny_denoiser("epsilon", num_classes=3, seed=3)
+    guided = tiny_denoiser("v_prediction", num_classes=3, seed=4)
+    guided.model = GuidedUNet2DModel.from_unet(guided.model)
+    with torch.no_grad():  # a trained guidance embedding: make w matter
+        guided.model.guidance_embedding.linear_2.weight.normal_(0, 0.5)
+    return {
+        # one step at timestep 599: a DDIMPipeline on the schedule truncated to 600 steps
+        "one_step": (Student(one, grid_sigmas(one, [599])), {"objective": "test"}),
+        # 4 DDIM steps on the trailing grid of the full schedule: a stock DDIMPipeline
+        "few_step": (Student(few, grid_sigmas(few, [999, 749, 499, 249])), {"objective": "test"}),
+        # class labels and an off-grid noise level: DistillDiffPipeline
+        "class_cond": (Student(cls, [2.5]), {"objective": "test"}),
+        # guidance input, 2-step consistency (multistep) sampling: DistillDiffPipeline + custom unet class
+        "guided": (Student(guided, [8.0, 0.7], "multistep"), {"objective": "test", "default_guidance_scale": 2.0}),
+    }
+
+
+PLAIN_DIFFUSERS = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np, torch
+    from diffusers import DDIMPipeline, DiffusionPipeline
+    root, num, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    for name in ["one_step", "few_step", "class_cond", "guided"]:
+        folder = f"{root}/{name}"
+        index = json.load(open(folder + "/model_index.json"))
+        g = torch.Generator().manual_seed(seed)
+        if index["_class_name"] == "DDIMPipeline":
+            pipe = DDIMPipeline.from_pretrained(folder, use_safetensors=True)
+            steps = len(json.load(open(folder + "/distilldiff_student.json"))["sigmas"])
+            out = pipe(batch_size=num, num_inference_steps=steps, eta=0.0, generator=g, output_type="np").images
+        else:
+            pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+            kwargs = {"guidance_scale": 3.5} if name == "guided" else {}
+            out = pipe(batch_size=num, generator=g, output_type="np", **kwargs).images
+        np.save(f"{root}/{name}.npy", np.asarray(out))
+        print(name, type(pipe).__name__)
+    assert not any(m.split(".")[0] == "distilldiff" for m in sys.modules), "distilldiff was imported"
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exported")
+    students = make_students()
+    for name, (student, info) in students.items():
+        save_student(student, root / name, info)
+    proc = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(root), str(NUM), str(SEED)],
+                          capture_output=True, text=True, cwd=str(root))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, students, proc.stdout
+
+
+def test_pipeline_classes(exported):
+    root, _, stdout = exported
+    classes = dict(line.split() for line in stdout.strip().splitlines())
+    assert classes == {"one_step": "DDIMPipeline", "few_step": "DDIMPipeline",
+                       "class_cond": "DistillDiffPipeline", "guided": "DistillDiffPipeline"}
+    for name in classes:
+        assert not list((root / name).rglob("*.bin")) and list((root / name / "unet").glob("*.safetensors"))
+        assert "```python" in (root / name / "README.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["one_step", "few_step", "class_cond", "guided"])
+def test_plain_diffusers_matches_distilldiff(exported, name):
+    root, students, _ = exported
+    plain = torch.from_numpy(np.load(root / f"{name}.npy")).permute(0, 3, 1, 2)
+    kwargs = {"guidance_scale": 3.5} if name == "guided" else {}
+    ours = load_sampler(str(root / name), device="cpu", **kwargs).sample(NUM, seed=SEED)
+    ours01 = (ours / 2 + 0.5).clamp(0, 1)
+    assert (plain - ours01).abs().max() < 1e-5
+    # the exported folder samples what the in-memory student samples
+    student, _ = students[name]
+    g = torch.Generator().manual_seed(SEED)
+    noise = torch.randn((NUM, *student.sample_shape), generator=g)
+    cond = {}
+    if student.denoiser.num_classes is not None:
+        cond["class_labels"] = torch.arange(NUM) % student.denoiser.num_classes
+    if name == "guided":
+        cond["guidance_scale"] = torch.full((NUM,), 3.5)
+    with torch.no_grad():
+        direct = student(noise, generator=g, **cond)
+    assert (direct - ours).abs().max() < 1e-5
+    # not a trivial comparison: most pixels are inside (0, 1), images differ from each other
+    assert ((plain > 0) & (plain < 1)).float().mean() > 0.3
+    assert (plain[0] - plain[1]).abs().max() > 1e-2
+
+
+def test_guidance_scale_reaches_the_network(exported):
+    root = exported[0]
+    pipe = DistillDiffPipeline.from_pretrained(str(root / "guided"))  # no remote code needed
+    a = pipe(batch_size=2, guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    b = pipe(batch_size=2, guidance_scale=4.0, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert (a - b).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="distilled for 2 step"):
+        pipe(batch_size=1, num_inference_steps=50)
+
+
+def test_guided_unet_starts_as_the_teacher():
+    den = tiny_denoiser("epsilon", num_classes=3, seed=5)
+    guided = GuidedUNet2DModel.from_unet(den.model).eval()
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([10.0, 500.0, 900.0]), torch.tensor([0, 2, 3])
+    with torch.no_grad():
+        ref = den.model(x, t, class_labels=y).sample
+        for w in (0.0, 1.5, 7.0):
+            assert torch.allclose(guided(x, t, class_labels=y, guidance_scale=w).sample, ref, atol=1e-6)
+
+
+def test_stock_ddim_only_where_it_fits():
+    den = tiny_denoiser()
+    assert stock_ddim_scheduler(Student(den, grid_sigmas(den, [999, 499]))) is not None
+    assert stock_ddim_scheduler(Student(den, grid_sigmas(den, [999, 500]))) is None  # not a trailing grid
+    assert stock_ddim_scheduler(Student(den, [2.5])) is None  # off the timestep grid
+    assert stock_ddim_scheduler(Student(den, grid_sigmas(den, [999, 499]), "multistep")) is None
+
+
+def _fake_run(tmp_path, student_name="one_step"):
+    run = tmp_path / "run"
+    student, info = make_students()[student_name]
+    save_student(student, run / "student", {**info, "step": 10, "images_seen": 320})
+    (run / "checkpoints" / "step-0000010").mkdir(parents=True)
+    return run
+
+
+def test_export_run_and_errors(tmp_path):
+    run = _fake_run(tmp_path)
+    (run / "fid-mnist5k-100.json").write_text(json.dumps({"fid": 42.5, "num": 100, "reference": "mnist5k", "weights": "w"}))
+    out = export_run(run, tmp_path / "out")
+    card = (out / "README.md").read_text()
+    assert "42.50 (N=100, reference mnist5k" in card and "DDIMPipeline" in card
+    student, meta = load_student(out)
+    assert meta["fid"]["fid"] == 42.5 and meta["step"] == 10 and student.num_steps == 1
+
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_run(run, out)
+    export_run(run, out, force=True)
+
+    empty = tmp_path / "empty-run"
+    (empty / "logs").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        export_run(empty, tmp_path / "out2")
+
+    weights = next((out / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(ValueError, match="corrupted"):
+        load_student(out)
+    weights.unlink()
+    (out / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(FileNotFoundError, match="pickle checkpoints are not read"):
+        load_student(out)
+
+
+def test_cli_export(tmp_path, capsys):
+    from distilldiff.cli import main
+
+    run = _fake_run(tmp_path, "class_cond")
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "exp")]) == 0
+    assert (tmp_path / "exp" / "pipeline_distilldiff.py").is_file()
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "exp")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["sample", "--model", str(tmp_path / "exp"), "--num", "4", "--out", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").is_file()
