@@ -8,10 +8,11 @@ Public API::
 from .config import ConfigError, DistillConfig, TeacherTrainConfig, TrainConfig, load_config
 from .distill import build_distill_task, distill
 from .engine import Engine, NonFiniteError, TrainTask
+from .export import export_run, load_student, save_student
 from .objectives import OBJECTIVES, Batch, Objective, Phase, SiD, SiDConfig
 from .samplers import ddim_sample, karras_sigmas, multistep_sample
 from .sampling import Sampler, load_sampler
-from .students import OneStepGenerator
+from .students import OneStepGenerator, Student
 from .teacher_training import train_teacher
 from .teachers import CFGDenoiser, Denoiser, GaussianMixtureDenoiser, VPDenoiser, load_teacher
 
@@ -22,6 +23,6 @@ __all__ = [
     "build_distill_task", "distill", "Engine", "NonFiniteError", "TrainTask",
     "OBJECTIVES", "Batch", "Objective", "Phase", "SiD", "SiDConfig",
     "ddim_sample", "karras_sigmas", "multistep_sample", "Sampler", "load_sampler",
-    "OneStepGenerator", "train_teacher",
+    "OneStepGenerator", "Student", "train_teacher", "export_run", "load_student", "save_student",
     "CFGDenoiser", "Denoiser", "GaussianMixtureDenoiser", "VPDenoiser", "load_teacher",
 ]
