@@ -39,9 +39,10 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    """The student: ``one_step`` evaluates a copy of the teacher at ``init_sigma`` on pure noise."""
+    """The student of one-step objectives (SiD, f-distill): a copy of the teacher evaluated at
+    ``init_sigma`` on pure noise. Few-step objectives take their noise levels from their own
+    section (consistency: ``sample_steps``)."""
 
-    kind: Literal["one_step"] = "one_step"
     init_sigma: float = 2.5
 
 
@@ -96,6 +97,7 @@ class DistillConfig:
     objective: dict[str, Any]
     student: StudentConfig = field(default_factory=StudentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: Literal["mnist5k"] | None = None
     output_dir: str = "runs/distill"
 
 

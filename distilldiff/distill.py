@@ -34,6 +34,18 @@ def objective_config(cfg: DistillConfig):
     return cls, from_dict(config_cls, raw, "objective")
 
 
+def build_data(cfg: DistillConfig, teacher: Denoiser):
+    """Real-data batches for objectives that need them (``data: mnist5k``), checked against the teacher."""
+    from .data import RandomBatches, mnist5k
+
+    if cfg.data is None:
+        raise ConfigError(f"objective '{cfg.objective['name']}' needs real data: set 'data: mnist5k'")
+    images, labels = mnist5k()
+    if tuple(images.shape[1:]) != tuple(teacher.sample_shape):
+        raise ConfigError(f"data: {cfg.data} images have shape {tuple(images.shape[1:])}, the teacher's samples {tuple(teacher.sample_shape)}")
+    return RandomBatches(images, labels if teacher.num_classes is not None else None)
+
+
 def resolved_config(cfg: DistillConfig) -> dict:
     """The config as written to the run folder: every objective default filled in."""
     from .config import to_dict
@@ -47,21 +59,26 @@ def resolved_config(cfg: DistillConfig) -> dict:
 def build_distill_task(cfg: DistillConfig) -> TrainTask:
     """Teacher, objective and student networks for :class:`~distilldiff.engine.Engine`.
 
-    Every trainable network starts as a copy of the (unguided) teacher; the objective's
-    student becomes a :class:`OneStepGenerator` at ``student.init_sigma``.
+    The objective builds its student (a one-step generator at ``student.init_sigma`` unless it
+    says otherwise), critics and targets from the (unguided) teacher; objectives that need real
+    data get batches of the ``data`` set.
     """
     objective_cls, objective_cfg = objective_config(cfg)  # validate before loading anything
     teacher = build_teacher(cfg)
     objective = objective_cls.build(objective_cfg, teacher)
     base = teacher.inner if isinstance(teacher, CFGDenoiser) else teacher
+    student = objective.make_student(base, cfg.student.init_sigma)
     networks: dict[str, nn.Module] = {}
     for name, role in objective.networks.items():
         if role == "frozen":
             networks[name] = teacher
         elif role == "student":
-            networks[name] = OneStepGenerator.from_teacher(base, cfg.student.init_sigma)
+            networks[name] = student
+        elif role == "target":
+            networks[name] = objective.make_target(student)
         else:
-            networks[name] = copy.deepcopy(base).requires_grad_(True)
+            networks[name] = objective.make_critic(name, base)
+    data_fn = build_data(cfg, base) if objective.needs_real_data else None
 
     def grid_cond(n: int, device) -> dict[str, Tensor]:
         if base.num_classes is None:
@@ -76,6 +93,7 @@ def build_distill_task(cfg: DistillConfig) -> TrainTask:
         grid_cond_fn=grid_cond,
         sample_fn=lambda gen, noise, cond: gen(noise, **cond),
         save_fn=save_student,
+        data_fn=data_fn,
         info={"teacher": cfg.teacher.path, "teacher_guidance_scale": cfg.teacher.guidance_scale, "objective": objective.name},
     )
 

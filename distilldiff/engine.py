@@ -138,7 +138,9 @@ class Engine:
         if obj.needs_real_data and task.data_fn is None:
             raise ValueError(f"objective '{obj.name}' needs real data, but the task has none")
         self.trainable = [n for n, role in obj.networks.items() if role in ("student", "critic")]
-        self.frozen = {n: task.networks[n].to(acc.device).eval().requires_grad_(False) for n, r in obj.networks.items() if r == "frozen"}
+        self.frozen = {n: task.networks[n].to(acc.device).eval().requires_grad_(False) for n, r in obj.networks.items() if r in ("frozen", "target")}
+        #: networks the objective itself updates (e.g. an EMA target); saved with every checkpoint
+        self.targets = [n for n, r in obj.networks.items() if r == "target"]
         models, opts = [], []
         for name in self.trainable:
             net = task.networks[name].train().requires_grad_(True)
@@ -258,6 +260,9 @@ class Engine:
         acc.save_state(str(path))
         if acc.is_main_process:
             save_file(self.ema.state_dict(), str(path / "ema.safetensors"))
+            if self.targets:
+                targets = {f"{n}.{k}": v.detach().contiguous() for n in self.targets for k, v in self.frozen[n].state_dict().items()}
+                save_file(targets, str(path / "targets.safetensors"))
             (path / "state.json").write_text(json.dumps(self.state.__dict__, indent=2))
             self.task.save_fn(self.ema.module, self.output_dir / "student", self._info())
             old = self.complete_checkpoints()[: -self.cfg.keep_checkpoints]
@@ -269,6 +274,11 @@ class Engine:
     def load_checkpoint(self, path: Path) -> None:
         self.accelerator.load_state(str(path))
         self.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+        if self.targets:
+            saved = load_file(str(path / "targets.safetensors"))
+            for n in self.targets:
+                prefix = f"{n}."
+                self.frozen[n].load_state_dict({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
         self.state = TrainState(**json.loads((path / "state.json").read_text()))
 
     def _info(self) -> dict:
@@ -333,6 +343,8 @@ class Engine:
                 self.state.step += 1
                 self.state.nimg += cfg.batch_size
                 self.ema.update(acc.unwrap_model(self.models[obj.student]), self.state.nimg, cfg.batch_size)
+                if self.targets:
+                    obj.update_targets({n: acc.unwrap_model(m) for n, m in self.models.items()} | self.frozen)
                 self.state.train_seconds += time.time() - t0
                 window_steps += 1
                 bar.update(1)

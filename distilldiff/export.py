@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .students import Student
+from .students import ConsistencyDenoiser, Student
 from .teachers.vp import VPDenoiser, ddim_timesteps
 
 STUDENT_INFO_FILE = "distilldiff_student.json"
@@ -118,6 +118,10 @@ def save_student(student: Student, folder: str | Path, info: dict[str, Any] | No
     from .pipelines import DistillDiffPipeline
 
     den = student.denoiser
+    boundary = None
+    if isinstance(den, ConsistencyDenoiser):
+        boundary, den = [den.boundary_sigma, den.sigma_data], den.inner
+        student = Student(den, student.sigmas, student.sampler)  # same network; the pipeline applies the boundary
     if not isinstance(den, VPDenoiser):
         raise TypeError(f"save_student supports VP (diffusers) students, got {type(den).__name__}")
     folder = Path(folder)
@@ -125,13 +129,13 @@ def save_student(student: Student, folder: str | Path, info: dict[str, Any] | No
     guidance = (info or {}).get("default_guidance_scale") if _is_guided(den) else None
     if _is_guided(den) and guidance is None:
         guidance = 1.0
-    ddim = stock_ddim_scheduler(student)
+    ddim = stock_ddim_scheduler(student) if boundary is None else None
     if ddim is not None:
         DDIMPipeline(unet=den.model, scheduler=ddim).save_pretrained(str(folder), safe_serialization=True)
         pipeline = "DDIMPipeline"
     else:
         scheduler = DDPMScheduler.from_config(_teacher_scheduler_config(den))
-        pipe = DistillDiffPipeline(den.model, scheduler, student.sigmas, student.sampler, den.num_classes, guidance)
+        pipe = DistillDiffPipeline(den.model, scheduler, student.sigmas, student.sampler, den.num_classes, guidance, boundary)
         pipe.save_pretrained(str(folder), safe_serialization=True)
         index_path = folder / "model_index.json"
         index = json.loads(index_path.read_text())
@@ -153,6 +157,7 @@ def save_student(student: Student, folder: str | Path, info: dict[str, Any] | No
         "num_classes": den.num_classes,
         "null_class": den.null_class,
         "guidance_scale": guidance,
+        "consistency_boundary": boundary,
         **{k: v for k, v in (info or {}).items() if k != "default_guidance_scale"},
     }
     (folder / STUDENT_INFO_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -190,6 +195,10 @@ def load_student(folder: str | Path) -> tuple[Student, dict]:
         meta["sigma_data"], meta["num_classes"], meta["null_class"],
     )
     den.scheduler_config = dict(scheduler.config)
+    if meta.get("consistency_boundary"):
+        s0, sd = meta["consistency_boundary"]
+        den.sigma_data = float(sd)
+        den = ConsistencyDenoiser(den, s0)
     return Student(den.eval(), meta["sigmas"], meta["sampler"]), meta
 
 
@@ -312,5 +321,5 @@ def export_run(run: str | Path, out: str | Path, force: bool = False) -> Path:
 
 _DERIVED_KEYS = {
     "format", "pipeline", "sampler", "sigmas", "timesteps", "prediction_type", "sigma_data",
-    "num_classes", "null_class", "guidance_scale", "kind", "init_sigma", "fid",
+    "num_classes", "null_class", "guidance_scale", "kind", "init_sigma", "fid", "consistency_boundary",
 }

@@ -52,8 +52,16 @@ class Student(nn.Module):
     def num_steps(self) -> int:
         return len(self.sigmas)
 
-    def forward(self, z: Tensor, generator: torch.Generator | None = None, **cond: Any) -> Tensor:
-        """Map standard-normal ``z`` ``[B, *sample_shape]`` to samples of the same shape."""
+    def forward(self, z: Tensor, generator: torch.Generator | None = None, *, sigma: Tensor | float | None = None, **cond: Any) -> Tensor:
+        """Map standard-normal ``z`` ``[B, *sample_shape]`` to samples of the same shape.
+
+        With ``sigma`` given, ``z`` is instead a noisy sample at that noise level and the call
+        returns the student denoiser's ``D(z, sigma)``: objectives that train the denoiser
+        directly (consistency, progressive) call it this way so that the call goes through the
+        (possibly DDP-wrapped) student module.
+        """
+        if sigma is not None:
+            return self.denoiser(z, sigma, **cond)
         return sample_loop(self.denoiser, z, torch.tensor(self.sigmas, dtype=torch.float64), self.sampler, generator, **cond)
 
 
@@ -90,3 +98,44 @@ class OneStepGenerator(Student):
     def forward(self, z: Tensor, generator: torch.Generator | None = None, **cond: Any) -> Tensor:
         sigma = torch.full((z.shape[0],), self.sigmas[0], device=z.device, dtype=z.dtype)
         return self.denoiser(z * self.denoiser.prior_scale(sigma[0]), sigma, **cond)
+
+
+class ConsistencyDenoiser(Denoiser):
+    """Consistency-model parameterisation on top of any denoiser (Song et al. 2023, eq. 7 + EDM's D).
+
+    With EDM's ``D = c_skip^E x + c_out^E F``, the raw output is ``F = (D - c_skip^E x) / c_out^E``
+    and ``f(x, sigma) = c_skip(sigma) x + c_out(sigma) F`` with
+    ``c_skip = sd^2 / ((sigma - s_min)^2 + sd^2)``, ``c_out = (sigma - s_min) sd / sqrt(sigma^2 + sd^2)``,
+    so that ``f(x, s_min) = x`` exactly and ``f ~ D`` for ``sigma >> s_min``.
+
+    Args:
+        inner: the wrapped denoiser (a copy of the teacher).
+        boundary_sigma: ``s_min``, where the boundary condition holds.
+    """
+
+    def __init__(self, inner: Denoiser, boundary_sigma: float):
+        super().__init__()
+        if not boundary_sigma > 0:
+            raise ValueError(f"boundary_sigma must be > 0, got {boundary_sigma}")
+        self.inner = inner
+        self.boundary_sigma = float(boundary_sigma)
+        for attr in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes", "null_class"):
+            setattr(self, attr, getattr(inner, attr))
+        self.sigma_min = max(self.sigma_min, self.boundary_sigma)
+
+    def prior_scale(self, sigma: Tensor) -> Tensor:
+        return self.inner.prior_scale(sigma)
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(c_skip, c_out, c_skip^E, c_out^E)`` for ``sigma`` of any shape."""
+        sd, s0 = self.sigma_data, self.boundary_sigma
+        c_skip = sd**2 / ((sigma - s0) ** 2 + sd**2)
+        c_out = (sigma - s0) * sd / (sigma**2 + sd**2).sqrt()
+        e_skip = sd**2 / (sigma**2 + sd**2)
+        e_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        return c_skip, c_out, e_skip, e_out
+
+    def denoise(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        c_skip, c_out, e_skip, e_out = (c.reshape(-1, *([1] * (x.ndim - 1))) for c in self.scalings(sigma))
+        d = self.inner(x, sigma, **cond)
+        return c_skip * x + (c_out / e_out) * (d - e_skip * x)

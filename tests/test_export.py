@@ -15,7 +15,7 @@ import torch
 from distilldiff.export import export_run, load_student, save_student, stock_ddim_scheduler
 from distilldiff.pipelines import DistillDiffPipeline, GuidedUNet2DModel
 from distilldiff.sampling import load_sampler
-from distilldiff.students import Student
+from distilldiff.students import ConsistencyDenoiser, Student
 from distilldiff.teachers import VPDenoiser
 
 NUM, SEED = 6, 3
@@ -59,6 +59,9 @@ def make_students() -> dict[str, tuple[Student, dict]]:
         "class_cond": (Student(cls, [2.5]), {"objective": "test"}),
         # guidance input, 2-step consistency (multistep) sampling: DistillDiffPipeline + custom unet class
         "guided": (Student(guided, [8.0, 0.7], "multistep"), {"objective": "test", "default_guidance_scale": 2.0}),
+        # consistency parameterisation, 3-step multistep sampling: DistillDiffPipeline
+        "consistency": (Student(ConsistencyDenoiser(tiny_denoiser("v_prediction", seed=6), 0.02), [40.0, 3.0, 0.5], "multistep"),
+                        {"objective": "test"}),
     }
 
 
@@ -68,7 +71,7 @@ PLAIN_DIFFUSERS = textwrap.dedent(
     import numpy as np, torch
     from diffusers import DDIMPipeline, DiffusionPipeline
     root, num, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    for name in ["one_step", "few_step", "class_cond", "guided"]:
+    for name in ["one_step", "few_step", "class_cond", "guided", "consistency"]:
         folder = f"{root}/{name}"
         index = json.load(open(folder + "/model_index.json"))
         g = torch.Generator().manual_seed(seed)
@@ -103,13 +106,14 @@ def test_pipeline_classes(exported):
     root, _, stdout = exported
     classes = dict(line.split() for line in stdout.strip().splitlines())
     assert classes == {"one_step": "DDIMPipeline", "few_step": "DDIMPipeline",
-                       "class_cond": "DistillDiffPipeline", "guided": "DistillDiffPipeline"}
+                       "class_cond": "DistillDiffPipeline", "guided": "DistillDiffPipeline",
+                       "consistency": "DistillDiffPipeline"}
     for name in classes:
         assert not list((root / name).rglob("*.bin")) and list((root / name / "unet").glob("*.safetensors"))
         assert "```python" in (root / name / "README.md").read_text()
 
 
-@pytest.mark.parametrize("name", ["one_step", "few_step", "class_cond", "guided"])
+@pytest.mark.parametrize("name", ["one_step", "few_step", "class_cond", "guided", "consistency"])
 def test_plain_diffusers_matches_distilldiff(exported, name):
     root, students, _ = exported
     plain = torch.from_numpy(np.load(root / f"{name}.npy")).permute(0, 3, 1, 2)

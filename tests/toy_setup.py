@@ -54,3 +54,33 @@ def mode_report(samples: torch.Tensor):
     mass = torch.bincount(k, minlength=len(WEIGHTS)).double() / len(k)
     near = ((samples.double() - t.means.double()[k]).norm(dim=1) < 4 * STD).double().mean()
     return mass, float(near)
+
+
+def gmm_data(n: int, device):
+    """Real-data batches of the toy mixture (for objectives that need data)."""
+    x, _ = teacher().sample(n, dtype=torch.float32)
+    return x.to(device), {}
+
+
+def task_for(objective, student, critics: dict | None = None) -> TrainTask:
+    """A toy task for any objective: frozen exact teacher, the given student, targets/critics built
+    the way distilldiff builds them (copies), GMM samples as real data."""
+    networks = {}
+    for name, role in objective.networks.items():
+        if role == "frozen":
+            networks[name] = teacher()
+        elif role == "student":
+            networks[name] = student
+        elif role == "target":
+            networks[name] = objective.make_target(student)
+        else:
+            networks[name] = (critics or {}).get(name) or objective.make_critic(name, copy.deepcopy(fitted_copy()))
+    return TrainTask(
+        objective=objective,
+        networks=networks,
+        sample_shape=(2,),
+        cond_fn=lambda n, device: {},
+        sample_fn=lambda gen, noise, cond: scatter_image(gen(noise)),
+        save_fn=save_state,
+        data_fn=gmm_data,
+    )

@@ -6,11 +6,15 @@ Objectives never import the training engine; the engine imports them.
 from __future__ import annotations
 
 import abc
+import copy
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from ..students import OneStepGenerator, Student
+from ..teachers.base import Denoiser
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,9 @@ class Objective(abc.ABC):
     Class attributes:
         name: registry name used in configs (``objective.name``).
         networks: role of every network the objective uses: ``"student"`` (the trained result,
-            whose EMA is kept), ``"critic"`` (trained helper, e.g. a fake score) or ``"frozen"``.
+            whose EMA is kept), ``"critic"`` (trained helper, e.g. a fake score), ``"frozen"``
+            (the teacher) or ``"target"`` (a frozen copy of the student that the objective moves
+            itself in :meth:`update_targets`, e.g. consistency distillation's EMA target).
         needs_real_data: whether batches must carry real data.
     """
 
@@ -63,6 +69,22 @@ class Objective(abc.ABC):
     @property
     def student(self) -> str:
         return next(k for k, role in self.networks.items() if role == "student")
+
+    def make_student(self, teacher: Denoiser, init_sigma: float) -> Student:
+        """The trained student, built from the (unguided) teacher. Default: a one-step generator
+        at ``init_sigma`` whose denoiser is a copy of the teacher (SiD, f-distill)."""
+        return OneStepGenerator.from_teacher(teacher, init_sigma)
+
+    def make_critic(self, name: str, teacher: Denoiser) -> nn.Module:
+        """A ``"critic"`` network; default: a trainable copy of the teacher (a fake score)."""
+        return copy.deepcopy(teacher).requires_grad_(True)
+
+    def make_target(self, student: Student) -> nn.Module:
+        """A ``"target"`` network (objectives that declare one must override this)."""
+        raise NotImplementedError(f"objective '{self.name}' declares a target network but does not build it")
+
+    def update_targets(self, nets: Mapping[str, nn.Module]) -> None:
+        """Called after every training step with all networks (unwrapped); moves ``"target"`` ones."""
 
     @abc.abstractmethod
     def phases(self) -> list[Phase]:

@@ -126,6 +126,8 @@ class DistillDiffPipeline(DiffusionPipeline):
         sampler: ``"ddim"`` (deterministic) or ``"multistep"`` (re-noise between steps).
         num_classes: number of classes of a class-conditional student, else ``None``.
         guidance_scale: default guidance scale ``w`` of a guidance-conditioned student, else ``None``.
+        consistency: ``[sigma_min, sigma_data]`` of a consistency student's boundary-condition
+            parameterisation ``f = c_skip x + (c_out / c_out^E) (D - c_skip^E x)``, else ``None``.
     """
 
     model_cpu_offload_seq = "unet"
@@ -138,6 +140,7 @@ class DistillDiffPipeline(DiffusionPipeline):
         sampler: str = "ddim",
         num_classes: int | None = None,
         guidance_scale: float | None = None,
+        consistency: list | None = None,
     ):
         super().__init__()
         if not sigmas:
@@ -147,7 +150,10 @@ class DistillDiffPipeline(DiffusionPipeline):
         if scheduler.config.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"scheduler.prediction_type {scheduler.config.prediction_type!r} is not one of {PREDICTION_TYPES}")
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(sigmas=[float(s) for s in sigmas], sampler=sampler, num_classes=num_classes, guidance_scale=guidance_scale)
+        self.register_to_config(
+            sigmas=[float(s) for s in sigmas], sampler=sampler, num_classes=num_classes,
+            guidance_scale=guidance_scale, consistency=None if consistency is None else [float(c) for c in consistency],
+        )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> "DistillDiffPipeline":
@@ -166,7 +172,7 @@ class DistillDiffPipeline(DiffusionPipeline):
         dtype = kwargs.get("torch_dtype")
         unet = unet_cls.from_pretrained(os.path.join(folder, "unet"), use_safetensors=True, **({"torch_dtype": dtype} if dtype else {}))
         scheduler = DDPMScheduler.from_pretrained(os.path.join(folder, "scheduler"))
-        keys = ("sigmas", "sampler", "num_classes", "guidance_scale")
+        keys = ("sigmas", "sampler", "num_classes", "guidance_scale", "consistency")
         pipe = cls(unet, scheduler, **{k: index[k] for k in keys if k in index})
         return pipe.to(kwargs["device"]) if kwargs.get("device") else pipe
 
@@ -189,10 +195,19 @@ class DistillDiffPipeline(DiffusionPipeline):
         a = 1 / (1 + s**2)
         kind = self.scheduler.config.prediction_type
         if kind == "epsilon":
-            return (x_t - (1 - a).sqrt() * out) / a.sqrt()
-        if kind == "v_prediction":
-            return a.sqrt() * x_t - (1 - a).sqrt() * out
-        return out
+            x0 = (x_t - (1 - a).sqrt() * out) / a.sqrt()
+        elif kind == "v_prediction":
+            x0 = a.sqrt() * x_t - (1 - a).sqrt() * out
+        else:
+            x0 = out
+        if self.config.consistency is None:
+            return x0
+        s0, sd = self.config.consistency  # consistency models' boundary condition f(x, s0) = x
+        c_skip = sd**2 / ((s - s0) ** 2 + sd**2)
+        c_out = (s - s0) * sd / (s**2 + sd**2).sqrt()
+        e_skip = sd**2 / (s**2 + sd**2)
+        e_out = s * sd / (s**2 + sd**2).sqrt()
+        return c_skip * x + (c_out / e_out) * (x0 - e_skip * x)
 
     def _conditioning(self, batch_size: int, class_labels, guidance_scale: float | None, device) -> dict:
         cond: dict[str, Any] = {}
