@@ -2,6 +2,7 @@
 
 from .base import Batch, Objective, Phase
 from .consistency import ConsistencyConfig, ConsistencyDistillation
+from .fdistill import FDistill, FDistillConfig
 from .denoising import DenoisingConfig, DenoisingObjective
 from .sid import SiD, SiDConfig
 
@@ -9,6 +10,7 @@ from .sid import SiD, SiDConfig
 OBJECTIVES = {
     "sid": (SiD, SiDConfig),
     "consistency": (ConsistencyDistillation, ConsistencyConfig),
+    "fdistill": (FDistill, FDistillConfig),
 }
 
-__all__ = ["Batch", "Objective", "Phase", "SiD", "SiDConfig", "ConsistencyDistillation", "ConsistencyConfig", "DenoisingObjective", "DenoisingConfig", "OBJECTIVES"]
+__all__ = ["Batch", "Objective", "Phase", "SiD", "SiDConfig", "ConsistencyDistillation", "ConsistencyConfig", "FDistill", "FDistillConfig", "DenoisingObjective", "DenoisingConfig", "OBJECTIVES"]
