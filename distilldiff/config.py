@@ -52,12 +52,14 @@ class TrainConfig:
 
     ``max_steps`` counts training steps (one pass over all phases: critic then generator).
     ``batch_size`` is the global batch of every phase step (over processes and accumulation).
+    ``lr_schedule``: ``constant``, or ``linear`` decay from ``lr`` to 0 at ``max_steps``.
     """
 
     max_steps: int = 1000
     batch_size: int = 32
     lr: float = 1e-5
     critic_lr: float | None = None
+    lr_schedule: Literal["constant", "linear"] = "constant"
     betas: tuple[float, float] = (0.0, 0.999)
     weight_decay: float = 0.0
     grad_clip: float | None = None

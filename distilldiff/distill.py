@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import torch
@@ -56,16 +57,18 @@ def resolved_config(cfg: DistillConfig) -> dict:
     return data
 
 
-def build_distill_task(cfg: DistillConfig) -> TrainTask:
+def build_distill_task(cfg: DistillConfig, objective=None, teacher: Denoiser | None = None) -> TrainTask:
     """Teacher, objective and student networks for :class:`~distilldiff.engine.Engine`.
 
     The objective builds its student (a one-step generator at ``student.init_sigma`` unless it
     says otherwise), critics and targets from the (unguided) teacher; objectives that need real
-    data get batches of the ``data`` set.
+    data get batches of the ``data`` set. ``objective`` and ``teacher`` replace the ones the
+    config names (a stage of progressive distillation: the previous student as the teacher).
     """
-    objective_cls, objective_cfg = objective_config(cfg)  # validate before loading anything
-    teacher = build_teacher(cfg)
-    objective = objective_cls.build(objective_cfg, teacher)
+    if objective is None or teacher is None:
+        objective_cls, objective_cfg = objective_config(cfg)  # validate before loading anything
+        teacher = teacher if teacher is not None else build_teacher(cfg)
+        objective = objective if objective is not None else objective_cls.build(objective_cfg, teacher)
     base = teacher.inner if isinstance(teacher, CFGDenoiser) else teacher
     student = objective.make_student(base, cfg.student.init_sigma)
     networks: dict[str, nn.Module] = {}
@@ -106,5 +109,49 @@ def distill(cfg: DistillConfig, resume: str | None = None, output_dir: str | Pat
         >>> cfg = load_config(DistillConfig, "configs/mnist/sid.yaml", ["train.max_steps=10"])
         >>> student_dir = distill(cfg)  # doctest: +SKIP
     """
-    engine = Engine(build_distill_task(cfg), cfg.train, Path(output_dir or cfg.output_dir))
+    objective_cls, objective_cfg = objective_config(cfg)
+    out = Path(output_dir or cfg.output_dir)
+    if getattr(objective_cls, "staged", False):
+        return distill_stages(cfg, objective_cfg, out, resume)
+    engine = Engine(build_distill_task(cfg), cfg.train, out)
     return engine.run(resolved_config(cfg), resume)
+
+
+def distill_stages(cfg: DistillConfig, pcfg, out: Path, resume: str | None) -> Path:
+    """Progressive distillation: one engine run per stage in ``OUT/stage-KKKK`` (K = student steps),
+    ``train.max_steps`` updates each (with ``train.lr_schedule``); each stage's EMA student is the
+    next stage's frozen teacher. ``OUT/student`` is the last one.
+
+    Resuming skips finished stages (their student is reloaded) and resumes the unfinished one.
+    """
+    from .config import ConfigError, dump_yaml
+    from .export import load_student
+    from .objectives.progressive import ProgressiveDistillation, full_grid, stage_plan
+
+    if resume not in (None, "latest"):
+        raise ConfigError("progressive distillation resumes with --resume latest (stage by stage)")
+    if resume is None and any(out.glob("stage-*/checkpoints/step-*")):
+        raise FileExistsError(f"{out} holds stages of an earlier run; pass --resume latest to continue it or choose another --output-dir")
+    teacher = build_teacher(cfg)
+    grid = full_grid(pcfg, teacher.inner if isinstance(teacher, CFGDenoiser) else teacher)
+    train = cfg.train  # max_steps: updates per stage
+    out.mkdir(parents=True, exist_ok=True)
+    dump_yaml(resolved_config(cfg), out / "config.yaml")
+    current: Denoiser = teacher
+    for k in stage_plan(pcfg):
+        folder = out / f"stage-{k:04d}"
+        stride = pcfg.start_steps // (2 * k)
+        objective = ProgressiveDistillation(pcfg, grid[::stride])
+        done = folder / "checkpoints" / f"step-{train.max_steps:07d}" / "state.json"
+        if done.is_file():
+            current = load_student(folder / "student")[0].denoiser
+            continue
+        engine = Engine(build_distill_task(cfg, objective, current), train, folder)
+        has_ckpt = bool(engine.complete_checkpoints())
+        engine.run(resolved_config(cfg), "latest" if has_ckpt else None)
+        current = copy.deepcopy(engine.ema.module.denoiser).eval().requires_grad_(False)
+    final = out / f"stage-{stage_plan(pcfg)[-1]:04d}" / "student"
+    if (out / "student").exists():
+        shutil.rmtree(out / "student")
+    shutil.copytree(final, out / "student")
+    return out / "student"

@@ -142,10 +142,12 @@ class Engine:
         #: networks the objective itself updates (e.g. an EMA target); saved with every checkpoint
         self.targets = [n for n, r in obj.networks.items() if r == "target"]
         models, opts = [], []
+        self.base_lr: dict[str, float] = {}
         for name in self.trainable:
             net = task.networks[name].train().requires_grad_(True)
             lr = train.lr if obj.networks[name] == "student" or train.critic_lr is None else train.critic_lr
             opts.append(torch.optim.AdamW(net.parameters(), lr=lr, betas=train.betas, weight_decay=train.weight_decay))
+            self.base_lr[name] = lr
             models.append(net)
         prepared = acc.prepare(*models, *opts)
         self.models = dict(zip(self.trainable, prepared[: len(models)]))
@@ -210,6 +212,10 @@ class Engine:
                 acc.backward(loss / cfg.grad_accum)
             for k, v in extra.items():
                 logs[f"{phase.name}/{k}"] = logs.get(f"{phase.name}/{k}", 0.0) + float(v) / cfg.grad_accum
+        if cfg.lr_schedule == "linear":  # derived from the checkpointed step: nothing extra to save
+            factor = max(0.0, 1.0 - self.state.step / cfg.max_steps)
+            for group in opt.param_groups:
+                group["lr"] = self.base_lr[phase.trains] * factor
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
         norm = acc.clip_grad_norm_(model.parameters(), max_norm)  # None under DeepSpeed
         scaled = acc.scaler is not None  # fp16: the loss scaler skips overflowing steps itself

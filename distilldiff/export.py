@@ -295,7 +295,7 @@ def export_run(run: str | Path, out: str | Path, force: bool = False) -> Path:
     if (run / STUDENT_INFO_FILE).is_file():
         src, fid_folders = run, (run,)
     else:
-        ckpts = sorted((run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else []
+        ckpts = list(run.glob("checkpoints/step-*")) + list(run.glob("stage-*/checkpoints/step-*"))  # staged: progressive
         if not ckpts or not (run / "student" / STUDENT_INFO_FILE).is_file():
             raise FileNotFoundError(f"{run}: the run has no checkpoint yet (nothing to export)")
         src, fid_folders = run / "student", (run, run / "student")

@@ -97,7 +97,7 @@ def test_resume_without_checkpoint_exits_nonzero(tmp_path):
     assert not (tmp_path / "config.yaml").exists()  # a bad --resume writes nothing
 
 
-@pytest.mark.parametrize("config", ["consistency", "dmd", "dmd2", "fdistill"])
+@pytest.mark.parametrize("config", ["consistency", "dmd", "dmd2", "fdistill", "progressive"])
 def test_every_objective_config_runs_and_exports(tmp_path, config):
     """Two updates of each shipped objective config on the shipped teacher, then export and sample."""
     run = tmp_path / "run"
@@ -109,3 +109,21 @@ def test_every_objective_config_runs_and_exports(tmp_path, config):
     assert r.returncode == 0, r.stderr
     r = run_cli("sample", "--model", str(tmp_path / "export"), "--num", "4", "--out", str(tmp_path / "g.png"), "--device", "cpu")
     assert r.returncode == 0, r.stderr
+
+
+def test_progressive_stages_resume(tmp_path):
+    """4 -> 2 -> 1 steps, one update per stage; a resumed run skips the finished stages."""
+    run = tmp_path / "run"
+    args = ("distill", "--config", "configs/mnist/progressive.yaml", "--output-dir", str(run), *TINY,
+            "--set", "train.max_steps=1", "--set", "objective.start_steps=4")
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in run.glob("stage-*")) == ["stage-0001", "stage-0002"]
+    meta = json.loads((run / "student" / "distilldiff_student.json").read_text())
+    assert len(meta["sigmas"]) == 1 and meta["sampler"] == "ddim"
+    assert len(json.loads((run / "stage-0002" / "student" / "distilldiff_student.json").read_text())["sigmas"]) == 2
+    r = run_cli(*args)
+    assert r.returncode == 2 and "--resume latest" in r.stderr
+    r = run_cli(*args, "--resume", "latest")
+    assert r.returncode == 0, r.stderr
+    assert "resumed" not in r.stdout + r.stderr  # both stages were complete: nothing retrained

@@ -3,6 +3,7 @@
 from .base import Batch, Objective, Phase
 from .consistency import ConsistencyConfig, ConsistencyDistillation
 from .fdistill import FDistill, FDistillConfig
+from .progressive import ProgressiveConfig, ProgressiveDistillation
 from .denoising import DenoisingConfig, DenoisingObjective
 from .sid import SiD, SiDConfig
 
@@ -11,6 +12,7 @@ OBJECTIVES = {
     "sid": (SiD, SiDConfig),
     "consistency": (ConsistencyDistillation, ConsistencyConfig),
     "fdistill": (FDistill, FDistillConfig),
+    "progressive": (ProgressiveDistillation, ProgressiveConfig),
 }
 
-__all__ = ["Batch", "Objective", "Phase", "SiD", "SiDConfig", "ConsistencyDistillation", "ConsistencyConfig", "FDistill", "FDistillConfig", "DenoisingObjective", "DenoisingConfig", "OBJECTIVES"]
+__all__ = ["Batch", "Objective", "Phase", "SiD", "SiDConfig", "ConsistencyDistillation", "ConsistencyConfig", "FDistill", "FDistillConfig", "ProgressiveDistillation", "ProgressiveConfig", "DenoisingObjective", "DenoisingConfig", "OBJECTIVES"]

@@ -1,0 +1,127 @@
+"""Progressive distillation (Salimans & Ho 2022), DESIGN.md section 3.
+
+One :class:`ProgressiveDistillation` object is one stage (a 2K-step teacher -> a K-step
+student, ``train.max_steps`` updates); :func:`stage_plan` lists the stages from ``start_steps``
+down to ``end_steps``. The
+stage loop that makes each student the next teacher lives with the runner
+(:func:`distilldiff.distill.distill`), around the one training engine.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import ClassVar, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..samplers import karras_sigmas
+from ..students import Student
+from ..teachers.base import Denoiser
+from ..teachers.vp import VPDenoiser
+from .base import Batch, Objective, Phase, bcast, mean_chw
+
+
+@dataclass
+class ProgressiveConfig:
+    """Hyperparameters of progressive distillation.
+
+    Attributes:
+        start_steps: N, the teacher's number of DDIM steps at the first stage (a power-of-two
+            multiple of ``end_steps``); the first student takes N/2.
+        end_steps: the last stage's student steps.
+        sigma_min, sigma_max, rho: the Karras grid of N noise levels for non-VP teachers
+            (VP/diffusers teachers use DDIM's "trailing" timesteps, which nest from stage to stage).
+    """
+
+    start_steps: int = 8
+    end_steps: int = 1
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+
+    def __post_init__(self):
+        n, e = self.start_steps, self.end_steps
+        if e < 1 or n <= e or n % e or (n // e) & (n // e - 1):
+            raise ValueError(f"objective.start_steps must be end_steps times a power of two > 1, got {n} and {e}")
+
+
+def full_grid(config: ProgressiveConfig, teacher: Denoiser) -> list[float]:
+    """The first teacher's N decreasing noise levels; every later grid takes every 2^k-th of them."""
+    if isinstance(teacher, VPDenoiser):
+        return [float(s) for s in teacher.discrete_sigmas(config.start_steps, "trailing")]
+    lo, hi = max(config.sigma_min, teacher.sigma_min), min(config.sigma_max, teacher.sigma_max)
+    return [float(s) for s in karras_sigmas(config.start_steps, lo, hi, config.rho)]
+
+
+def stage_plan(config: ProgressiveConfig) -> list[int]:
+    """Student step counts of the stages: N/2, N/4, ..., end_steps."""
+    steps, k = [], config.start_steps // 2
+    while k >= config.end_steps:
+        steps.append(k)
+        k //= 2
+    return steps
+
+
+class ProgressiveDistillation(Objective):
+    """One stage: the student learns, in one DDIM step, two DDIM steps of the (frozen) teacher.
+
+    Needs real data (the steps start from noised data). Networks: ``teacher`` (frozen: the
+    original teacher or the previous stage's student) and ``student``.
+
+    Args:
+        config: the run's hyperparameters.
+        teacher_sigmas: the teacher's 2K decreasing noise levels at this stage; the student
+            uses every other one.
+    """
+
+    name: ClassVar[str] = "progressive"
+    networks: ClassVar[Mapping[str, str]] = {"teacher": "frozen", "student": "student"}
+    needs_real_data: ClassVar[bool] = True
+    staged: ClassVar[bool] = True
+
+    def __init__(self, config: ProgressiveConfig, teacher_sigmas: list[float]):
+        if len(teacher_sigmas) < 2 or len(teacher_sigmas) % 2:
+            raise ValueError(f"a stage needs an even number (>= 2) of teacher noise levels, got {len(teacher_sigmas)}")
+        self.config = config
+        self.teacher_sigmas = torch.tensor(teacher_sigmas, dtype=torch.float64)
+
+    @classmethod
+    def build(cls, config: ProgressiveConfig, teacher: nn.Module) -> "ProgressiveDistillation":
+        """The first stage (N-step teacher)."""
+        return cls(config, full_grid(config, teacher))
+
+    @property
+    def student_sigmas(self) -> list[float]:
+        return [float(s) for s in self.teacher_sigmas[::2]]
+
+    def make_student(self, teacher: Denoiser, init_sigma: float) -> Student:
+        """A K-step DDIM student whose denoiser starts as a copy of this stage's teacher."""
+        return Student(copy.deepcopy(teacher).requires_grad_(True), self.student_sigmas, "ddim")
+
+    def phases(self) -> list[Phase]:
+        return [Phase("student", "student")]
+
+    def target(self, teacher: nn.Module, z: Tensor, s_a: Tensor, s_m: Tensor, s_b: Tensor, cond: dict) -> Tensor:
+        """x_target = (z'' - (s_b/s_a) z) / (1 - s_b/s_a), z'' after two teacher DDIM steps s_a -> s_m -> s_b."""
+        a, m, b = bcast(s_a, z), bcast(s_m, z), bcast(s_b, z)
+        x1 = teacher(z, s_a, **cond)
+        z1 = x1 + (m / a) * (z - x1)  # DDIM in sigma space: x_b = x0 + (sigma_b / sigma_a)(x_a - x0)
+        x2 = teacher(z1, s_m, **cond)
+        z2 = x2 + (b / m) * (z1 - x2)
+        return (z2 - (b / a) * z) / (1 - b / a)
+
+    def loss(self, phase: Phase, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """max(SNR, 1) ||x_hat(z, s_a) - x_target||^2, SNR = 1 / s_a^2 (truncated-SNR weighting)."""
+        x0 = batch.real
+        sig = torch.cat([self.teacher_sigmas, self.teacher_sigmas.new_zeros(1)]).to(device=x0.device, dtype=x0.dtype)
+        i = 2 * torch.randint(0, len(self.teacher_sigmas) // 2, (x0.shape[0],), device=x0.device)
+        s_a, s_m, s_b = sig[i], sig[i + 1], sig[i + 2]
+        z = x0 + bcast(s_a, x0) * torch.randn_like(x0)
+        with torch.no_grad():
+            target = self.target(nets["teacher"], z, s_a, s_m, s_b, batch.cond)
+        pred = nets["student"](z, sigma=s_a, **batch.cond)
+        weight = (1 / s_a**2).clamp_min(1.0)
+        loss = (weight * mean_chw((pred - target) ** 2)).mean()
+        return loss, {"loss": loss.detach()}
