@@ -18,8 +18,20 @@ from .teachers import CFGDenoiser, Denoiser, load_teacher
 
 
 def build_teacher(cfg: DistillConfig) -> Denoiser:
-    """The frozen teacher of a run (classifier-free guided if ``teacher.guidance_scale`` > 0)."""
+    """The frozen teacher of a run (classifier-free guided if ``teacher.guidance_scale`` > 0).
+
+    A distilldiff student folder (or a run folder with one) is a teacher too: its denoiser, e.g. a
+    guidance-distilled student for progressive distillation with ``w`` kept as an input.
+    """
+    from .export import STUDENT_INFO_FILE, load_student
+
     t = cfg.teacher
+    folder = Path(t.path)
+    if (folder / "student" / STUDENT_INFO_FILE).is_file():
+        folder = folder / "student"
+    if (folder / STUDENT_INFO_FILE).is_file():
+        den = load_student(folder)[0].denoiser
+        return CFGDenoiser(den, t.guidance_scale) if t.guidance_scale else den
     return load_teacher(t.path, t.guidance_scale, sigma_data=t.sigma_data, num_classes=t.num_classes, null_class=t.null_class)
 
 
@@ -84,9 +96,10 @@ def build_distill_task(cfg: DistillConfig, objective=None, teacher: Denoiser | N
     data_fn = build_data(cfg, base) if objective.needs_real_data else None
 
     def grid_cond(n: int, device) -> dict[str, Tensor]:
-        if base.num_classes is None:
-            return {}
-        return {"class_labels": torch.arange(n, device=device) % base.num_classes}
+        cond = objective.sample_cond(n, device)
+        if base.num_classes is not None:
+            cond["class_labels"] = torch.arange(n, device=device) % base.num_classes
+        return cond
 
     return TrainTask(
         objective=objective,
@@ -97,7 +110,8 @@ def build_distill_task(cfg: DistillConfig, objective=None, teacher: Denoiser | N
         sample_fn=lambda gen, noise, cond: gen(noise, **cond),
         save_fn=save_student,
         data_fn=data_fn,
-        info={"teacher": cfg.teacher.path, "teacher_guidance_scale": cfg.teacher.guidance_scale, "objective": objective.name},
+        info={"teacher": cfg.teacher.path, "teacher_guidance_scale": cfg.teacher.guidance_scale, "objective": objective.name,
+              **objective.student_info()},
     )
 
 

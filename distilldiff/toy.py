@@ -18,11 +18,19 @@ class MLPDenoiser(Denoiser):
     ``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)`` with ``c_noise = log(sigma) / 4``.
     """
 
-    def __init__(self, dim: int, sigma_data: float, hidden: int = 128, depth: int = 3, sigma_min: float = 0.002, sigma_max: float = 80.0):
+    def __init__(
+        self, dim: int, sigma_data: float, hidden: int = 128, depth: int = 3, sigma_min: float = 0.002, sigma_max: float = 80.0,
+        num_classes: int | None = None, guidance: bool = False,
+    ):
         super().__init__()
         self.sample_shape = (dim,)
         self.sigma_data, self.sigma_min, self.sigma_max = float(sigma_data), float(sigma_min), float(sigma_max)
-        layers: list[nn.Module] = [nn.Linear(dim + 16, hidden), nn.SiLU()]
+        self.num_classes = num_classes
+        self.null_class = num_classes
+        #: class labels (with a null label for classifier-free guidance) enter as a one-hot input
+        extra = (num_classes + 1 if num_classes else 0) + (16 if guidance else 0)
+        self.guidance = guidance
+        layers: list[nn.Module] = [nn.Linear(dim + 16 + extra, hidden), nn.SiLU()]
         for _ in range(depth - 1):
             layers += [nn.Linear(hidden, hidden), nn.SiLU()]
         layers.append(nn.Linear(hidden, dim))
@@ -37,7 +45,15 @@ class MLPDenoiser(Denoiser):
         c_in = 1 / (s**2 + sd**2).sqrt()
         c_noise = s.log() / 4
         emb = torch.cat([(c_noise * self.freqs.to(x)).sin(), (c_noise * self.freqs.to(x)).cos()], dim=1)
-        return c_skip * x + c_out * self.net(torch.cat([c_in * x, emb], dim=1))
+        inputs = [c_in * x, emb]
+        if self.num_classes:
+            labels = cond.get("class_labels")
+            labels = torch.full((x.shape[0],), self.null_class, device=x.device) if labels is None else labels
+            inputs.append(nn.functional.one_hot(labels.long(), self.num_classes + 1).to(x))
+        if self.guidance:  # the guidance scale w, embedded like the noise level (Meng et al. 2023)
+            w = torch.as_tensor(cond.get("guidance_scale", 0.0), device=x.device, dtype=x.dtype).reshape(-1, 1).expand(x.shape[0], 1)
+            inputs += [(w * self.freqs.to(x) / 4).sin(), (w * self.freqs.to(x) / 4).cos()]
+        return c_skip * x + c_out * self.net(torch.cat(inputs, dim=1))
 
 
 def fit_denoiser(net: Denoiser, teacher: Denoiser, steps: int = 500, batch: int = 256, lr: float = 3e-3, seed: int = 0) -> Denoiser:
@@ -50,13 +66,16 @@ def fit_denoiser(net: Denoiser, teacher: Denoiser, steps: int = 500, batch: int 
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     lo, hi = math.log(teacher.sigma_min), math.log(teacher.sigma_max)
     for i in range(steps):
-        x0, _ = teacher.sample(batch, generator=g, dtype=torch.float32)
+        cond = {}
+        if getattr(net, "num_classes", None):  # class labels, the null label included
+            cond["class_labels"] = torch.randint(0, net.num_classes + 1, (batch,), generator=g)
+        x0, _ = teacher.sample(batch, generator=g, dtype=torch.float32, **cond)
         sigma = (torch.rand(batch, generator=g) * (hi - lo) + lo).exp()
         x = x0 + sigma[:, None] * torch.randn(x0.shape, generator=g)
         with torch.no_grad():
-            target = teacher(x.double(), sigma.double()).float()
+            target = teacher(x.double(), sigma.double(), **cond).float()
         w = 1 / (sigma**2 * net.sigma_data**2 / (sigma**2 + net.sigma_data**2))  # EDM weight
-        loss = (w[:, None] * (net(x, sigma) - target) ** 2).mean()
+        loss = (w[:, None] * (net(x, sigma, **cond) - target) ** 2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -97,7 +97,7 @@ def test_resume_without_checkpoint_exits_nonzero(tmp_path):
     assert not (tmp_path / "config.yaml").exists()  # a bad --resume writes nothing
 
 
-@pytest.mark.parametrize("config", ["consistency", "dmd", "dmd2", "fdistill", "progressive"])
+@pytest.mark.parametrize("config", ["consistency", "dmd", "dmd2", "fdistill", "progressive", "guidance"])
 def test_every_objective_config_runs_and_exports(tmp_path, config):
     """Two updates of each shipped objective config on the shipped teacher, then export and sample."""
     run = tmp_path / "run"
@@ -127,3 +127,21 @@ def test_progressive_stages_resume(tmp_path):
     r = run_cli(*args, "--resume", "latest")
     assert r.returncode == 0, r.stderr
     assert "resumed" not in r.stdout + r.stderr  # both stages were complete: nothing retrained
+
+
+def test_guidance_distillation_two_stages(tmp_path):
+    """Stage 1 (w-conditioned 16-step student), then stage 2 (progressive 16 -> 8 keeping w) from its folder."""
+    stage1 = tmp_path / "stage1"
+    r = run_cli("distill", "--config", "configs/mnist/guidance.yaml", "--output-dir", str(stage1), *TINY, "--set", "train.max_steps=1")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((stage1 / "student" / "distilldiff_student.json").read_text())
+    assert meta["guidance_scale"] == 2.0 and len(meta["sigmas"]) == 16
+    r = run_cli("distill", "--config", "configs/mnist/guidance_stage2.yaml", "--output-dir", str(tmp_path / "stage2"), *TINY,
+                "--set", "train.max_steps=1", "--set", f"teacher.path={stage1}", "--set", "objective.end_steps=8")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "stage2" / "student" / "distilldiff_student.json").read_text())
+    assert meta["guidance_scale"] == 2.0 and len(meta["sigmas"]) == 8 and meta["objective"] == "progressive"
+    for w in ("0.5", "3.0"):
+        r = run_cli("sample", "--model", str(tmp_path / "stage2"), "--num", "4", "--guidance-scale", w,
+                    "--out", str(tmp_path / f"w{w}.png"), "--device", "cpu")
+        assert r.returncode == 0, r.stderr

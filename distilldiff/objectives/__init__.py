@@ -3,6 +3,7 @@
 from .base import Batch, Objective, Phase
 from .consistency import ConsistencyConfig, ConsistencyDistillation
 from .fdistill import FDistill, FDistillConfig
+from .guidance import GuidanceConfig, GuidanceDistillation
 from .progressive import ProgressiveConfig, ProgressiveDistillation
 from .denoising import DenoisingConfig, DenoisingObjective
 from .sid import SiD, SiDConfig
@@ -13,6 +14,7 @@ OBJECTIVES = {
     "consistency": (ConsistencyDistillation, ConsistencyConfig),
     "fdistill": (FDistill, FDistillConfig),
     "progressive": (ProgressiveDistillation, ProgressiveConfig),
+    "guidance": (GuidanceDistillation, GuidanceConfig),
 }
 
-__all__ = ["Batch", "Objective", "Phase", "SiD", "SiDConfig", "ConsistencyDistillation", "ConsistencyConfig", "FDistill", "FDistillConfig", "ProgressiveDistillation", "ProgressiveConfig", "DenoisingObjective", "DenoisingConfig", "OBJECTIVES"]
+__all__ = ["Batch", "Objective", "Phase", "SiD", "SiDConfig", "ConsistencyDistillation", "ConsistencyConfig", "FDistill", "FDistillConfig", "ProgressiveDistillation", "ProgressiveConfig", "GuidanceDistillation", "GuidanceConfig", "DenoisingObjective", "DenoisingConfig", "OBJECTIVES"]

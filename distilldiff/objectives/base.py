@@ -83,6 +83,14 @@ class Objective(abc.ABC):
         """A ``"target"`` network (objectives that declare one must override this)."""
         raise NotImplementedError(f"objective '{self.name}' declares a target network but does not build it")
 
+    def student_info(self) -> dict:
+        """Extra fields written with the student (e.g. ``default_guidance_scale``)."""
+        return {}
+
+    def sample_cond(self, n: int, device) -> dict[str, Tensor]:
+        """Extra conditioning for the sample grids of the student (e.g. its guidance scale)."""
+        return {}
+
     def update_targets(self, nets: Mapping[str, nn.Module]) -> None:
         """Called after every training step with all networks (unwrapped); moves ``"target"`` ones."""
 

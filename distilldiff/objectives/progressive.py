@@ -31,12 +31,18 @@ class ProgressiveConfig:
         start_steps: N, the teacher's number of DDIM steps at the first stage (a power-of-two
             multiple of ``end_steps``); the first student takes N/2.
         end_steps: the last stage's student steps.
+        w_min, w_max: for a guidance-conditioned teacher (guidance distillation's stage 2), the
+            range of the guidance weight w drawn per sample and passed to teacher and student;
+            ``default_w`` (default: the middle of the range) is the exported pipeline's default.
         sigma_min, sigma_max, rho: the Karras grid of N noise levels for non-VP teachers
             (VP/diffusers teachers use DDIM's "trailing" timesteps, which nest from stage to stage).
     """
 
     start_steps: int = 8
     end_steps: int = 1
+    w_min: float | None = None
+    w_max: float | None = None
+    default_w: float | None = None
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
@@ -45,6 +51,8 @@ class ProgressiveConfig:
         n, e = self.start_steps, self.end_steps
         if e < 1 or n <= e or n % e or (n // e) & (n // e - 1):
             raise ValueError(f"objective.start_steps must be end_steps times a power of two > 1, got {n} and {e}")
+        if (self.w_min is None) != (self.w_max is None) or (self.w_min is not None and not 0 <= self.w_min < self.w_max):
+            raise ValueError(f"objective.w_min/w_max must both be set with 0 <= w_min < w_max (or both unset), got {self.w_min}/{self.w_max}")
 
 
 def full_grid(config: ProgressiveConfig, teacher: Denoiser) -> list[float]:
@@ -103,6 +111,19 @@ class ProgressiveDistillation(Objective):
     def phases(self) -> list[Phase]:
         return [Phase("student", "student")]
 
+    @property
+    def default_w(self) -> float | None:
+        c = self.config
+        if c.w_min is None:
+            return None
+        return c.default_w if c.default_w is not None else (c.w_min + c.w_max) / 2
+
+    def student_info(self) -> dict:
+        return {} if self.default_w is None else {"default_guidance_scale": self.default_w}
+
+    def sample_cond(self, n: int, device) -> dict[str, Tensor]:
+        return {} if self.default_w is None else {"guidance_scale": torch.full((n,), self.default_w, device=device)}
+
     def target(self, teacher: nn.Module, z: Tensor, s_a: Tensor, s_m: Tensor, s_b: Tensor, cond: dict) -> Tensor:
         """x_target = (z'' - (s_b/s_a) z) / (1 - s_b/s_a), z'' after two teacher DDIM steps s_a -> s_m -> s_b."""
         a, m, b = bcast(s_a, z), bcast(s_m, z), bcast(s_b, z)
@@ -114,14 +135,17 @@ class ProgressiveDistillation(Objective):
 
     def loss(self, phase: Phase, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """max(SNR, 1) ||x_hat(z, s_a) - x_target||^2, SNR = 1 / s_a^2 (truncated-SNR weighting)."""
-        x0 = batch.real
+        x0, cond = batch.real, dict(batch.cond)
+        if self.config.w_min is not None:  # stage 2 of guidance distillation: keep w as an input
+            w = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype) * (self.config.w_max - self.config.w_min) + self.config.w_min
+            cond["guidance_scale"] = w
         sig = torch.cat([self.teacher_sigmas, self.teacher_sigmas.new_zeros(1)]).to(device=x0.device, dtype=x0.dtype)
         i = 2 * torch.randint(0, len(self.teacher_sigmas) // 2, (x0.shape[0],), device=x0.device)
         s_a, s_m, s_b = sig[i], sig[i + 1], sig[i + 2]
         z = x0 + bcast(s_a, x0) * torch.randn_like(x0)
         with torch.no_grad():
-            target = self.target(nets["teacher"], z, s_a, s_m, s_b, batch.cond)
-        pred = nets["student"](z, sigma=s_a, **batch.cond)
+            target = self.target(nets["teacher"], z, s_a, s_m, s_b, cond)
+        pred = nets["student"](z, sigma=s_a, **cond)
         weight = (1 / s_a**2).clamp_min(1.0)
         loss = (weight * mean_chw((pred - target) ** 2)).mean()
         return loss, {"loss": loss.detach()}

@@ -1,0 +1,128 @@
+"""Guidance distillation, stage 1 (Meng et al., CVPR 2023), DESIGN.md section 3.
+
+A student that takes the guidance scale ``w`` as an input learns the classifier-free-guided
+teacher ``D_c + w (D_c - D_u)`` over ``w ~ U[w_min, w_max]`` in one network evaluation per step
+(the guided teacher costs two). Stage 2 is progressive distillation of this student with ``w``
+kept as an input (``objective.w_min``/``w_max`` of ``progressive``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import ClassVar, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..samplers import karras_sigmas
+from ..students import Student
+from ..teachers.base import Denoiser
+from ..teachers.guidance import CFGDenoiser
+from ..teachers.vp import VPDenoiser
+from .base import Batch, Objective, Phase, bcast, edm_sigma, edm_weight, mean_chw
+
+
+@dataclass
+class GuidanceConfig:
+    """Hyperparameters of :class:`GuidanceDistillation`.
+
+    Attributes:
+        w_min, w_max: range of the guidance weight w drawn per sample (w = 0: no guidance).
+        default_w: the guidance weight the exported pipeline and the sample grids use.
+        sample_steps: DDIM steps of the student (the teacher's "trailing" timesteps for VP
+            teachers, else a Karras grid over ``[sigma_min, sigma_max]``).
+        p_mean, p_std: log-normal training noise levels for non-VP teachers (VP teachers: uniform
+            over their training timesteps, "the teacher's own noise levels").
+        sigma_min, sigma_max, rho: the Karras sampling grid of non-VP teachers.
+        guidance_embed_scale: w is multiplied by this before its sinusoidal embedding (VP students).
+    """
+
+    w_min: float = 0.0
+    w_max: float = 4.0
+    default_w: float = 2.0
+    sample_steps: int = 16
+    p_mean: float = -1.2
+    p_std: float = 1.2
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    guidance_embed_scale: float = 100.0
+
+    def __post_init__(self):
+        if not 0 <= self.w_min < self.w_max:
+            raise ValueError(f"objective.w_min/w_max must satisfy 0 <= w_min < w_max, got {self.w_min}/{self.w_max}")
+        if not self.w_min <= self.default_w <= self.w_max:
+            raise ValueError(f"objective.default_w={self.default_w} is outside [w_min, w_max] = [{self.w_min}, {self.w_max}]")
+        if self.sample_steps < 1:
+            raise ValueError(f"objective.sample_steps must be >= 1, got {self.sample_steps}")
+
+
+class GuidanceDistillation(Objective):
+    """Stage 1: ``D_student(x, sigma, c, w) ~ D_teacher(x, sigma, c) + w (D_teacher(x, sigma, c) - D_teacher(x, sigma, null))``.
+
+    Needs real data (noised digits at the teacher's noise levels) and a teacher with a null class.
+    Networks: ``teacher`` (frozen, unguided) and ``student`` (w-conditioned copy of the teacher).
+    """
+
+    name: ClassVar[str] = "guidance"
+    networks: ClassVar[Mapping[str, str]] = {"teacher": "frozen", "student": "student"}
+    needs_real_data: ClassVar[bool] = True
+
+    def __init__(self, config: GuidanceConfig, teacher: Denoiser, sample_sigmas: list[float]):
+        if isinstance(teacher, CFGDenoiser):
+            raise ValueError("guidance distillation applies guidance itself: set teacher.guidance_scale: 0")
+        if teacher.null_class is None:
+            raise ValueError("guidance distillation needs a class-conditional teacher with a null class (null_class)")
+        self.config = config
+        self.sample_sigmas = sample_sigmas
+        self.vp_sigmas = teacher.schedule.sigmas.clone() if isinstance(teacher, VPDenoiser) else None
+        self.sigma_data = float(teacher.sigma_data)
+
+    @classmethod
+    def build(cls, config: GuidanceConfig, teacher: nn.Module) -> "GuidanceDistillation":
+        if isinstance(teacher, VPDenoiser):
+            sigmas = [float(s) for s in teacher.discrete_sigmas(config.sample_steps, "trailing")]
+        else:
+            lo, hi = max(config.sigma_min, teacher.sigma_min), min(config.sigma_max, teacher.sigma_max)
+            sigmas = [float(s) for s in karras_sigmas(config.sample_steps, lo, hi, config.rho)]
+        return cls(config, teacher, sigmas)
+
+    def make_student(self, teacher: Denoiser, init_sigma: float) -> Student:
+        """A ``sample_steps``-step DDIM student; VP teachers get a :class:`GuidedUNet2DModel` copy."""
+        from ..pipelines import GuidedUNet2DModel
+
+        den = copy.deepcopy(teacher)
+        if isinstance(den, VPDenoiser):
+            den.model = GuidedUNet2DModel.from_unet(den.model, guidance_embed_scale=self.config.guidance_embed_scale)
+        elif not getattr(den, "guidance", False):
+            raise ValueError(f"guidance distillation needs a network with a guidance input; {type(den).__name__} has none")
+        return Student(den.requires_grad_(True), self.sample_sigmas, "ddim")
+
+    def student_info(self) -> dict:
+        return {"default_guidance_scale": self.config.default_w}
+
+    def sample_cond(self, n: int, device) -> dict[str, Tensor]:
+        return {"guidance_scale": torch.full((n,), self.config.default_w, device=device)}
+
+    def phases(self) -> list[Phase]:
+        return [Phase("student", "student")]
+
+    def training_sigma(self, n: int, like: Tensor) -> Tensor:
+        if self.vp_sigmas is not None:
+            idx = torch.randint(0, len(self.vp_sigmas), (n,), device=like.device)
+            return self.vp_sigmas.to(like.device)[idx].to(like.dtype)
+        return edm_sigma(n, self.config.p_mean, self.config.p_std, like)
+
+    def loss(self, phase: Phase, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """lambda(sigma) ||D_student(x_t, sigma, c, w) - D_w(x_t, sigma, c)||^2 (Meng et al. 2023, eq. 6; EDM weight)."""
+        x0, c = batch.real, self.config
+        n = x0.shape[0]
+        w = torch.rand(n, device=x0.device, dtype=x0.dtype) * (c.w_max - c.w_min) + c.w_min
+        sigma = self.training_sigma(n, x0)
+        x_t = x0 + bcast(sigma, x0) * torch.randn_like(x0)
+        with torch.no_grad():
+            target = CFGDenoiser(nets["teacher"], w)(x_t, sigma, **batch.cond)
+        pred = nets["student"](x_t, sigma=sigma, guidance_scale=w, **batch.cond)
+        loss = (edm_weight(sigma, self.sigma_data) * mean_chw((pred - target) ** 2)).mean()
+        return loss, {"loss": loss.detach()}
