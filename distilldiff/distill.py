@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from .config import ConfigError, DistillConfig, from_dict
 from .engine import Engine, TrainTask
 from .objectives import OBJECTIVES
-from .students import OneStepGenerator
 from .export import save_student
 from .teachers import CFGDenoiser, Denoiser, load_teacher
 

@@ -7,7 +7,7 @@ import torch
 
 from distilldiff.engine import Engine
 from distilldiff.objectives import ConsistencyConfig, ConsistencyDistillation
-from distilldiff.students import ConsistencyDenoiser, Student
+from distilldiff.students import ConsistencyDenoiser
 
 from toy_setup import WEIGHTS, fitted_copy, mode_report, task_for, teacher, train_config
 

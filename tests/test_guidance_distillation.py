@@ -1,7 +1,6 @@
 """Guidance distillation (stage 1) on a class-conditional Gaussian mixture: the w-conditioned
 student reproduces the classifier-free-guided teacher at two values of w."""
 
-import copy
 
 import pytest
 import torch
