@@ -40,10 +40,10 @@ class TeacherConfig:
 @dataclass
 class StudentConfig:
     """The student of one-step objectives (SiD, f-distill): a copy of the teacher evaluated at
-    ``init_sigma`` on pure noise. Few-step objectives take their noise levels from their own
+    ``init_sigma`` (default 2.5) on pure noise. Few-step objectives take their noise levels from their own
     section (consistency: ``sample_steps``)."""
 
-    init_sigma: float = 2.5
+    init_sigma: float | None = None  # None: 2.5 (SiD's value) for one-step objectives
 
 
 @dataclass

@@ -81,7 +81,9 @@ def build_distill_task(cfg: DistillConfig, objective=None, teacher: Denoiser | N
         teacher = teacher if teacher is not None else build_teacher(cfg)
         objective = objective if objective is not None else objective_cls.build(objective_cfg, teacher)
     base = teacher.inner if isinstance(teacher, CFGDenoiser) else teacher
-    student = objective.make_student(base, cfg.student.init_sigma)
+    if cfg.student.init_sigma is not None and not objective.uses_init_sigma:
+        raise ConfigError(f"student.init_sigma: objective '{objective.name}' sets its own noise levels; remove the key")
+    student = objective.make_student(base, 2.5 if cfg.student.init_sigma is None else cfg.student.init_sigma)
     networks: dict[str, nn.Module] = {}
     for name, role in objective.networks.items():
         if role == "frozen":

@@ -145,3 +145,10 @@ def test_guidance_distillation_two_stages(tmp_path):
         r = run_cli("sample", "--model", str(tmp_path / "stage2"), "--num", "4", "--guidance-scale", w,
                     "--out", str(tmp_path / f"w{w}.png"), "--device", "cpu")
         assert r.returncode == 0, r.stderr
+
+
+def test_init_sigma_is_an_error_for_objectives_with_their_own_noise_levels(tmp_path, capsys):
+    args = ["distill", "--config", "configs/mnist/consistency.yaml", "--output-dir", str(tmp_path / "r"), "--set", "student.init_sigma=2.5"]
+    assert main(args) == 2
+    assert "student.init_sigma: objective 'consistency' sets its own noise levels" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

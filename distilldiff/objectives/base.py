@@ -60,6 +60,8 @@ class Objective(abc.ABC):
     name: ClassVar[str]
     networks: ClassVar[Mapping[str, str]]
     needs_real_data: ClassVar[bool] = False
+    #: whether the student is a one-step generator at ``student.init_sigma`` (else the key is an error)
+    uses_init_sigma: ClassVar[bool] = True
 
     @classmethod
     def build(cls, config: Any, teacher: nn.Module) -> "Objective":

@@ -60,6 +60,7 @@ class ConsistencyDistillation(Objective):
     name: ClassVar[str] = "consistency"
     networks: ClassVar[Mapping[str, str]] = {"teacher": "frozen", "student": "student", "target": "target"}
     needs_real_data: ClassVar[bool] = True
+    uses_init_sigma: ClassVar[bool] = False
 
     def __init__(self, config: ConsistencyConfig, sigmas: Tensor):
         self.config = config

@@ -68,6 +68,7 @@ class GuidanceDistillation(Objective):
     name: ClassVar[str] = "guidance"
     networks: ClassVar[Mapping[str, str]] = {"teacher": "frozen", "student": "student"}
     needs_real_data: ClassVar[bool] = True
+    uses_init_sigma: ClassVar[bool] = False
 
     def __init__(self, config: GuidanceConfig, teacher: Denoiser, sample_sigmas: list[float]):
         if isinstance(teacher, CFGDenoiser):

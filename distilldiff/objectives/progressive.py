@@ -87,6 +87,7 @@ class ProgressiveDistillation(Objective):
     name: ClassVar[str] = "progressive"
     networks: ClassVar[Mapping[str, str]] = {"teacher": "frozen", "student": "student"}
     needs_real_data: ClassVar[bool] = True
+    uses_init_sigma: ClassVar[bool] = False
     staged: ClassVar[bool] = True
 
     def __init__(self, config: ProgressiveConfig, teacher_sigmas: list[float]):
