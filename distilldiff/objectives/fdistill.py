@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..teachers.base import Denoiser
-from .base import Batch, Objective, Phase, bcast, denoising_loss, edm_sigma, edm_weight, mean_chw
+from .base import Batch, Objective, Phase, bcast, fake_score_loss, karras_time_sigma, mean_chw
 
 #: h(r) = r^2 f''(r) (up to a positive constant) for r = p_teacher / q_student (f-distill, Table 1)
 WEIGHTINGS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -174,19 +174,13 @@ class FDistill(Objective):
         return self.generator_loss(nets, batch)
 
     def noise_sigma(self, batch: int, like: Tensor) -> Tensor:
-        """sigma = (smax^(1/rho) + (1 - t)(smin^(1/rho) - smax^(1/rho)))^rho, t ~ U(0, tmax/1000)."""
+        """Generator/discriminator noise levels: the Karras schedule at t ~ U(0, tmax/1000), as in SiD."""
         c = self.config
-        t = torch.rand(batch, device=like.device, dtype=like.dtype) * (c.tmax / 1000)
-        lo, hi = c.sigma_min ** (1 / c.rho), c.sigma_max ** (1 / c.rho)
-        return (hi + (1 - t) * (lo - hi)) ** c.rho
+        return karras_time_sigma(batch, c.tmax, c.sigma_min, c.sigma_max, c.rho, like)
 
     def fake_score_loss(self, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """EDM denoising loss of the fake score on generated images (DMD2 Alg. 1, critic update)."""
-        with torch.no_grad():
-            x_g = nets["generator"](batch.noise, **batch.cond)
-        sigma = edm_sigma(x_g.shape[0], self.config.p_mean, self.config.p_std, x_g)
-        loss = denoising_loss(nets["fake_score"], x_g, sigma, edm_weight(sigma, self.sigma_data), batch.cond)
-        return loss, {"loss": loss.detach()}
+        return fake_score_loss(nets, batch, self.config.p_mean, self.config.p_std, self.sigma_data)
 
     def discriminator_loss(self, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """softplus(D(fake_t)) + softplus(-D(real_t)): the logit estimates log p_teacher / q_student."""

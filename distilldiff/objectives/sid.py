@@ -8,7 +8,7 @@ from typing import ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from .base import Batch, Objective, Phase, bcast, denoising_loss, edm_sigma, edm_weight, mean_chw, sum_chw
+from .base import Batch, Objective, Phase, bcast, fake_score_loss, karras_time_sigma, mean_chw, sum_chw
 
 
 @dataclass
@@ -69,19 +69,12 @@ class SiD(Objective):
 
     def fake_score_loss(self, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """EDM denoising loss of f_psi on generated images (SiD Alg. 1, fake-score update)."""
-        with torch.no_grad():
-            x_g = nets["generator"](batch.noise, **batch.cond)
-        c = self.config
-        sigma = edm_sigma(x_g.shape[0], c.p_mean, c.p_std, x_g)
-        loss = denoising_loss(nets["fake_score"], x_g, sigma, edm_weight(sigma, self.sigma_data), batch.cond)
-        return loss, {"loss": loss.detach()}
+        return fake_score_loss(nets, batch, self.config.p_mean, self.config.p_std, self.sigma_data)
 
     def generator_sigma(self, batch: int, like: Tensor) -> Tensor:
-        """sigma = (smax^(1/rho) + (1 - t)(smin^(1/rho) - smax^(1/rho)))^rho, t ~ U(0, tmax/1000)."""
+        """Generator-phase noise levels: the Karras schedule at t ~ U(0, tmax/1000)."""
         c = self.config
-        t = torch.rand(batch, device=like.device, dtype=like.dtype) * (c.tmax / 1000)
-        lo, hi = c.sigma_min ** (1 / c.rho), c.sigma_max ** (1 / c.rho)
-        return (hi + (1 - t) * (lo - hi)) ** c.rho
+        return karras_time_sigma(batch, c.tmax, c.sigma_min, c.sigma_max, c.rho, like)
 
     def generator_loss(self, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """SiD generator loss (Zhou et al. 2024, eq. 21 with the official normaliser w)."""
