@@ -22,6 +22,21 @@ def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float
     return (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
+def teacher_grid(teacher: Denoiser, num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
+    """A few-step student's decreasing noise levels on ``teacher``'s own terms.
+
+    VP (diffusers) teachers: DDIM's "trailing" timesteps, which a stock ``DDIMScheduler``
+    reproduces and which nest when the step count halves. Others: the Karras grid over
+    ``[sigma_min, sigma_max]`` clipped to the teacher's range.
+    """
+    from .teachers.vp import VPDenoiser
+
+    if isinstance(teacher, VPDenoiser):
+        return [float(s) for s in teacher.discrete_sigmas(num_steps, "trailing")]
+    lo, hi = max(sigma_min, teacher.sigma_min), min(sigma_max, teacher.sigma_max)
+    return [float(s) for s in karras_sigmas(num_steps, lo, hi, rho)]
+
+
 def sample_loop(
     denoiser: Denoiser, noise: Tensor, sigmas: Tensor, sampler: str = "ddim", generator: torch.Generator | None = None, **cond: Any
 ) -> Tensor:

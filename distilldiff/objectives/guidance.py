@@ -15,7 +15,7 @@ from typing import ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..samplers import karras_sigmas
+from ..samplers import teacher_grid
 from ..students import Student
 from ..teachers.base import Denoiser
 from ..teachers.guidance import CFGDenoiser
@@ -82,12 +82,7 @@ class GuidanceDistillation(Objective):
 
     @classmethod
     def build(cls, config: GuidanceConfig, teacher: nn.Module) -> "GuidanceDistillation":
-        if isinstance(teacher, VPDenoiser):
-            sigmas = [float(s) for s in teacher.discrete_sigmas(config.sample_steps, "trailing")]
-        else:
-            lo, hi = max(config.sigma_min, teacher.sigma_min), min(config.sigma_max, teacher.sigma_max)
-            sigmas = [float(s) for s in karras_sigmas(config.sample_steps, lo, hi, config.rho)]
-        return cls(config, teacher, sigmas)
+        return cls(config, teacher, teacher_grid(teacher, config.sample_steps, config.sigma_min, config.sigma_max, config.rho))
 
     def make_student(self, teacher: Denoiser, init_sigma: float) -> Student:
         """A ``sample_steps``-step DDIM student; VP teachers get a :class:`GuidedUNet2DModel` copy."""

@@ -16,10 +16,9 @@ from typing import ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..samplers import karras_sigmas
+from ..samplers import teacher_grid
 from ..students import Student
 from ..teachers.base import Denoiser
-from ..teachers.vp import VPDenoiser
 from .base import Batch, Objective, Phase, bcast, mean_chw
 
 
@@ -57,10 +56,7 @@ class ProgressiveConfig:
 
 def full_grid(config: ProgressiveConfig, teacher: Denoiser) -> list[float]:
     """The first teacher's N decreasing noise levels; every later grid takes every 2^k-th of them."""
-    if isinstance(teacher, VPDenoiser):
-        return [float(s) for s in teacher.discrete_sigmas(config.start_steps, "trailing")]
-    lo, hi = max(config.sigma_min, teacher.sigma_min), min(config.sigma_max, teacher.sigma_max)
-    return [float(s) for s in karras_sigmas(config.start_steps, lo, hi, config.rho)]
+    return teacher_grid(teacher, config.start_steps, config.sigma_min, config.sigma_max, config.rho)
 
 
 def stage_plan(config: ProgressiveConfig) -> list[int]:
