@@ -95,10 +95,6 @@ class OneStepGenerator(Student):
         student = copy.deepcopy(teacher).requires_grad_(True)
         return cls(student, init_sigma)
 
-    def forward(self, z: Tensor, generator: torch.Generator | None = None, **cond: Any) -> Tensor:
-        sigma = torch.full((z.shape[0],), self.sigmas[0], device=z.device, dtype=z.dtype)
-        return self.denoiser(z * self.denoiser.prior_scale(sigma[0]), sigma, **cond)
-
 
 class ConsistencyDenoiser(Denoiser):
     """Consistency-model parameterisation on top of any denoiser (Song et al. 2023, eq. 7 + EDM's D).
