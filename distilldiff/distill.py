@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .config import ConfigError, DistillConfig, from_dict
 from .engine import Engine, TrainTask
 from .objectives import OBJECTIVES
-from .export import save_student
+from .export import STUDENT_INFO_FILE, load_student, save_student
 from .teachers import CFGDenoiser, Denoiser, load_teacher
 
 
@@ -22,8 +22,6 @@ def build_teacher(cfg: DistillConfig) -> Denoiser:
     A distilldiff student folder (or a run folder with one) is a teacher too: its denoiser, e.g. a
     guidance-distilled student for progressive distillation with ``w`` kept as an input.
     """
-    from .export import STUDENT_INFO_FILE, load_student
-
     t = cfg.teacher
     folder = Path(t.path)
     if (folder / "student" / STUDENT_INFO_FILE).is_file():
@@ -139,8 +137,7 @@ def distill_stages(cfg: DistillConfig, pcfg, out: Path, resume: str | None) -> P
 
     Resuming skips finished stages (their student is reloaded) and resumes the unfinished one.
     """
-    from .config import ConfigError, dump_yaml
-    from .export import load_student
+    from .config import dump_yaml
     from .objectives.progressive import ProgressiveDistillation, full_grid, stage_plan
 
     if resume not in (None, "latest"):
@@ -151,7 +148,8 @@ def distill_stages(cfg: DistillConfig, pcfg, out: Path, resume: str | None) -> P
     grid = full_grid(pcfg, teacher.inner if isinstance(teacher, CFGDenoiser) else teacher)
     train = cfg.train  # max_steps: updates per stage
     out.mkdir(parents=True, exist_ok=True)
-    dump_yaml(resolved_config(cfg), out / "config.yaml")
+    resolved = resolved_config(cfg)
+    dump_yaml(resolved, out / "config.yaml")
     current: Denoiser = teacher
     for k in stage_plan(pcfg):
         folder = out / f"stage-{k:04d}"
@@ -163,7 +161,7 @@ def distill_stages(cfg: DistillConfig, pcfg, out: Path, resume: str | None) -> P
             continue
         engine = Engine(build_distill_task(cfg, objective, current), train, folder)
         has_ckpt = bool(engine.complete_checkpoints())
-        engine.run(resolved_config(cfg), "latest" if has_ckpt else None)
+        engine.run(resolved, "latest" if has_ckpt else None)
         current = copy.deepcopy(engine.ema.module.denoiser).eval().requires_grad_(False)
     final = out / f"stage-{stage_plan(pcfg)[-1]:04d}" / "student"
     if (out / "student").exists():
