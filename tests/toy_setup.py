@@ -29,15 +29,8 @@ def fitted_copy() -> MLPDenoiser:
 
 
 def sid_task(objective, init_sigma=2.5) -> TrainTask:
-    net = fitted_copy()
-    return TrainTask(
-        objective=objective,
-        networks={"teacher": teacher(), "fake_score": copy.deepcopy(net), "generator": OneStepGenerator(copy.deepcopy(net), init_sigma)},
-        sample_shape=(2,),
-        cond_fn=lambda n, device: {},
-        sample_fn=lambda gen, noise, cond: scatter_image(gen(noise)),
-        save_fn=save_state,
-    )
+    """SiD's networks: the exact teacher, a fake score and a one-step generator, both copies of the fitted MLP."""
+    return task_for(objective, OneStepGenerator(copy.deepcopy(fitted_copy()), init_sigma))
 
 
 def train_config(**kw) -> TrainConfig:
