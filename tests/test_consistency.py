@@ -64,3 +64,15 @@ def test_target_network_is_checkpointed_and_resumed(tmp_path):
     for k, v in resumed.frozen["target"].state_dict().items():
         torch.testing.assert_close(v, saved[k], rtol=0, atol=0)
     assert any((fresh[k] - saved[k]).abs().max() > 0 for k in saved)  # the target did move
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"num_scales": 1}, "objective.num_scales must be >= 2"),
+    ({"target_ema": 1.0}, r"objective.target_ema must be in \[0, 1\)"),
+    ({"sample_steps": 18}, r"objective.sample_steps must be in \[1, num_scales - 1\]"),
+])
+def test_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ConsistencyConfig(**kwargs)
+    with pytest.raises(ValueError, match="must satisfy"):
+        ConsistencyDistillation.build(ConsistencyConfig(sigma_min=5.0, sigma_max=1.0), teacher())

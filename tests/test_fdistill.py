@@ -88,3 +88,14 @@ def test_one_step_student_reproduces_the_mixture(tmp_path, divergence):
     assert bool((mass > 0.05).all())  # every mode covered
     torch.testing.assert_close(mass, torch.tensor(WEIGHTS, dtype=torch.float64), rtol=0, atol=atol)
     assert near > 0.7  # seeds 1-3: 0.85-0.90 for both
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"critic_ratio": 0}, "objective.critic_ratio must be >= 1"),
+    ({"gan_weight": -1.0}, "objective.gan_weight must be >= 0"),
+    ({"ratio_min": 2.0}, "objective.ratio_min/ratio_max must satisfy"),
+    ({"tmax": 0}, r"objective.tmax must be in \(0, 1000\]"),
+])
+def test_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        FDistillConfig(**kwargs)
