@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .export import STUDENT_INFO_FILE, load_student
+from .students import Student
 from .images import save_grid
 from .samplers import ddim_sample
 from .teachers import CFGDenoiser, Denoiser, VPDenoiser, load_teacher
@@ -65,8 +66,15 @@ class Sampler:
         return save_grid(self.sample(num, seed, class_label), path)
 
 
-def _load_student(folder: Path, device: torch.device, guidance_scale: float | None) -> Sampler:
+def _load_student(folder: Path, device: torch.device, guidance_scale: float | None, steps: int | None) -> Sampler:
     student, meta = load_student(folder)
+    if steps not in (None, student.num_steps):
+        if "consistency_grid" not in meta:
+            raise ValueError(f"{folder}: this student samples in {student.num_steps} step(s), got --steps {steps} "
+                             "(only consistency students choose their steps at sampling time)")
+        from .objectives.consistency import multistep_sigmas
+
+        student = Student(student.denoiser, multistep_sigmas(meta["consistency_grid"], steps), student.sampler)
     student = student.to(device)
     extra = {}
     if meta.get("guidance_scale") is not None:
@@ -82,7 +90,8 @@ def _load_student(folder: Path, device: torch.device, guidance_scale: float | No
 def load_sampler(model: str, steps: int | None = None, guidance_scale: float | None = None, device: str | None = None) -> Sampler:
     """A :class:`Sampler` for a run folder, a student or exported folder, or a teacher (folder, hub id, ``builtin:NAME``).
 
-    Students sample with their own steps (``steps`` must be ``None`` or that count);
+    Students sample with their own steps (``steps`` must be ``None`` or that count; consistency
+    students take any ``steps`` from 1 to their grid size - 1);
     guidance-conditioned students take ``guidance_scale`` as their input ``w`` (default: their own).
     Teachers sample with deterministic DDIM on their own timestep grid (``steps``, default 50),
     optionally with classifier-free guidance weight ``guidance_scale``.
@@ -92,10 +101,7 @@ def load_sampler(model: str, steps: int | None = None, guidance_scale: float | N
     if (path / "student" / STUDENT_INFO_FILE).is_file():
         path = path / "student"
     if (path / STUDENT_INFO_FILE).is_file():
-        sampler = _load_student(path, dev, guidance_scale)
-        if steps not in (None, sampler.num_steps):
-            raise ValueError(f"{model}: this student samples in {sampler.num_steps} step(s), got --steps {steps}")
-        return sampler
+        return _load_student(path, dev, guidance_scale, steps)
     if path.is_dir() and (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{model}: run folder has no student yet (it is written at the first checkpoint)")
     teacher = load_teacher(model, guidance_scale or 0.0).to(dev).eval()

@@ -76,3 +76,14 @@ def test_config_errors(kwargs, message):
         ConsistencyConfig(**kwargs)
     with pytest.raises(ValueError, match="must satisfy"):
         ConsistencyDistillation.build(ConsistencyConfig(sigma_min=5.0, sigma_max=1.0), teacher())
+
+
+def test_multistep_sigmas_pick_from_the_training_grid():
+    from distilldiff.objectives.consistency import multistep_sigmas
+
+    grid = [0.01, 0.1, 1.0, 10.0, 80.0]  # increasing, as the objective stores it
+    assert multistep_sigmas(grid, 1) == [80.0]
+    assert multistep_sigmas(grid, 2) == [80.0, 1.0]
+    assert multistep_sigmas(grid, 4) == [80.0, 10.0, 1.0, 0.1]
+    with pytest.raises(ValueError, match="1 to 4 steps on a grid of 5 noise levels, got 5"):
+        multistep_sigmas(grid, 5)

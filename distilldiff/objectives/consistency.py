@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Mapping
+from typing import ClassVar, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +50,16 @@ class ConsistencyConfig:
             raise ValueError(f"objective.sample_steps must be in [1, num_scales - 1], got {self.sample_steps}")
 
 
+def multistep_sigmas(grid: Sequence[float], steps: int) -> list[float]:
+    """Noise levels of ``steps``-step consistency sampling: ``steps`` levels of the increasing
+    training ``grid`` [N], evenly spaced in index from ``grid[N-1]`` (sigma_max) down, excluding ``grid[0]``."""
+    n = len(grid)
+    if not 1 <= steps <= n - 1:
+        raise ValueError(f"consistency sampling takes 1 to {n - 1} steps on a grid of {n} noise levels, got {steps}")
+    idx = torch.linspace(n - 1, 0, steps + 1).round().long()[:-1]
+    return [float(grid[i]) for i in idx]
+
+
 class ConsistencyDistillation(Objective):
     """Student ``f_theta`` (a :class:`ConsistencyDenoiser` copy of the teacher) made self-consistent
     along the teacher's probability-flow ODE. Needs real data (the ODE starts from noised data).
@@ -81,9 +91,11 @@ class ConsistencyDistillation(Objective):
     def make_student(self, teacher: Denoiser, init_sigma: float) -> Student:
         """A multistep student: the consistency function at ``sample_steps`` grid levels from sigma_max."""
         f = ConsistencyDenoiser(copy.deepcopy(teacher).requires_grad_(True), float(self.sigmas[0]))
-        n, k = self.config.num_scales, self.config.sample_steps
-        idx = torch.linspace(n - 1, 0, k + 1).round().long()[:-1]
-        return Student(f, [float(self.sigmas[i]) for i in idx], "multistep")
+        return Student(f, multistep_sigmas(self.sigmas.tolist(), self.config.sample_steps), "multistep")
+
+    def student_info(self) -> dict:
+        # the whole grid, so that the student can be sampled with any number of steps later
+        return {"consistency_grid": self.sigmas.tolist()}
 
     def make_target(self, student: Student) -> nn.Module:
         return copy.deepcopy(student.denoiser)
