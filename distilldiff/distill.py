@@ -66,6 +66,11 @@ def resolved_config(cfg: DistillConfig) -> dict:
     return data
 
 
+def _draw(student: nn.Module, noise: Tensor, cond: dict) -> Tensor:
+    """Images of ``student`` from ``noise`` (the sample grids' and evaluations' sampler)."""
+    return student(noise, **cond)
+
+
 def build_distill_task(cfg: DistillConfig, objective=None, teacher: Denoiser | None = None) -> TrainTask:
     """Teacher, objective and student networks for :class:`~distilldiff.engine.Engine`.
 
@@ -100,15 +105,22 @@ def build_distill_task(cfg: DistillConfig, objective=None, teacher: Denoiser | N
             cond["class_labels"] = torch.arange(n, device=device) % base.num_classes
         return cond
 
+    evaluator = None
+    if cfg.eval.every is not None:
+        from .evaluation import Evaluator
+
+        evaluator = Evaluator(cfg.eval, base.sample_shape, _draw, grid_cond,
+                              base.num_classes, seed=cfg.train.seed + 1)
     return TrainTask(
         objective=objective,
         networks=networks,
         sample_shape=base.sample_shape,
         cond_fn=lambda n, device: base.sample_class_labels(n, device),
         grid_cond_fn=grid_cond,
-        sample_fn=lambda gen, noise, cond: gen(noise, **cond),
+        sample_fn=_draw,
         save_fn=save_student,
         data_fn=data_fn,
+        evaluator=evaluator,
         info={"teacher": cfg.teacher.path, "teacher_guidance_scale": cfg.teacher.guidance_scale, "objective": objective.name,
               **objective.student_info()},
     )

@@ -90,6 +90,8 @@ class TrainTask:
         save_fn: ``(ema_student, folder, info)`` writes the student as a loadable folder.
         data_fn: ``(n, device) -> (x [n, C, H, W], cond)`` real data, for objectives that need it.
         grid_cond_fn: ``(n, device) -> cond`` fixed conditioning of the sample grids.
+        evaluator: ``(ema_student, device) -> {metric: value}`` run every ``evaluator.every``
+            steps and after the last one (see :class:`distilldiff.evaluation.Evaluator`).
     """
 
     objective: Objective
@@ -101,6 +103,7 @@ class TrainTask:
     data_fn: Callable[[int, Any], tuple[Tensor, dict]] | None = None
     grid_cond_fn: Callable[[int, Any], dict] | None = None
     info: dict = field(default_factory=dict)
+    evaluator: Any = None
 
 
 class Engine:
@@ -108,7 +111,8 @@ class Engine:
 
     Run folder layout: ``config.yaml`` (written by the caller), ``checkpoints/step-XXXXXXX/``
     (accelerate state + ``ema.safetensors`` + ``state.json``), ``student/`` (the EMA student as
-    a loadable folder), ``samples/step-XXXXXXX.png``, ``logs/`` (tensorboard).
+    a loadable folder), ``samples/step-XXXXXXX.png``, ``logs/`` (tensorboard) and, with an
+    evaluator, ``eval.jsonl`` (one line per evaluation: step, images seen, training seconds, metrics).
     """
 
     def __init__(self, task: TrainTask, train: TrainConfig, output_dir: str | Path):
@@ -286,11 +290,43 @@ class Engine:
                 prefix = f"{n}."
                 self.frozen[n].load_state_dict({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
         self.state = TrainState(**json.loads((path / "state.json").read_text()))
+        self._drop_evaluations_after(self.state.step)
 
     def _info(self) -> dict:
         return {**self.task.info, "step": self.state.step, "images_seen": self.state.nimg, "train_seconds": round(self.state.train_seconds, 1)}
 
-    # -- samples ---------------------------------------------------------------------------------
+    # -- samples and evaluation ------------------------------------------------------------------
+
+    @property
+    def eval_log(self) -> Path:
+        return self.output_dir / "eval.jsonl"
+
+    def _drop_evaluations_after(self, step: int) -> None:
+        """On resume, forget evaluations past the checkpoint (they are run again)."""
+        if not self.accelerator.is_main_process or not self.eval_log.is_file():
+            return
+        lines = self.eval_log.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) != len(lines):
+            self.eval_log.write_text("".join(line + "\n" for line in kept))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Run the task's evaluator on the EMA student (main process); log to tensorboard and
+        append to ``eval.jsonl``. Returns the metrics (empty on other processes)."""
+        acc, results = self.accelerator, {}
+        if acc.is_main_process:
+            t0 = time.time()
+            results = self.task.evaluator(self.ema.module, self.device)
+            record = {"step": self.state.step, "nimg": self.state.nimg, "train_seconds": round(self.state.train_seconds, 2),
+                      **{k: float(v) for k, v in results.items()}, **getattr(self.task.evaluator, "info", {}),
+                      "eval_seconds": round(time.time() - t0, 2)}
+            with open(self.eval_log, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            acc.log({f"eval/{k}": v for k, v in results.items()}, step=self.state.step)
+            tqdm.write(f"eval at step {self.state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+        acc.wait_for_everyone()
+        return results
 
     @torch.no_grad()
     def write_samples(self) -> Path | None:
@@ -338,6 +374,8 @@ class Engine:
         window_steps, window_start = 0, time.time()
         budget = cfg.time_budget_min * 60 if cfg.time_budget_min is not None else math.inf
         last_saved = self.state.step if resume else -1
+        evaluator = self.task.evaluator
+        last_eval = self.state.step if resume else -1
         try:
             # every process takes the same decision to stop, or DDP would hang at the next collective
             while self.state.step < cfg.max_steps and not self._any(self.state.train_seconds >= budget):
@@ -365,11 +403,17 @@ class Engine:
                     window, window_steps, window_start = {}, 0, time.time()
                 if step % cfg.sample_every == 0:
                     self.write_samples()
+                # evaluate before checkpointing: a checkpoint's eval.jsonl then holds its own step
+                if evaluator is not None and step % evaluator.every == 0:
+                    self.evaluate()
+                    last_eval = step
                 if step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                     last_saved = step
         finally:
             bar.close()
+        if evaluator is not None and last_eval != self.state.step:
+            self.evaluate()
         if last_saved != self.state.step:
             self.save_checkpoint()
         if self.state.step % cfg.sample_every:

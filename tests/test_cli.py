@@ -109,6 +109,31 @@ def test_every_objective_config_runs_and_exports(tmp_path, config):
     assert r.returncode == 0, r.stderr
     r = run_cli("sample", "--model", str(tmp_path / "export"), "--num", "4", "--out", str(tmp_path / "g.png"), "--device", "cpu")
     assert r.returncode == 0, r.stderr
+    if config == "consistency":  # a consistency student samples with any number of steps
+        r = run_cli("sample", "--model", str(run), "--steps", "4", "--num", "4", "--out", str(tmp_path / "g4.png"), "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+
+
+def test_periodic_evaluation_writes_eval_log(tmp_path):
+    """eval.every=1 with the classifier metrics: one eval.jsonl line per step, in tensorboard too."""
+    run = tmp_path / "run"
+    r = run_cli("distill", "--config", "configs/mnist/sid.yaml", "--output-dir", str(run), *TINY, "--set", "train.max_steps=2",
+                "--set", "eval.every=1", "--set", "eval.metrics=[classifier_fd,class_accuracy]", "--set", "eval.num=20")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2] and all(row["num"] == 20 for row in rows)
+    assert all(0 <= row["class_accuracy"] <= 1 and row["classifier_fd"] > 0 for row in rows)
+    assert rows[1]["train_seconds"] >= rows[0]["train_seconds"] > 0
+    assert any((run / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_eval_config_errors(tmp_path):
+    base = ("distill", "--config", "configs/mnist/sid.yaml", "--output-dir", str(tmp_path / "r"), "--set", "eval.every=1")
+    r = run_cli(*base, "--set", "eval.metrics=[fid, lpips]")
+    assert r.returncode == 2 and "eval.metrics: ['lpips'] not among fid, classifier_fd, class_accuracy" in r.stderr
+    r = run_cli(*base, "--set", "eval.metrics=[fid]", "--set", f"eval.ref={tmp_path / 'missing.npz'}")
+    assert r.returncode == 2 and "eval.ref:" in r.stderr and "missing.npz is neither a built-in reference" in r.stderr
+    assert not (tmp_path / "r").exists()  # nothing written
 
 
 def test_progressive_stages_resume(tmp_path):

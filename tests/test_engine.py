@@ -90,6 +90,35 @@ def test_checkpoint_resume_continues_the_same_run(tmp_path):
     assert (tmp_path / "part" / "samples" / "latest.png").is_file()
 
 
+class CountingEvaluator:
+    """Reports the step it was called at (read from the engine) as its metric."""
+
+    every = 1
+    info = {"num": 3}
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, student, device):
+        self.calls += 1
+        return {"calls": float(self.calls)}
+
+
+def test_evaluations_are_logged_and_redone_after_resume(tmp_path):
+    """eval.jsonl gets one line per step; resuming from step 2 drops the later lines and redoes them."""
+    t = task(Quadratic())
+    t.evaluator = CountingEvaluator()
+    Engine(t, train_config(max_steps=3, batch_size=4, checkpoint_every=2, keep_checkpoints=5), tmp_path).train()
+    rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[0]["num"] == 3 and rows[0]["nimg"] == 4
+    t2 = task(Quadratic())
+    t2.evaluator = CountingEvaluator()
+    Engine(t2, train_config(max_steps=4, batch_size=4, checkpoint_every=2, keep_checkpoints=5), tmp_path).train(
+        resume=str(tmp_path / "checkpoints" / "step-0000002"))
+    rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["calls"] for r in rows] == [1, 2, 1, 2]
+
+
 def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
     Engine(task(Quadratic()), train_config(max_steps=2, batch_size=4), tmp_path).train()
     with pytest.raises(FileExistsError, match="holds checkpoints of an earlier run; pass --resume latest"):
