@@ -172,7 +172,20 @@ class InceptionFeatureExtractor:
         """``[N, C, H, W]`` images (floats in [-1, 1] or uint8) -> ``[N, 2048]`` float64 features."""
         x = images_to_uint8(images)
         out = []
-        for i in range(0, len(x), self.batch_size):
-            (feats,) = self.model(x[i : i + self.batch_size].to(self.device))
-            out.append(feats.double().cpu())
+        with full_fp32():
+            for i in range(0, len(x), self.batch_size):
+                (feats,) = self.model(x[i : i + self.batch_size].to(self.device))
+                out.append(feats.double().cpu())
         return torch.cat(out) if out else torch.zeros(0, FEATURE_DIM, dtype=torch.float64)
+
+
+@contextmanager
+def full_fp32() -> Iterator[None]:
+    """Turn off TF32 in CUDA convolutions and matmuls (PyTorch allows it in cuDNN convolutions by
+    default), so GPU features match the fp32 reference numbers; restored on exit."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
