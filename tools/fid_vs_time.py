@@ -1,0 +1,81 @@
+"""FID (or any metric of ``eval:``) against training time, from run folders' ``eval.jsonl``.
+
+A run trained with ``--set eval.every=N`` (see the ``eval`` section of a distill config) logs
+the EMA student's metrics every N steps with the training seconds so far; this tool plots them
+(one curve per run; staged runs such as progressive distillation are one curve through their
+stages, each stage's time added to the earlier ones) and writes a Markdown table.
+
+    python tools/fid_vs_time.py runs/bench/sid runs/bench/dmd runs/bench/progressive --metric fid --out benchmarks/objectives
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def load_curve(run: Path) -> list[dict]:
+    """Evaluations of ``run`` in training order, with ``minutes`` of training time (stages summed)."""
+    logs = [run / "eval.jsonl"] if (run / "eval.jsonl").is_file() else []
+    # stages run from the most steps to the fewest: stage-0008, stage-0004, ...
+    logs += [p / "eval.jsonl" for p in sorted(run.glob("stage-*"), key=lambda p: -int(p.name.split("-")[1])) if (p / "eval.jsonl").is_file()]
+    if not logs:
+        raise FileNotFoundError(f"{run}: no eval.jsonl (train with --set eval.every=N)")
+    curve, offset = [], 0.0
+    for log in logs:
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        for r in rows:
+            curve.append({**r, "minutes": (offset + r["train_seconds"]) / 60, "stage": log.parent.name if log.parent != run else ""})
+        if rows:
+            offset += rows[-1]["train_seconds"]
+    return curve
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders (NAME=DIR to name a curve)")
+    p.add_argument("--metric", default="fid")
+    p.add_argument("--out", required=True)
+    p.add_argument("--title", default="")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    curves = {}
+    for spec in args.runs:
+        name, path = spec.rsplit("=", 1) if "=" in spec else (Path(spec).name, spec)
+        curve = [r for r in load_curve(Path(path)) if args.metric in r]
+        if not curve:
+            raise SystemExit(f"{path}: eval.jsonl has no metric {args.metric!r}")
+        curves[name] = curve
+
+    lines = [f"| run | evaluations | first ({args.metric} at min) | best ({args.metric} at min) | last ({args.metric} at min) |", "|---|---|---|---|---|"]
+    for name, c in curves.items():
+        best = min(c, key=lambda r: r[args.metric]) if args.metric != "class_accuracy" else max(c, key=lambda r: r[args.metric])
+        fmt = lambda r: f"{r[args.metric]:.3g} at {r['minutes']:.1f}"  # noqa: E731
+        lines.append(f"| {name} | {len(c)} | {fmt(c[0])} | {fmt(best)} | {fmt(c[-1])} |")
+    num = next(iter(curves.values()))[0].get("num")
+    (out / f"{args.metric}_vs_time.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, c in curves.items():
+        ax.plot([r["minutes"] for r in c], [r[args.metric] for r in c], ".-", label=name)
+    ax.set_xlabel("training time (min)")
+    ax.set_ylabel(args.metric + (f" (N={num})" if num else ""))
+    if args.metric in ("fid", "classifier_fd"):
+        ax.set_yscale("log")
+    ax.set_title(args.title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / f"{args.metric}_vs_time.png", dpi=120)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
