@@ -70,6 +70,9 @@ def test_target_network_is_checkpointed_and_resumed(tmp_path):
     ({"num_scales": 1}, "objective.num_scales must be >= 2"),
     ({"target_ema": 1.0}, r"objective.target_ema must be in \[0, 1\)"),
     ({"sample_steps": 18}, r"objective.sample_steps must be in \[1, num_scales - 1\]"),
+    ({"w_min": 1.0}, "objective.w_min/w_max must both be set"),
+    ({"w_min": 2.0, "w_max": 1.0}, "0 <= w_min < w_max"),
+    ({"default_w": 1.0}, "objective.default_w=1.0 needs w_min/w_max"),
 ])
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -87,3 +90,15 @@ def test_multistep_sigmas_pick_from_the_training_grid():
     assert multistep_sigmas(grid, 4) == [80.0, 10.0, 1.0, 0.1]
     with pytest.raises(ValueError, match="1 to 4 steps on a grid of 5 noise levels, got 5"):
         multistep_sigmas(grid, 5)
+
+
+def test_guidance_conditioning_needs_an_unguided_teacher_with_a_null_class():
+    from distilldiff.teachers import CFGDenoiser, GaussianMixtureDenoiser
+
+    from toy_setup import MEANS, STD
+
+    with pytest.raises(ValueError, match="null class"):
+        ConsistencyDistillation.build(ConsistencyConfig(w_min=0.0, w_max=2.0), teacher())
+    labelled = GaussianMixtureDenoiser(WEIGHTS, MEANS, [STD] * 4, component_labels=[0, 1, 0, 1])
+    with pytest.raises(ValueError, match="guidance_scale: 0"):
+        ConsistencyDistillation.build(ConsistencyConfig(w_min=0.0, w_max=2.0), CFGDenoiser(labelled, 1.0))

@@ -48,8 +48,11 @@ def make_students() -> dict[str, tuple[Student, dict]]:
     cls = tiny_denoiser("epsilon", num_classes=3, seed=3)
     guided = tiny_denoiser("v_prediction", num_classes=3, seed=4)
     guided.model = GuidedUNet2DModel.from_unet(guided.model)
+    lcm = tiny_denoiser("v_prediction", num_classes=3, seed=7)
+    lcm.model = GuidedUNet2DModel.from_unet(lcm.model)
     with torch.no_grad():  # a trained guidance embedding: make w matter
         guided.model.guidance_embedding.linear_2.weight.normal_(0, 0.5)
+        lcm.model.guidance_embedding.linear_2.weight.normal_(0, 0.5)
     return {
         # one step at timestep 599: a DDIMPipeline on the schedule truncated to 600 steps
         "one_step": (Student(one, grid_sigmas(one, [599])), {"objective": "test"}),
@@ -62,6 +65,9 @@ def make_students() -> dict[str, tuple[Student, dict]]:
         # consistency parameterisation, 3-step multistep sampling: DistillDiffPipeline
         "consistency": (Student(ConsistencyDenoiser(tiny_denoiser("v_prediction", seed=6), 0.02), [40.0, 3.0, 0.5], "multistep"),
                         {"objective": "test"}),
+        # consistency parameterisation around a guidance-conditioned network (LCM-style)
+        "guided_consistency": (Student(ConsistencyDenoiser(lcm, 0.02), [40.0, 1.0], "multistep"),
+                               {"objective": "test", "default_guidance_scale": 2.0}),
     }
 
 
@@ -71,7 +77,7 @@ PLAIN_DIFFUSERS = textwrap.dedent(
     import numpy as np, torch
     from diffusers import DDIMPipeline, DiffusionPipeline
     root, num, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    for name in ["one_step", "few_step", "class_cond", "guided", "consistency"]:
+    for name in ["one_step", "few_step", "class_cond", "guided", "consistency", "guided_consistency"]:
         folder = f"{root}/{name}"
         index = json.load(open(folder + "/model_index.json"))
         g = torch.Generator().manual_seed(seed)
@@ -81,7 +87,7 @@ PLAIN_DIFFUSERS = textwrap.dedent(
             out = pipe(batch_size=num, num_inference_steps=steps, eta=0.0, generator=g, output_type="np").images
         else:
             pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
-            kwargs = {"guidance_scale": 3.5} if name == "guided" else {}
+            kwargs = {"guidance_scale": 3.5} if name.startswith("guided") else {}
             out = pipe(batch_size=num, generator=g, output_type="np", **kwargs).images
         np.save(f"{root}/{name}.npy", np.asarray(out))
         print(name, type(pipe).__name__)
@@ -107,17 +113,17 @@ def test_pipeline_classes(exported):
     classes = dict(line.split() for line in stdout.strip().splitlines())
     assert classes == {"one_step": "DDIMPipeline", "few_step": "DDIMPipeline",
                        "class_cond": "DistillDiffPipeline", "guided": "DistillDiffPipeline",
-                       "consistency": "DistillDiffPipeline"}
+                       "consistency": "DistillDiffPipeline", "guided_consistency": "DistillDiffPipeline"}
     for name in classes:
         assert not list((root / name).rglob("*.bin")) and list((root / name / "unet").glob("*.safetensors"))
         assert "```python" in (root / name / "README.md").read_text()
 
 
-@pytest.mark.parametrize("name", ["one_step", "few_step", "class_cond", "guided", "consistency"])
+@pytest.mark.parametrize("name", ["one_step", "few_step", "class_cond", "guided", "consistency", "guided_consistency"])
 def test_plain_diffusers_matches_distilldiff(exported, name):
     root, students, _ = exported
     plain = torch.from_numpy(np.load(root / f"{name}.npy")).permute(0, 3, 1, 2)
-    kwargs = {"guidance_scale": 3.5} if name == "guided" else {}
+    kwargs = {"guidance_scale": 3.5} if name.startswith("guided") else {}
     ours = load_sampler(str(root / name), device="cpu", **kwargs).sample(NUM, seed=SEED)
     ours01 = (ours / 2 + 0.5).clamp(0, 1)
     assert (plain - ours01).abs().max() < 1e-5
@@ -128,7 +134,7 @@ def test_plain_diffusers_matches_distilldiff(exported, name):
     cond = {}
     if student.denoiser.num_classes is not None:
         cond["class_labels"] = torch.arange(NUM) % student.denoiser.num_classes
-    if name == "guided":
+    if name.startswith("guided"):
         cond["guidance_scale"] = torch.full((NUM,), 3.5)
     with torch.no_grad():
         direct = student(noise, generator=g, **cond)

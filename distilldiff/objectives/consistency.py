@@ -13,7 +13,9 @@ from torch import Tensor, nn
 from ..samplers import karras_sigmas
 from ..students import ConsistencyDenoiser, Student
 from ..teachers.base import Denoiser
+from ..teachers.guidance import CFGDenoiser
 from .base import Batch, Objective, Phase, bcast, mean_chw
+from .guidance import check_guidance_teacher, guided_copy
 
 
 @dataclass
@@ -29,6 +31,12 @@ class ConsistencyConfig:
         huber_c: pseudo-Huber c (default 0.00054 sqrt(dim), iCT).
         target_ema: decay mu of the target network (0.95 in CD/LCM; 0 makes it the student itself).
         sample_steps: network evaluations of the multistep sampler the student is exported with.
+        w_min, w_max: guidance-scale conditioning as in LCM (Luo et al. 2023): per sample
+            w ~ U[w_min, w_max], the teacher's ODE step uses the guided teacher
+            ``D_c + w (D_c - D_u)`` and the student (and target) take w as an input; unset: off.
+            Needs an unguided class-conditional teacher with a null class.
+        default_w: the w of the sample grids and the exported pipeline (default: the midpoint).
+        guidance_embed_scale: w is multiplied by this before its sinusoidal embedding (VP students).
     """
 
     num_scales: int = 18
@@ -40,8 +48,20 @@ class ConsistencyConfig:
     huber_c: float | None = None
     target_ema: float = 0.95
     sample_steps: int = 1
+    w_min: float | None = None
+    w_max: float | None = None
+    default_w: float | None = None
+    guidance_embed_scale: float = 100.0
+
+    @property
+    def guided(self) -> bool:
+        return self.w_min is not None
 
     def __post_init__(self):
+        if (self.w_min is None) != (self.w_max is None) or (self.guided and not 0 <= self.w_min < self.w_max):
+            raise ValueError(f"objective.w_min/w_max must both be set with 0 <= w_min < w_max (or both unset), got {self.w_min}/{self.w_max}")
+        if self.default_w is not None and not (self.guided and self.w_min <= self.default_w <= self.w_max):
+            raise ValueError(f"objective.default_w={self.default_w} needs w_min/w_max and must lie in [w_min, w_max]")
         if self.num_scales < 2:
             raise ValueError(f"objective.num_scales must be >= 2, got {self.num_scales}")
         if not 0 <= self.target_ema < 1:
@@ -86,16 +106,31 @@ class ConsistencyDistillation(Objective):
                 f"objective.sigma_min/sigma_max = {lo:.4g}/{hi:.4g} must satisfy {teacher.sigma_min:.4g} <= sigma_min "
                 f"< sigma_max <= {teacher.sigma_max:.4g} (the teacher's range)"
             )
+        if config.guided:
+            check_guidance_teacher(teacher, "consistency distillation with w_min/w_max")
         return cls(config, karras_sigmas(config.num_scales, lo, hi, config.rho).flip(0))
+
+    @property
+    def default_w(self) -> float | None:
+        c = self.config
+        if not c.guided:
+            return None
+        return c.default_w if c.default_w is not None else (c.w_min + c.w_max) / 2
 
     def make_student(self, teacher: Denoiser, init_sigma: float) -> Student:
         """A multistep student: the consistency function at ``sample_steps`` grid levels from sigma_max."""
-        f = ConsistencyDenoiser(copy.deepcopy(teacher).requires_grad_(True), float(self.sigmas[0]))
-        return Student(f, multistep_sigmas(self.sigmas.tolist(), self.config.sample_steps), "multistep")
+        c = self.config
+        inner = guided_copy(teacher, c.guidance_embed_scale) if c.guided else copy.deepcopy(teacher).requires_grad_(True)
+        f = ConsistencyDenoiser(inner, float(self.sigmas[0]))
+        return Student(f, multistep_sigmas(self.sigmas.tolist(), c.sample_steps), "multistep")
 
     def student_info(self) -> dict:
         # the whole grid, so that the student can be sampled with any number of steps later
-        return {"consistency_grid": self.sigmas.tolist()}
+        info = {"consistency_grid": self.sigmas.tolist()}
+        return info if self.default_w is None else {**info, "default_guidance_scale": self.default_w}
+
+    def sample_cond(self, n: int, device) -> dict[str, Tensor]:
+        return {} if self.default_w is None else {"guidance_scale": torch.full((n,), self.default_w, device=device)}
 
     def make_target(self, student: Student) -> nn.Module:
         return copy.deepcopy(student.denoiser)
@@ -132,15 +167,23 @@ class ConsistencyDistillation(Objective):
         return ((a - b).flatten(1).pow(2).sum(1) + c**2).sqrt() - c
 
     def loss(self, phase: Phase, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        """d(f_theta(x_{n+1}, s_{n+1}), f_theta-(x_hat_n, s_n)), n ~ U{0..N-2} (Song et al. 2023, eq. 7)."""
-        x0 = batch.real
+        """d(f_theta(x_{n+1}, s_{n+1}), f_theta-(x_hat_n, s_n)), n ~ U{0..N-2} (Song et al. 2023, eq. 7;
+        with w: the guided ODE step and w-conditioned f of LCM, Luo et al. 2023, eq. 9)."""
+        x0, c = batch.real, self.config
         sig = self.sigmas.to(device=x0.device, dtype=x0.dtype)
         n = torch.randint(0, len(sig) - 1, (x0.shape[0],), device=x0.device)
         s_hi, s_lo = sig[n + 1], sig[n]
         x_hi = x0 + bcast(s_hi, x0) * torch.randn_like(x0)
+        teacher, cond = nets["teacher"], dict(batch.cond)
+        if c.guided:
+            w = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype) * (c.w_max - c.w_min) + c.w_min
+            teacher = CFGDenoiser(teacher, w)
+            cond_f = {**cond, "guidance_scale": w}
+        else:
+            cond_f = cond
         with torch.no_grad():
-            x_lo = self.ode_step(nets["teacher"], x_hi, s_hi, s_lo, batch.cond)
-            target = nets["target"](x_lo, s_lo, **batch.cond)
-        online = nets["student"](x_hi, sigma=s_hi, **batch.cond)
+            x_lo = self.ode_step(teacher, x_hi, s_hi, s_lo, cond)
+            target = nets["target"](x_lo, s_lo, **cond_f)
+        online = nets["student"](x_hi, sigma=s_hi, **cond_f)
         loss = self.distance(online, target).mean()
         return loss, {"loss": loss.detach()}

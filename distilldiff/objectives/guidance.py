@@ -23,6 +23,31 @@ from ..teachers.vp import VPDenoiser
 from .base import Batch, Objective, Phase, bcast, edm_sigma, edm_weight, mean_chw
 
 
+def check_guidance_teacher(teacher: Denoiser, what: str) -> None:
+    """A teacher that ``what`` can guide itself: unguided, class-conditional with a null class."""
+    if isinstance(teacher, CFGDenoiser):
+        raise ValueError(f"{what} applies guidance itself: set teacher.guidance_scale: 0")
+    if teacher.null_class is None:
+        raise ValueError(f"{what} needs a class-conditional teacher with a null class (null_class)")
+
+
+def guided_copy(teacher: Denoiser, guidance_embed_scale: float = 100.0) -> Denoiser:
+    """A trainable copy of ``teacher`` that takes ``guidance_scale=w`` as an input.
+
+    VP teachers get a :class:`~distilldiff.pipelines.GuidedUNet2DModel` (a zero-initialised w
+    embedding added to the class embedding, so the copy equals the teacher at every w at first);
+    other denoisers must already have a guidance input (``guidance = True``).
+    """
+    from ..pipelines import GuidedUNet2DModel
+
+    den = copy.deepcopy(teacher)
+    if isinstance(den, VPDenoiser):
+        den.model = GuidedUNet2DModel.from_unet(den.model, guidance_embed_scale=guidance_embed_scale)
+    elif not getattr(den, "guidance", False):
+        raise ValueError(f"a guidance-conditioned student needs a network with a guidance input; {type(den).__name__} has none")
+    return den.requires_grad_(True)
+
+
 @dataclass
 class GuidanceConfig:
     """Hyperparameters of :class:`GuidanceDistillation`.
@@ -71,10 +96,7 @@ class GuidanceDistillation(Objective):
     uses_init_sigma: ClassVar[bool] = False
 
     def __init__(self, config: GuidanceConfig, teacher: Denoiser, sample_sigmas: list[float]):
-        if isinstance(teacher, CFGDenoiser):
-            raise ValueError("guidance distillation applies guidance itself: set teacher.guidance_scale: 0")
-        if teacher.null_class is None:
-            raise ValueError("guidance distillation needs a class-conditional teacher with a null class (null_class)")
+        check_guidance_teacher(teacher, "guidance distillation")
         self.config = config
         self.sample_sigmas = sample_sigmas
         self.vp_sigmas = teacher.schedule.sigmas.clone() if isinstance(teacher, VPDenoiser) else None
@@ -86,14 +108,7 @@ class GuidanceDistillation(Objective):
 
     def make_student(self, teacher: Denoiser, init_sigma: float) -> Student:
         """A ``sample_steps``-step DDIM student; VP teachers get a :class:`GuidedUNet2DModel` copy."""
-        from ..pipelines import GuidedUNet2DModel
-
-        den = copy.deepcopy(teacher)
-        if isinstance(den, VPDenoiser):
-            den.model = GuidedUNet2DModel.from_unet(den.model, guidance_embed_scale=self.config.guidance_embed_scale)
-        elif not getattr(den, "guidance", False):
-            raise ValueError(f"guidance distillation needs a network with a guidance input; {type(den).__name__} has none")
-        return Student(den.requires_grad_(True), self.sample_sigmas, "ddim")
+        return Student(guided_copy(teacher, self.config.guidance_embed_scale), self.sample_sigmas, "ddim")
 
     def student_info(self) -> dict:
         return {"default_guidance_scale": self.config.default_w}
