@@ -40,6 +40,21 @@ def test_weights_clip_and_normalise():
     torch.testing.assert_close(h, expected / expected.mean())
 
 
+def test_ratio_per_noise_bin_has_mean_one_in_every_bin():
+    from distilldiff.objectives.fdistill import ratio_per_noise_bin
+
+    r = torch.tensor([0.5, 1.5, 4.0, 2.0, 3.0, 9.0], dtype=torch.float64)
+    sigma = torch.tensor([0.01, 0.02, 0.03, 10.0, 20.0, 1e4], dtype=torch.float64)  # 1e4: beyond sigma_max, last bin
+    out = ratio_per_noise_bin(r, sigma, 2, 0.002, 80.0)
+    torch.testing.assert_close(out, torch.cat([r[:3] / 2.0, r[3:] / (14.0 / 3)]))
+    fd = FDistill(FDistillConfig(divergence="forward_kl", ratio_bins=2, normalize_h=False), teacher())
+    h = fd.weights(r.log(), sigma)  # forward KL: h = r
+    torch.testing.assert_close(h[:3].mean(), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(h[3:].mean(), torch.tensor(1.0, dtype=torch.float64))
+    with pytest.raises(ValueError, match="ratio_bins needs the noise levels"):
+        fd.weights(r.log())
+
+
 def test_generator_gradient_is_the_weighted_score_difference():
     """d loss / d x_g = g / numel with g = h (x0_fake - x0_real) / mean|x_g - x0_real| (reverse KL: h = 1)."""
     torch.manual_seed(0)
@@ -93,6 +108,7 @@ def test_one_step_student_reproduces_the_mixture(tmp_path, divergence):
 @pytest.mark.parametrize("kwargs, message", [
     ({"critic_ratio": 0}, "objective.critic_ratio must be >= 1"),
     ({"gan_weight": -1.0}, "objective.gan_weight must be >= 0"),
+    ({"ratio_bins": -1}, "objective.ratio_bins must be >= 0"),
     ({"ratio_min": 2.0}, "objective.ratio_min/ratio_max must satisfy"),
     ({"tmax": 0}, r"objective.tmax must be in \(0, 1000\]"),
 ])

@@ -41,6 +41,16 @@ F_OF_R: dict[str, Callable[[Tensor], Tensor]] = {
 Divergence = Literal["reverse_kl", "forward_kl", "js", "squared_hellinger", "jeffreys", "softened_reverse_kl", "neyman"]
 
 
+def ratio_per_noise_bin(r: Tensor, sigma: Tensor, bins: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """``r [B]`` divided by its mean over the samples whose ``sigma [B]`` falls in the same of
+    ``bins`` bins equally spaced in log sigma over [sigma_min, sigma_max] (outside: the end bins)."""
+    edges = torch.linspace(math.log(sigma_min), math.log(sigma_max), bins + 1, device=r.device, dtype=r.dtype)
+    idx = torch.bucketize(sigma.to(r.dtype).log(), edges[1:-1])
+    sums = torch.zeros(bins, device=r.device, dtype=r.dtype).index_add_(0, idx, r)
+    counts = torch.zeros(bins, device=r.device, dtype=r.dtype).index_add_(0, idx, torch.ones_like(r))
+    return r / (sums / counts.clamp(min=1))[idx]
+
+
 @dataclass
 class FDistillConfig:
     """Hyperparameters of :class:`FDistill`.
@@ -51,6 +61,9 @@ class FDistillConfig:
         critic_ratio: fake-score (and discriminator) updates per generator update (DMD2: 5).
         logit_clip: the discriminator logit log r is clamped to [-logit_clip, logit_clip].
         ratio_min, ratio_max: r is clipped to this range before h(r) (0.1, 20).
+        ratio_bins: if > 0, divide r by its mean over the batch samples in the same noise bin
+            (``ratio_bins`` bins equally spaced in log sigma over [sigma_min, sigma_max]): a true
+            ratio p/q has mean 1 under the student's q at every noise level. 0: off.
         normalize_h: divide h(r) by its batch mean.
         tmax, sigma_min, sigma_max, rho: the generator/discriminator noise levels, as in SiD
             (Karras schedule, t ~ U(0, tmax / 1000)).
@@ -64,6 +77,7 @@ class FDistillConfig:
     logit_clip: float = 10.0
     ratio_min: float = 0.1
     ratio_max: float = 20.0
+    ratio_bins: int = 0
     normalize_h: bool = True
     tmax: int = 800
     sigma_min: float = 0.002
@@ -80,6 +94,8 @@ class FDistillConfig:
             raise ValueError(f"objective.gan_weight must be >= 0, got {self.gan_weight}")
         if not 0 < self.ratio_min < 1 < self.ratio_max:
             raise ValueError(f"objective.ratio_min/ratio_max must satisfy 0 < min < 1 < max, got {self.ratio_min}/{self.ratio_max}")
+        if self.ratio_bins < 0:
+            raise ValueError(f"objective.ratio_bins must be >= 0 (0: off), got {self.ratio_bins}")
         if not 0 < self.tmax <= 1000:
             raise ValueError(f"objective.tmax must be in (0, 1000], got {self.tmax}")
 
@@ -195,10 +211,15 @@ class FDistill(Objective):
         acc = ((d_real > 0).float().mean() + (d_fake < 0).float().mean()) / 2
         return loss, {"loss": loss.detach(), "accuracy": acc.detach()}
 
-    def weights(self, logit: Tensor) -> Tensor:
-        """h(r) with r = exp(clamp(logit)) clipped to [ratio_min, ratio_max], normalised by its batch mean."""
+    def weights(self, logit: Tensor, sigma: Tensor | None = None) -> Tensor:
+        """h(r) ``[B]`` with r = exp(clamp(logit)) clipped to [ratio_min, ratio_max] (then, with
+        ``ratio_bins``, normalised per noise bin of ``sigma`` ``[B]``), h normalised by its batch mean."""
         c = self.config
         r = logit.clamp(-c.logit_clip, c.logit_clip).exp().clamp(c.ratio_min, c.ratio_max)
+        if c.ratio_bins:
+            if sigma is None:
+                raise ValueError("objective.ratio_bins needs the noise levels of the batch")
+            r = ratio_per_noise_bin(r, sigma, c.ratio_bins, c.sigma_min, c.sigma_max)
         h = WEIGHTINGS[c.divergence](r)
         return h / h.mean() if c.normalize_h else h
 
@@ -213,7 +234,7 @@ class FDistill(Objective):
             x0_fake = nets["fake_score"](x_t, sigma, **batch.cond)
             h = torch.ones_like(sigma)
             if self.config.divergence != "reverse_kl":
-                h = self.weights(nets["discriminator"](x_t, sigma, **batch.cond))
+                h = self.weights(nets["discriminator"](x_t, sigma, **batch.cond), sigma)
                 logs["h_max"] = h.max()
             w = h / (mean_chw((x_g - x0_real).abs()) + 1e-6)
             grad = (x0_fake - x0_real) * bcast(w, x_g)
