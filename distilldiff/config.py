@@ -132,6 +132,13 @@ class EvalConfig:
             raise ConfigError(f"eval.num must be >= 2 (a covariance needs two images), got {self.num}")
         if self.batch_size < 1:
             raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+        defaults = EvalConfig.__dataclass_fields__
+        changed = [k for k in ("metrics", "num", "ref", "weights", "batch_size")
+                   if getattr(self, k) != (defaults[k].default_factory() if k == "metrics" else defaults[k].default)]
+        if self.every is None and changed:
+            raise ConfigError(f"eval.{changed[0]} is set but eval.every is not: evaluation is off, set eval.every")
+        if "fid" not in self.metrics and ("ref" in changed or "weights" in changed):
+            raise ConfigError(f"eval.{'ref' if 'ref' in changed else 'weights'} applies to the fid metric only, which eval.metrics lacks")
 
 
 @dataclass

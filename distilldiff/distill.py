@@ -66,9 +66,10 @@ def resolved_config(cfg: DistillConfig) -> dict:
     return data
 
 
-def _draw(student: nn.Module, noise: Tensor, cond: dict) -> Tensor:
-    """Images of ``student`` from ``noise`` (the sample grids' and evaluations' sampler)."""
-    return student(noise, **cond)
+def _draw(student: nn.Module, noise: Tensor, cond: dict, generator: torch.Generator | None = None) -> Tensor:
+    """Images of ``student`` from ``noise`` (the sample grids' and evaluations' sampler);
+    ``generator`` draws the re-noising of multistep students."""
+    return student(noise, generator=generator, **cond)
 
 
 def build_distill_task(cfg: DistillConfig, objective=None, teacher: Denoiser | None = None) -> TrainTask:

@@ -302,21 +302,32 @@ class Engine:
         return self.output_dir / "eval.jsonl"
 
     def _drop_evaluations_after(self, step: int) -> None:
-        """On resume, forget evaluations past the checkpoint (they are run again)."""
+        """Forget evaluations past the checkpoint a run starts from (they are run again), and a
+        last line cut short by a crash."""
         if not self.accelerator.is_main_process or not self.eval_log.is_file():
             return
-        lines = self.eval_log.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        if len(kept) != len(lines):
+        lines = [line for line in self.eval_log.read_text().splitlines() if line.strip()]
+        kept = []
+        for i, line in enumerate(lines):
+            try:
+                row_step = json.loads(line)["step"]
+            except (json.JSONDecodeError, KeyError):
+                if i + 1 < len(lines):
+                    raise ValueError(f"{self.eval_log}: line {i + 1} is not an evaluation record") from None
+                logger.warning("%s: dropping a last line cut short (%r)", self.eval_log, line[:80])
+                continue
+            if row_step <= step:
+                kept.append(line)
+        if kept != lines:
             self.eval_log.write_text("".join(line + "\n" for line in kept))
 
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self) -> tuple[dict[str, float], float]:
         """Run the task's evaluator on the EMA student (main process); log to tensorboard and
-        append to ``eval.jsonl``. Returns the metrics (empty on other processes)."""
+        append to ``eval.jsonl``. Returns the metrics (empty on other processes) and the seconds taken."""
         acc, results = self.accelerator, {}
+        t0 = time.time()
         if acc.is_main_process:
-            t0 = time.time()
             results = self.task.evaluator(self.ema.module, self.device)
             record = {"step": self.state.step, "nimg": self.state.nimg, "train_seconds": round(self.state.train_seconds, 2),
                       **{k: float(v) for k, v in results.items()}, **getattr(self.task.evaluator, "info", {}),
@@ -326,7 +337,7 @@ class Engine:
             acc.log({f"eval/{k}": v for k, v in results.items()}, step=self.state.step)
             tqdm.write(f"eval at step {self.state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
         acc.wait_for_everyone()
-        return results
+        return results, time.time() - t0
 
     @torch.no_grad()
     def write_samples(self) -> Path | None:
@@ -367,6 +378,8 @@ class Engine:
                 f"{self.output_dir} holds checkpoints of an earlier run; pass --resume latest to continue it "
                 "or choose another --output-dir"
             )
+        else:
+            self._drop_evaluations_after(0)  # a crashed run's evaluations before its first checkpoint
         acc.init_trackers("distilldiff")
         phases = obj.phases()
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not acc.is_local_main_process, desc=obj.name, dynamic_ncols=True)
@@ -376,9 +389,10 @@ class Engine:
         last_saved = self.state.step if resume else -1
         evaluator = self.task.evaluator
         last_eval = self.state.step if resume else -1
+        # every process takes the same decision to stop, or DDP would hang at the next collective
+        out_of_time = self._any(self.state.train_seconds >= budget)
         try:
-            # every process takes the same decision to stop, or DDP would hang at the next collective
-            while self.state.step < cfg.max_steps and not self._any(self.state.train_seconds >= budget):
+            while self.state.step < cfg.max_steps and not out_of_time:
                 t0 = time.time()
                 for phase in phases:
                     for _ in range(phase.repeats):
@@ -393,6 +407,8 @@ class Engine:
                 window_steps += 1
                 bar.update(1)
                 step = self.state.step
+                out_of_time = self._any(self.state.train_seconds >= budget)
+                last = out_of_time or step == cfg.max_steps
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     elapsed = max(time.time() - window_start, 1e-9)
                     logs = {k: v / window_steps for k, v in window.items()}
@@ -404,15 +420,15 @@ class Engine:
                 if step % cfg.sample_every == 0:
                     self.write_samples()
                 # evaluate before checkpointing: a checkpoint's eval.jsonl then holds its own step
-                if evaluator is not None and step % evaluator.every == 0:
-                    self.evaluate()
+                if evaluator is not None and (step % evaluator.every == 0 or last):
+                    window_start += self.evaluate()[1]  # evaluation time is not training speed
                     last_eval = step
-                if step % cfg.checkpoint_every == 0:
+                if step % cfg.checkpoint_every == 0 or last:
                     self.save_checkpoint()
                     last_saved = step
         finally:
             bar.close()
-        if evaluator is not None and last_eval != self.state.step:
+        if evaluator is not None and last_eval != self.state.step:  # resumed at the end of a run
             self.evaluate()
         if last_saved != self.state.step:
             self.save_checkpoint()

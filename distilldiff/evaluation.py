@@ -25,18 +25,20 @@ class Evaluator:
     Args:
         config: the ``eval`` section (metrics, number of images, FID reference, weights).
         sample_shape: ``(C, H, W)`` of one sample.
-        sample_fn: ``(student, noise [n, C, H, W], cond) -> images [n, C, H, W]`` in [-1, 1].
+        sample_fn: ``(student, noise [n, C, H, W], cond, generator) -> images [n, C, H, W]`` in
+            [-1, 1]; ``generator`` (CPU) draws any noise the sampler needs after ``noise``.
         cond_fn: ``(n, device) -> cond`` for all ``num`` images at once (class labels cycling
             ``0..C-1``, a guidance scale); every tensor in it has ``n`` rows and is sliced per batch.
         num_classes: classes of a class-conditional student (``None``: unconditional).
-        seed: seed of the fixed evaluation noise (the same images' noise at every evaluation).
+        seed: seed of the fixed evaluation noise (the same noise at every evaluation, also for
+            multistep students; the training RNG is not touched).
     """
 
     def __init__(
         self,
         config: EvalConfig,
         sample_shape: tuple[int, ...],
-        sample_fn: Callable[[nn.Module, Tensor, dict], Tensor],
+        sample_fn: Callable[[nn.Module, Tensor, dict, torch.Generator], Tensor],
         cond_fn: Callable[[int, Any], dict],
         num_classes: int | None,
         seed: int = 0,
@@ -55,6 +57,13 @@ class Evaluator:
                 raise ConfigError(f"eval.ref: {config.ref} is neither a built-in reference ({', '.join(BUILTIN_REFERENCES)}) nor a file")
             if config.weights is not None and not Path(config.weights).is_file():
                 raise ConfigError(f"eval.weights: {config.weights} not found")
+            if config.ref not in BUILTIN_REFERENCES:  # read it now: a bad file must not stop a run hours in
+                from .fid import ReferenceStats
+
+                try:
+                    ReferenceStats.load(config.ref)
+                except Exception as e:
+                    raise ConfigError(f"eval.ref: {config.ref} is not a reference .npz with mu and sigma ({e})") from None
         self.config, self.every = config, config.every
         #: written with every evaluation's record in eval.jsonl
         self.info = {"num": config.num, **({"ref": config.ref} if "fid" in config.metrics else {})}
@@ -75,7 +84,7 @@ class Evaluator:
             n = min(cfg.batch_size, cfg.num - start)
             noise = torch.randn((n, *self.sample_shape), generator=g).to(device)
             cond = {k: v[start : start + n] if torch.is_tensor(v) else v for k, v in cond_all.items()}
-            images.append(self.sample_fn(student, noise, cond).float().clamp(-1, 1).cpu())
+            images.append(self.sample_fn(student, noise, cond, g).float().clamp(-1, 1).cpu())
         labels = cond_all.get("class_labels")
         return torch.cat(images), (labels.cpu() if labels is not None else None)
 
@@ -91,16 +100,15 @@ class Evaluator:
             if metric == "fid":
                 out["fid"] = self._fid(images, device)
             elif metric == "classifier_fd":
-                out["classifier_fd"] = classifier_fd(images, classifier=self._classifier)
+                out["classifier_fd"] = classifier_fd(images, classifier=self._classifier, batch_size=self.config.batch_size)
             elif metric == "class_accuracy":
-                out["class_accuracy"] = class_accuracy(images, labels, classifier=self._classifier)
+                out["class_accuracy"] = class_accuracy(images, labels, classifier=self._classifier, batch_size=self.config.batch_size)
         return out
 
     def _fid(self, images: Tensor, device: torch.device) -> float:
-        from .fid import InceptionFeatureExtractor, feature_statistics, frechet_distance, load_reference
+        from .fid import InceptionFeatureExtractor, compute_fid, load_reference
 
         if self._extractor is None:
-            self._extractor = InceptionFeatureExtractor(self.config.weights, device=device)
+            self._extractor = InceptionFeatureExtractor(self.config.weights, device=device, batch_size=self.config.batch_size)
             self._reference = load_reference(self.config.ref, self._extractor)
-        mu, sigma = feature_statistics(self._extractor(images).numpy())
-        return frechet_distance(mu, sigma, self._reference.mu, self._reference.sigma)
+        return compute_fid(images, len(images), self._reference, self._extractor, batch_size=self.config.batch_size).fid

@@ -135,6 +135,25 @@ def test_eval_config_errors(tmp_path):
     r = run_cli(*base, "--set", "eval.metrics=[fid]", "--set", f"eval.ref={tmp_path / 'missing.npz'}")
     assert r.returncode == 2 and "eval.ref:" in r.stderr and "missing.npz is neither a built-in reference" in r.stderr
     assert not (tmp_path / "r").exists()  # nothing written
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not an npz")
+    r = run_cli(*base, "--set", "eval.metrics=[fid]", "--set", f"eval.ref={bad}")
+    assert r.returncode == 2 and "is not a reference .npz with mu and sigma" in r.stderr
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"num": 500}, "eval.num is set but eval.every is not"),
+    ({"every": 10, "ref": "x.npz"}, "eval.ref applies to the fid metric only"),
+    ({"every": 10, "metrics": ["fid"], "ref": "mnist5k"}, None),
+])
+def test_eval_keys_are_never_silently_ignored(data, message):
+    from distilldiff.config import ConfigError, EvalConfig, from_dict
+
+    if message is None:
+        from_dict(EvalConfig, data, "eval")
+    else:
+        with pytest.raises(ConfigError, match=message):
+            from_dict(EvalConfig, data, "eval")
 
 
 def test_progressive_stages_resume(tmp_path):

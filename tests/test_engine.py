@@ -91,7 +91,7 @@ def test_checkpoint_resume_continues_the_same_run(tmp_path):
 
 
 class CountingEvaluator:
-    """Reports the step it was called at (read from the engine) as its metric."""
+    """Reports how often it has been called as its metric (a redone evaluation restarts the count)."""
 
     every = 1
     info = {"num": 3}
@@ -117,6 +117,24 @@ def test_evaluations_are_logged_and_redone_after_resume(tmp_path):
         resume=str(tmp_path / "checkpoints" / "step-0000002"))
     rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["calls"] for r in rows] == [1, 2, 1, 2]
+
+
+def test_final_step_is_evaluated_and_checkpointed_and_stale_rows_dropped(tmp_path):
+    """eval.every that does not divide max_steps: the last step is evaluated before its checkpoint;
+    a fresh run drops rows a crashed run left before its first checkpoint; a cut last line is dropped."""
+    (tmp_path / "eval.jsonl").write_text('{"step": 1, "calls": 9}\n{"step": 2, "cal')
+    t = task(Quadratic())
+    t.evaluator = CountingEvaluator()
+    t.evaluator.every = 2
+    Engine(t, train_config(max_steps=3, batch_size=4, checkpoint_every=10, keep_checkpoints=5), tmp_path).train()
+    rows = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["calls"]) for r in rows] == [(2, 1), (3, 2)]
+    assert (tmp_path / "checkpoints" / "step-0000003" / "state.json").is_file()
+    # resuming the finished run evaluates nothing again
+    t2 = task(Quadratic())
+    t2.evaluator = CountingEvaluator()
+    Engine(t2, train_config(max_steps=3, batch_size=4, checkpoint_every=10), tmp_path).train(resume="latest")
+    assert t2.evaluator.calls == 0
 
 
 def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):

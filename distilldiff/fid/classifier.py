@@ -157,6 +157,7 @@ def classifier_fd(
     images: Tensor,
     reference: str | tuple[np.ndarray, np.ndarray] = "mnist5k",
     classifier: MNISTClassifier | None = None,
+    batch_size: int = 500,
 ) -> float:
     """Frechet distance between the classifier features of ``images`` ``[N >= 2, 1, 28, 28]``
     in [-1, 1] and a reference.
@@ -165,6 +166,7 @@ def classifier_fd(
         reference: ``"mnist5k"`` (the 5,000 embedded digits; their statistics are cached in
             memory per classifier) or ``(mu [F], sigma [F, F])`` of the same classifier's features.
         classifier: defaults to the shipped one.
+        batch_size: images per forward pass.
     """
     classifier = _shipped() if classifier is None else classifier
     if isinstance(reference, str):
@@ -175,5 +177,5 @@ def classifier_fd(
         mu_ref, sigma_ref = reference
     else:
         raise ValueError(f"reference must be 'mnist5k' or a (mu, sigma) tuple, got {type(reference).__name__}")
-    mu, sigma = feature_statistics(classifier_features(images, classifier))
+    mu, sigma = feature_statistics(classifier_features(images, classifier, batch_size))
     return frechet_distance(mu, sigma, mu_ref, sigma_ref)
