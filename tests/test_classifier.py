@@ -25,7 +25,7 @@ def test_split_is_fixed_and_disjoint():
 
 def test_shipped_classifier_accuracy_on_heldout_digits(heldout):
     images, labels = heldout
-    assert class_accuracy(images, labels) >= 0.95
+    assert class_accuracy(images, labels) >= 0.98  # the shipped weights: 0.986
     shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))]
     assert class_accuracy(images, shuffled) < 0.3
 

@@ -158,14 +158,24 @@ def test_cli_fid_ref_and_fid_of_a_teacher(extractor, tmp_path, capsys):
 
 
 def test_features_are_computed_without_tf32():
-    """TF32 convolutions (PyTorch's cuDNN default) move GPU FID by ~0.1%; extraction turns them off."""
-    from distilldiff.fid.features import full_fp32
+    """TF32 convolutions (PyTorch's cuDNN default) moved GPU FID by 0.14%: the extractor's network
+    runs with fp32 precision, and the caller's settings come back afterwards."""
+    from distilldiff.fid.features import InceptionFeatureExtractor
 
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append((torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision))
+            return (torch.zeros(len(x), 2048),)
+
+    ex = InceptionFeatureExtractor.__new__(InceptionFeatureExtractor)
+    ex.model, ex.device, ex.batch_size = Probe(), torch.device("cpu"), 2
+    saved = torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "tf32"
     try:
-        with full_fp32():
-            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
-        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        assert ex(torch.zeros(3, 1, 8, 8)).shape == (3, 2048)
+        assert seen == [("ieee", "ieee")] * 2
+        assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == ("tf32", "tf32")
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved

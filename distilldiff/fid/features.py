@@ -181,11 +181,20 @@ class InceptionFeatureExtractor:
 
 @contextmanager
 def full_fp32() -> Iterator[None]:
-    """Turn off TF32 in CUDA convolutions and matmuls (PyTorch allows it in cuDNN convolutions by
-    default), so GPU features match the fp32 reference numbers; restored on exit."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    """Turn off TF32 in CUDA convolutions and matmuls (PyTorch lets cuDNN use it by default), so
+    GPU features match the fp32 reference numbers; the previous settings are restored on exit."""
+    conv, matmul = getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul
+    if conv is not None and hasattr(conv, "fp32_precision") and hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        saved = conv.fp32_precision, matmul.fp32_precision
+        conv.fp32_precision = matmul.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision, matmul.fp32_precision = saved
+        return
+    saved = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
