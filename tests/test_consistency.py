@@ -73,6 +73,7 @@ def test_target_network_is_checkpointed_and_resumed(tmp_path):
     ({"w_min": 1.0}, "objective.w_min/w_max must both be set"),
     ({"w_min": 2.0, "w_max": 1.0}, "0 <= w_min < w_max"),
     ({"default_w": 1.0}, "objective.default_w=1.0 needs w_min/w_max"),
+    ({"guidance_embed_scale": 10.0}, "objective.guidance_embed_scale applies with w_min/w_max only"),
 ])
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -109,6 +109,7 @@ def test_one_step_student_reproduces_the_mixture(tmp_path, divergence):
     ({"critic_ratio": 0}, "objective.critic_ratio must be >= 1"),
     ({"gan_weight": -1.0}, "objective.gan_weight must be >= 0"),
     ({"ratio_bins": -1}, "objective.ratio_bins must be >= 0"),
+    ({"ratio_bins": 4}, "objective.ratio_bins has no effect with divergence reverse_kl"),
     ({"ratio_min": 2.0}, "objective.ratio_min/ratio_max must satisfy"),
     ({"tmax": 0}, r"objective.tmax must be in \(0, 1000\]"),
 ])

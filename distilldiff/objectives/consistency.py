@@ -62,6 +62,8 @@ class ConsistencyConfig:
             raise ValueError(f"objective.w_min/w_max must both be set with 0 <= w_min < w_max (or both unset), got {self.w_min}/{self.w_max}")
         if self.default_w is not None and not (self.guided and self.w_min <= self.default_w <= self.w_max):
             raise ValueError(f"objective.default_w={self.default_w} needs w_min/w_max and must lie in [w_min, w_max]")
+        if not self.guided and self.guidance_embed_scale != 100.0:
+            raise ValueError("objective.guidance_embed_scale applies with w_min/w_max only")
         if self.num_scales < 2:
             raise ValueError(f"objective.num_scales must be >= 2, got {self.num_scales}")
         if not 0 <= self.target_ema < 1:
@@ -167,8 +169,11 @@ class ConsistencyDistillation(Objective):
         return ((a - b).flatten(1).pow(2).sum(1) + c**2).sqrt() - c
 
     def loss(self, phase: Phase, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        """d(f_theta(x_{n+1}, s_{n+1}), f_theta-(x_hat_n, s_n)), n ~ U{0..N-2} (Song et al. 2023, eq. 7;
-        with w: the guided ODE step and w-conditioned f of LCM, Luo et al. 2023, eq. 9)."""
+        """d(f_theta(x_{n+1}, s_{n+1}), f_theta-(x_hat_n, s_n)), n ~ U{0..N-2} (Song et al. 2023, eq. 7).
+
+        With w (LCM, Luo et al. 2023, eq. 9): f takes w, and x_hat_n is the solver step on the
+        guided teacher D_w = D_c + w (D_c - D_u). For the Euler solver this equals eq. 9's
+        (1 + w) Phi(c) - w Phi(null); Heun here re-evaluates D_w at the Euler point."""
         x0, c = batch.real, self.config
         sig = self.sigmas.to(device=x0.device, dtype=x0.dtype)
         n = torch.randint(0, len(sig) - 1, (x0.shape[0],), device=x0.device)

@@ -61,9 +61,10 @@ class FDistillConfig:
         critic_ratio: fake-score (and discriminator) updates per generator update (DMD2: 5).
         logit_clip: the discriminator logit log r is clamped to [-logit_clip, logit_clip].
         ratio_min, ratio_max: r is clipped to this range before h(r) (0.1, 20).
-        ratio_bins: if > 0, divide r by its mean over the batch samples in the same noise bin
-            (``ratio_bins`` bins equally spaced in log sigma over [sigma_min, sigma_max]): a true
-            ratio p/q has mean 1 under the student's q at every noise level. 0: off.
+        ratio_bins: if > 0, divide r by its mean over the samples of the process's micro-batch
+            in the same noise bin (``ratio_bins`` bins equally spaced in log sigma over
+            [sigma_min, sigma_max]; a bin holding one sample gives r = 1), before the clip: a
+            true ratio p/q has mean 1 under the student's q at every noise level. 0: off.
         normalize_h: divide h(r) by its batch mean.
         tmax, sigma_min, sigma_max, rho: the generator/discriminator noise levels, as in SiD
             (Karras schedule, t ~ U(0, tmax / 1000)).
@@ -96,6 +97,8 @@ class FDistillConfig:
             raise ValueError(f"objective.ratio_min/ratio_max must satisfy 0 < min < 1 < max, got {self.ratio_min}/{self.ratio_max}")
         if self.ratio_bins < 0:
             raise ValueError(f"objective.ratio_bins must be >= 0 (0: off), got {self.ratio_bins}")
+        if self.ratio_bins and self.divergence == "reverse_kl":
+            raise ValueError("objective.ratio_bins has no effect with divergence reverse_kl (h = 1); remove it")
         if not 0 < self.tmax <= 1000:
             raise ValueError(f"objective.tmax must be in (0, 1000], got {self.tmax}")
 
@@ -215,11 +218,12 @@ class FDistill(Objective):
         """h(r) ``[B]`` with r = exp(clamp(logit)) clipped to [ratio_min, ratio_max] (then, with
         ``ratio_bins``, normalised per noise bin of ``sigma`` ``[B]``), h normalised by its batch mean."""
         c = self.config
-        r = logit.clamp(-c.logit_clip, c.logit_clip).exp().clamp(c.ratio_min, c.ratio_max)
+        r = logit.clamp(-c.logit_clip, c.logit_clip).exp()
         if c.ratio_bins:
             if sigma is None:
                 raise ValueError("objective.ratio_bins needs the noise levels of the batch")
-            r = ratio_per_noise_bin(r, sigma, c.ratio_bins, c.sigma_min, c.sigma_max)
+            r = ratio_per_noise_bin(r.float(), sigma.float(), c.ratio_bins, c.sigma_min, c.sigma_max).to(logit.dtype)
+        r = r.clamp(c.ratio_min, c.ratio_max)  # after the normalisation, so h(r) stays within its clip
         h = WEIGHTINGS[c.divergence](r)
         return h / h.mean() if c.normalize_h else h
 
