@@ -41,8 +41,20 @@ class Stage:
     config: str
     run: str
     share: float  # of the method's budget; staged (progressive) configs split it over their stages
-    num_stages: int = 1
     sets: list[str] = field(default_factory=list)
+
+
+def num_stages(config: Path, overrides: list[str]) -> int:
+    """Engine runs a config makes: one per progressive stage (from its start/end steps), else 1."""
+    from distilldiff.config import DistillConfig, load_config
+    from distilldiff.objectives.progressive import ProgressiveConfig, stage_plan
+
+    cfg = load_config(DistillConfig, config, overrides)
+    if cfg.objective.get("name") != "progressive":
+        return 1
+    from distilldiff.config import from_dict
+
+    return len(stage_plan(from_dict(ProgressiveConfig, {k: v for k, v in cfg.objective.items() if k != "name"}, "objective")))
 
 
 @dataclass
@@ -60,10 +72,10 @@ METHODS = [
     Method("dmd2", [Stage("dmd2.yaml", "dmd2", 1.0)], [("dmd2", None)]),
     Method("fdistill-js", [Stage("fdistill.yaml", "fdistill-js", 1.0)], [("fdistill-js", None)]),
     Method("consistency", [Stage("consistency.yaml", "consistency", 1.0)], [("consistency", k) for k in (1, 2, 4)]),
-    Method("progressive", [Stage("progressive.yaml", "progressive", 1.0, 3, ["train.lr_schedule=constant"])],
+    Method("progressive", [Stage("progressive.yaml", "progressive", 1.0, ["train.lr_schedule=constant"])],
            [(f"progressive/stage-{k:04d}", None) for k in (4, 2, 1)]),
     Method("guidance", [Stage("guidance.yaml", "guidance", 0.5),
-                        Stage("guidance_stage2.yaml", "guidance-stage2", 0.5, 2, ["train.lr_schedule=constant", "teacher.path={runs}/guidance"])],
+                        Stage("guidance_stage2.yaml", "guidance-stage2", 0.5, ["train.lr_schedule=constant", "teacher.path={runs}/guidance"])],
            [("guidance", None)] + [(f"guidance-stage2/stage-{k:04d}", None) for k in (8, 4)], (1.0, 3.0)),
 ]
 TEACHER_STEPS = (1, 2, 4, 8, 16, 50)
@@ -74,7 +86,7 @@ def method_script(m: Method, runs: Path, budget: float, eval_sets: list[str], ex
     """Shell commands that train ``m`` (its stages in order) within ``budget`` minutes of training."""
     cmds = []
     for st in m.stages:
-        minutes = budget * st.share / st.num_stages
+        minutes = budget * st.share / num_stages(CONFIGS / st.config, [s for s in extra if s.startswith("objective.")])
         sets = [f"train.time_budget_min={minutes:.4g}", "train.max_steps=1000000", "train.checkpoint_every=500",
                 "train.sample_every=500", *eval_sets, *[s.format(runs=runs) for s in st.sets], *extra]
         cmds.append(f"{sys.executable} -m distilldiff.cli distill --config {CONFIGS / st.config} --output-dir {runs / st.run} "

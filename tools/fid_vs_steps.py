@@ -49,7 +49,7 @@ def entries(args) -> list[tuple[str, int | None, object, str]]:
             s = load_sampler(args.teacher, steps=k)
             out.append(("teacher", k, s.batches(args.num, seed=args.seed, batch_size=args.batch_size), s.description))
     for spec in args.student or []:
-        name, path = spec.split("=", 1) if "=" in spec else (Path(spec).name, spec)
+        name, path = spec.rsplit("=", 1) if "=" in spec else (Path(spec).name, spec)
         s = load_sampler(path)
         out.append((name, 1, s.batches(args.num, seed=args.seed, batch_size=args.batch_size), s.description))
     return out
