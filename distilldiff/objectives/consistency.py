@@ -15,7 +15,7 @@ from ..students import ConsistencyDenoiser, Student
 from ..teachers.base import Denoiser
 from ..teachers.guidance import CFGDenoiser
 from .base import Batch, Objective, Phase, bcast, mean_chw
-from .guidance import check_guidance_teacher, guided_copy
+from .guidance import check_guidance_teacher, check_w_range, draw_w, guided_copy, resolved_default_w
 
 
 @dataclass
@@ -58,8 +58,7 @@ class ConsistencyConfig:
         return self.w_min is not None
 
     def __post_init__(self):
-        if (self.w_min is None) != (self.w_max is None) or (self.guided and not 0 <= self.w_min < self.w_max):
-            raise ValueError(f"objective.w_min/w_max must both be set with 0 <= w_min < w_max (or both unset), got {self.w_min}/{self.w_max}")
+        check_w_range(self.w_min, self.w_max)
         if self.default_w is not None and not (self.guided and self.w_min <= self.default_w <= self.w_max):
             raise ValueError(f"objective.default_w={self.default_w} needs w_min/w_max and must lie in [w_min, w_max]")
         if not self.guided and self.guidance_embed_scale != 100.0:
@@ -114,10 +113,7 @@ class ConsistencyDistillation(Objective):
 
     @property
     def default_w(self) -> float | None:
-        c = self.config
-        if not c.guided:
-            return None
-        return c.default_w if c.default_w is not None else (c.w_min + c.w_max) / 2
+        return resolved_default_w(self.config.w_min, self.config.w_max, self.config.default_w)
 
     def make_student(self, teacher: Denoiser, init_sigma: float) -> Student:
         """A multistep student: the consistency function at ``sample_steps`` grid levels from sigma_max."""
@@ -181,7 +177,7 @@ class ConsistencyDistillation(Objective):
         x_hi = x0 + bcast(s_hi, x0) * torch.randn_like(x0)
         teacher, cond = nets["teacher"], dict(batch.cond)
         if c.guided:
-            w = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype) * (c.w_max - c.w_min) + c.w_min
+            w = draw_w(x0.shape[0], c.w_min, c.w_max, x0)
             teacher = CFGDenoiser(teacher, w)
             cond_f = {**cond, "guidance_scale": w}
         else:

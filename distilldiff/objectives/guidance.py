@@ -23,6 +23,24 @@ from ..teachers.vp import VPDenoiser
 from .base import Batch, Objective, Phase, bcast, edm_sigma, edm_weight, mean_chw
 
 
+def check_w_range(w_min: float | None, w_max: float | None) -> None:
+    """An optional range of guidance weights: both unset, or both set with 0 <= w_min < w_max."""
+    if (w_min is None) != (w_max is None) or (w_min is not None and not 0 <= w_min < w_max):
+        raise ValueError(f"objective.w_min/w_max must both be set with 0 <= w_min < w_max (or both unset), got {w_min}/{w_max}")
+
+
+def resolved_default_w(w_min: float | None, w_max: float | None, default_w: float | None) -> float | None:
+    """The w of sample grids and exported pipelines: ``default_w``, else the range's midpoint (None: no range)."""
+    if w_min is None:
+        return None
+    return default_w if default_w is not None else (w_min + w_max) / 2
+
+
+def draw_w(n: int, w_min: float, w_max: float, like: Tensor) -> Tensor:
+    """``[n]`` guidance weights w ~ U[w_min, w_max], on ``like``'s device and dtype."""
+    return torch.rand(n, device=like.device, dtype=like.dtype) * (w_max - w_min) + w_min
+
+
 def check_guidance_teacher(teacher: Denoiser, what: str) -> None:
     """A teacher that ``what`` can guide itself: unguided, class-conditional with a null class."""
     if isinstance(teacher, CFGDenoiser):
@@ -129,7 +147,7 @@ class GuidanceDistillation(Objective):
         """lambda(sigma) ||D_student(x_t, sigma, c, w) - D_w(x_t, sigma, c)||^2 (Meng et al. 2023, eq. 6; EDM weight)."""
         x0, c = batch.real, self.config
         n = x0.shape[0]
-        w = torch.rand(n, device=x0.device, dtype=x0.dtype) * (c.w_max - c.w_min) + c.w_min
+        w = draw_w(n, c.w_min, c.w_max, x0)
         sigma = self.training_sigma(n, x0)
         x_t = x0 + bcast(sigma, x0) * torch.randn_like(x0)
         with torch.no_grad():

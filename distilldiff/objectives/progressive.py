@@ -20,6 +20,7 @@ from ..samplers import teacher_grid
 from ..students import Student
 from ..teachers.base import Denoiser
 from .base import Batch, Objective, Phase, bcast, mean_chw
+from .guidance import check_w_range, draw_w, resolved_default_w
 
 
 @dataclass
@@ -50,8 +51,7 @@ class ProgressiveConfig:
         n, e = self.start_steps, self.end_steps
         if e < 1 or n <= e or n % e or (n // e) & (n // e - 1):
             raise ValueError(f"objective.start_steps must be end_steps times a power of two > 1, got {n} and {e}")
-        if (self.w_min is None) != (self.w_max is None) or (self.w_min is not None and not 0 <= self.w_min < self.w_max):
-            raise ValueError(f"objective.w_min/w_max must both be set with 0 <= w_min < w_max (or both unset), got {self.w_min}/{self.w_max}")
+        check_w_range(self.w_min, self.w_max)
 
 
 def full_grid(config: ProgressiveConfig, teacher: Denoiser) -> list[float]:
@@ -110,10 +110,7 @@ class ProgressiveDistillation(Objective):
 
     @property
     def default_w(self) -> float | None:
-        c = self.config
-        if c.w_min is None:
-            return None
-        return c.default_w if c.default_w is not None else (c.w_min + c.w_max) / 2
+        return resolved_default_w(self.config.w_min, self.config.w_max, self.config.default_w)
 
     def student_info(self) -> dict:
         return {} if self.default_w is None else {"default_guidance_scale": self.default_w}
@@ -134,7 +131,7 @@ class ProgressiveDistillation(Objective):
         """max(SNR, 1) ||x_hat(z, s_a) - x_target||^2, SNR = 1 / s_a^2 (truncated-SNR weighting)."""
         x0, cond = batch.real, dict(batch.cond)
         if self.config.w_min is not None:  # stage 2 of guidance distillation: keep w as an input
-            w = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype) * (self.config.w_max - self.config.w_min) + self.config.w_min
+            w = draw_w(x0.shape[0], self.config.w_min, self.config.w_max, x0)
             cond["guidance_scale"] = w
         sig = torch.cat([self.teacher_sigmas, self.teacher_sigmas.new_zeros(1)]).to(device=x0.device, dtype=x0.dtype)
         i = 2 * torch.randint(0, len(self.teacher_sigmas) // 2, (x0.shape[0],), device=x0.device)
