@@ -26,6 +26,25 @@ def minority_mass(t: GaussianMixtureDenoiser, x: torch.Tensor) -> float:
     return float(((k == 2) | (k == 3)).double().mean())
 
 
+def w_conditioned_net(t: GaussianMixtureDenoiser) -> MLPDenoiser:
+    """An MLP with class and guidance inputs, fitted to the (unguided) teacher ``t``."""
+    return fit_denoiser(MLPDenoiser(2, t.sigma_data, num_classes=2, guidance=True), t, steps=400)
+
+
+def guided_task(objective, student, t: GaussianMixtureDenoiser, **more_networks) -> TrainTask:
+    """A toy task whose real data are labelled samples of ``t`` and whose grids show both classes."""
+
+    def data(n, device):
+        labels = torch.randint(0, 2, (n,))
+        x, _ = t.sample(n, class_labels=labels, dtype=torch.float32)
+        return x.to(device), {"class_labels": labels.to(device)}
+
+    return TrainTask(objective=objective, networks={"teacher": cond_teacher(), "student": student, **more_networks},
+                     sample_shape=(2,), cond_fn=lambda n, d: {}, sample_fn=lambda g, z, c: scatter_image(g(z, **c)),
+                     save_fn=save_state, data_fn=data,
+                     grid_cond_fn=lambda n, d: {"class_labels": torch.arange(n) % 2, **objective.sample_cond(n, d)})
+
+
 def test_config_and_teacher_checks():
     with pytest.raises(ValueError, match="default_w"):
         GuidanceConfig(w_min=0.0, w_max=2.0, default_w=3.0)
@@ -38,19 +57,9 @@ def test_config_and_teacher_checks():
 def test_w_conditioned_student_matches_the_guided_teacher(tmp_path):
     torch.manual_seed(0)
     t = cond_teacher()
-    net = fit_denoiser(MLPDenoiser(2, t.sigma_data, num_classes=2, guidance=True), t, steps=400)
     gd = GuidanceDistillation.build(GuidanceConfig(w_min=0.0, w_max=4.0, default_w=2.0, sample_steps=32, p_mean=0.0), t)
-    student = gd.make_student(net, 0.0)
-
-    def data(n, device):
-        labels = torch.randint(0, 2, (n,))
-        x, _ = t.sample(n, class_labels=labels, dtype=torch.float32)
-        return x.to(device), {"class_labels": labels.to(device)}
-
-    task = TrainTask(objective=gd, networks={"teacher": cond_teacher(), "student": student}, sample_shape=(2,),
-                     cond_fn=lambda n, d: {}, sample_fn=lambda g, z, c: scatter_image(g(z, **c)), save_fn=save_state,
-                     data_fn=data, grid_cond_fn=lambda n, d: {"class_labels": torch.arange(n) % 2, **gd.sample_cond(n, d)})
-    engine = Engine(task, train_config(max_steps=2500, lr=1e-3, lr_schedule="linear", ema_halflife_kimg=20, seed=0), tmp_path)
+    student = gd.make_student(w_conditioned_net(t), 0.0)
+    engine = Engine(guided_task(gd, student, t), train_config(max_steps=2500, lr=1e-3, lr_schedule="linear", ema_halflife_kimg=20, seed=0), tmp_path)
     engine.train()
     final = engine.ema.module
     z = torch.randn(4000, 2, generator=torch.Generator().manual_seed(1))
@@ -76,20 +85,9 @@ def test_lcm_style_consistency_student_follows_the_guided_teacher_at_two_w(tmp_p
 
     torch.manual_seed(0)
     t = cond_teacher()
-    net = fit_denoiser(MLPDenoiser(2, t.sigma_data, num_classes=2, guidance=True), t, steps=400)
     cd = ConsistencyDistillation.build(ConsistencyConfig(num_scales=18, w_min=0.0, w_max=4.0), t)
-    student = cd.make_student(net, 0.0)
-
-    def data(n, device):
-        labels = torch.randint(0, 2, (n,))
-        x, _ = t.sample(n, class_labels=labels, dtype=torch.float32)
-        return x.to(device), {"class_labels": labels.to(device)}
-
-    task = TrainTask(objective=cd, networks={"teacher": cond_teacher(), "student": student, "target": cd.make_target(student)},
-                     sample_shape=(2,), cond_fn=lambda n, d: {}, sample_fn=lambda g, z, c: scatter_image(g(z, **c)),
-                     save_fn=save_state, data_fn=data,
-                     grid_cond_fn=lambda n, d: {"class_labels": torch.arange(n) % 2, **cd.sample_cond(n, d)})
-    engine = Engine(task, train_config(max_steps=3000, lr=1e-3, ema_halflife_kimg=20, seed=0), tmp_path)
+    student = cd.make_student(w_conditioned_net(t), 0.0)
+    engine = Engine(guided_task(cd, student, t, target=cd.make_target(student)), train_config(max_steps=3000, lr=1e-3, ema_halflife_kimg=20, seed=0), tmp_path)
     engine.train()
     final = engine.ema.module
     z = torch.randn(4000, 2, generator=torch.Generator().manual_seed(1))
