@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from fid_vs_steps import plot_fid_vs_steps  # tools/ is on sys.path when a tool runs
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "mnist"
 
@@ -164,7 +165,7 @@ def _entries(args):
 
 
 def cmd_score(args) -> None:
-    from distilldiff.fid import InceptionFeatureExtractor, feature_statistics, frechet_distance, load_reference
+    from distilldiff.fid import InceptionFeatureExtractor, compute_fid, load_reference
     from distilldiff.fid.classifier import class_accuracy, classifier_fd, load_mnist_classifier
     from distilldiff.sampling import load_sampler
 
@@ -189,10 +190,9 @@ def cmd_score(args) -> None:
             torch.cuda.synchronize()
         sample_seconds = time.time() - t0
         labels = torch.arange(args.num) % 10
-        mu, sigma = feature_statistics(extractor(images).numpy())
         record = {
             "name": name, "model": model, "steps": k, "guidance_scale": w, "description": sampler.description,
-            "fid": frechet_distance(mu, sigma, ref.mu, ref.sigma), "class_accuracy": class_accuracy(images, labels, classifier),
+            "fid": compute_fid(images, args.num, ref, extractor).fid, "class_accuracy": class_accuracy(images, labels, classifier),
             "classifier_fd": classifier_fd(images, classifier=classifier), "num": args.num, "reference": args.ref, "weights": extractor.description,
             "sample_seconds": round(sample_seconds, 2), "train": train, "machine": machine, "date": time.strftime("%Y-%m-%d"),
         }
@@ -229,25 +229,7 @@ def write_report(out: Path) -> None:
     lines += ["", f"Inception weights: {results[0]['weights']}. Sampling and FID on: {results[0]['machine']}."]
     (out / "table.md").write_text("\n".join(lines) + "\n")
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in dict.fromkeys(r["name"] for r in plain):
-        rows = sorted((r for r in plain if r["name"] == name), key=lambda r: r["steps"])
-        style = "k o-" if name == "teacher" else "*--"
-        ax.plot([r["steps"] for r in rows], [r["fid"] for r in rows], style.replace(" ", ""), markersize=8 if name == "teacher" else 11,
-                label="teacher (DDIM)" if name == "teacher" else name)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("sampling steps (NFE)")
-    ax.set_ylabel(f"FID (N={num}) vs MNIST-5k")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "fid_vs_steps.png", dpi=120)
+    plot_fid_vs_steps(plain, out / "fid_vs_steps.png", f"FID (N={num}) vs MNIST-5k")
 
 
 def main() -> None:

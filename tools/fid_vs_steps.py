@@ -51,7 +51,7 @@ def entries(args) -> list[tuple[str, int | None, object, str]]:
     for spec in args.student or []:
         name, path = spec.rsplit("=", 1) if "=" in spec else (Path(spec).name, spec)
         s = load_sampler(path)
-        out.append((name, 1, s.batches(args.num, seed=args.seed, batch_size=args.batch_size), s.description))
+        out.append((name, s.num_steps, s.batches(args.num, seed=args.seed, batch_size=args.batch_size), s.description))
     return out
 
 
@@ -66,26 +66,30 @@ def write_report(out: Path) -> None:
     weights = results[0]["weights"]
     lines += ["", f"Inception weights: {weights}. Machine: {results[0]['machine']}."]
     (out / "table.md").write_text("\n".join(lines) + "\n")
+    plot_fid_vs_steps(results, out / "fid_vs_steps.png", f"FID (N={results[0]['num']})")
+
+
+def plot_fid_vs_steps(results: list[dict], path: Path, ylabel: str) -> None:
+    """FID against sampling steps: the teacher's DDIM as a line, each other name's entries as stars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    teacher = [r for r in results if r["name"] == "teacher"]
-    if teacher:
-        ax.plot([r["steps"] for r in teacher], [r["fid"] for r in teacher], "o-", label="teacher (DDIM)")
-    for r in results:
-        if r["name"] != "teacher":
-            ax.plot([r["steps"]], [r["fid"]], "*", markersize=12, label=f"{r['name']}")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in sorted(dict.fromkeys(r["name"] for r in results), key=lambda n: n != "teacher"):
+        rows = sorted((r for r in results if r["name"] == name), key=lambda r: r["steps"])
+        teacher = name == "teacher"
+        ax.plot([r["steps"] for r in rows], [r["fid"] for r in rows], "ko-" if teacher else "*--",
+                markersize=8 if teacher else 11, label="teacher (DDIM)" if teacher else name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sampling steps (NFE)")
-    ax.set_ylabel(f"FID (N={results[0]['num']})")
+    ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "fid_vs_steps.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
