@@ -80,6 +80,7 @@ def build_distill_task(cfg: DistillConfig, objective=None, teacher: Denoiser | N
     data get batches of the ``data`` set. ``objective`` and ``teacher`` replace the ones the
     config names (a stage of progressive distillation: the previous student as the teacher).
     """
+    torch.manual_seed(cfg.train.seed)  # networks with fresh layers (guidance embedding, discriminator) start from the seed
     if objective is None or teacher is None:
         objective_cls, objective_cfg = objective_config(cfg)  # validate before loading anything
         teacher = teacher if teacher is not None else build_teacher(cfg)
