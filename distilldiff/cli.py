@@ -58,7 +58,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_fid(args) -> None:
-    from .fid import InceptionFeatureExtractor, compute_fid
+    from .metrics import InceptionFeatureExtractor, compute_fid
 
     if (args.model is None) == (args.images is None):
         raise ValueError("give exactly one of --model DIR and --images DIR")
@@ -89,7 +89,7 @@ def cmd_fid(args) -> None:
 
 
 def cmd_fid_ref(args) -> None:
-    from .fid import InceptionFeatureExtractor, ReferenceStats, builtin_reference_images, extract_features
+    from .metrics import InceptionFeatureExtractor, ReferenceStats, builtin_reference_images, extract_features
 
     if (args.images is None) == (args.dataset is None):
         raise ValueError("give exactly one of --images DIR and --dataset NAME")
@@ -98,7 +98,7 @@ def cmd_fid_ref(args) -> None:
         source = builtin_reference_images(args.dataset)
         num = args.num or len(source)
     else:
-        from .fid.api import list_images
+        from .metrics.fid import list_images
 
         source = args.images
         num = args.num or len(list_images(args.images))

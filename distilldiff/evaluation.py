@@ -51,14 +51,14 @@ class Evaluator:
         if "class_accuracy" in config.metrics and num_classes != 10:
             raise ConfigError(f"eval.metrics: class_accuracy needs a 10-class conditional student, this one has num_classes={num_classes}")
         if "fid" in config.metrics:
-            from .fid import BUILTIN_REFERENCES
+            from .metrics import BUILTIN_REFERENCES
 
             if config.ref not in BUILTIN_REFERENCES and not Path(config.ref).is_file():
                 raise ConfigError(f"eval.ref: {config.ref} is neither a built-in reference ({', '.join(BUILTIN_REFERENCES)}) nor a file")
             if config.weights is not None and not Path(config.weights).is_file():
                 raise ConfigError(f"eval.weights: {config.weights} not found")
             if config.ref not in BUILTIN_REFERENCES:  # read it now: a bad file must not stop a run hours in
-                from .fid import ReferenceStats
+                from .metrics import ReferenceStats
 
                 try:
                     ReferenceStats.load(config.ref)
@@ -90,7 +90,7 @@ class Evaluator:
 
     def __call__(self, student: nn.Module, device: torch.device) -> dict[str, float]:
         """The configured metrics of ``student``'s samples, e.g. ``{"fid": 41.2, "classifier_fd": 3.1}``."""
-        from .fid.classifier import class_accuracy, classifier_fd, load_mnist_classifier
+        from .metrics.classifier import class_accuracy, classifier_fd, load_mnist_classifier
 
         images, labels = self.sample(student, device)
         if self._classifier is None and {"classifier_fd", "class_accuracy"} & set(self.config.metrics):
@@ -106,7 +106,7 @@ class Evaluator:
         return out
 
     def _fid(self, images: Tensor, device: torch.device) -> float:
-        from .fid import InceptionFeatureExtractor, compute_fid, load_reference
+        from .metrics import InceptionFeatureExtractor, compute_fid, load_reference
 
         if self._extractor is None:
             self._extractor = InceptionFeatureExtractor(self.config.weights, device=device, batch_size=self.config.batch_size)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from distilldiff.data import mnist5k
-from distilldiff.fid import MNISTClassifier, class_accuracy, classifier_fd, classifier_features, load_mnist_classifier
-from distilldiff.fid.classifier import SHIPPED_CLASSIFIER, heldout_split
-from distilldiff.fid.metrics import feature_statistics
+from distilldiff.metrics import MNISTClassifier, class_accuracy, classifier_fd, classifier_features, load_mnist_classifier
+from distilldiff.metrics.classifier import SHIPPED_CLASSIFIER, heldout_split
+from distilldiff.metrics.statistics import feature_statistics
 
 
 @pytest.fixture(scope="module")

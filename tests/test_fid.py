@@ -6,7 +6,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from distilldiff.fid import (
+from distilldiff.metrics import (
     InceptionFeatureExtractor,
     ReferenceStats,
     compute_fid,
@@ -160,7 +160,7 @@ def test_cli_fid_ref_and_fid_of_a_teacher(extractor, tmp_path, capsys):
 def test_features_are_computed_without_tf32():
     """TF32 convolutions (PyTorch's cuDNN default) moved GPU FID by 0.14%: the extractor's network
     runs with fp32 precision, and the caller's settings come back afterwards."""
-    from distilldiff.fid.features import InceptionFeatureExtractor
+    from distilldiff.metrics.inception import InceptionFeatureExtractor
 
     seen = []
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from distilldiff.data import mnist5k
-from distilldiff.fid import InceptionFeatureExtractor, ReferenceStats, compute_fid, extract_features, resolve_weights
+from distilldiff.metrics import InceptionFeatureExtractor, ReferenceStats, compute_fid, extract_features, resolve_weights
 
 
 def write_pngs(folder: Path, images: torch.Tensor) -> Path:
@@ -59,7 +59,7 @@ def main() -> None:
     n = 2 * args.num
     print(f"| pipeline | images/s | FID (N={args.num}) |")
     print("|---|---|---|")
-    print(f"| distilldiff.fid | {n / t_ours:.2f} | {ours:.4f} |")
+    print(f"| distilldiff.metrics | {n / t_ours:.2f} | {ours:.4f} |")
     print(f"| torch-fidelity calculate_metrics | {n / t_theirs:.2f} | {theirs:.4f} |")
     print(f"\ndevice {args.device}, torch threads {torch.get_num_threads()}, relative FID difference {abs(ours - theirs) / abs(theirs):.2e}")
 

@@ -165,8 +165,8 @@ def _entries(args):
 
 
 def cmd_score(args) -> None:
-    from distilldiff.fid import InceptionFeatureExtractor, compute_fid, load_reference
-    from distilldiff.fid.classifier import class_accuracy, classifier_fd, load_mnist_classifier
+    from distilldiff.metrics import InceptionFeatureExtractor, compute_fid, load_reference
+    from distilldiff.metrics.classifier import class_accuracy, classifier_fd, load_mnist_classifier
     from distilldiff.sampling import load_sampler
 
     out = Path(args.out)

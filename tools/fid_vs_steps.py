@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distilldiff.fid import InceptionFeatureExtractor, compute_fid, load_reference
+from distilldiff.metrics import InceptionFeatureExtractor, compute_fid, load_reference
 
 
 def _npz_source(path: Path):

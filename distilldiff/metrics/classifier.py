@@ -2,7 +2,7 @@
 and a fast Frechet distance on its penultimate features.
 
 A secondary metric for cheap tracking (e.g. during training on CPU); Inception FID
-(:func:`distilldiff.fid.compute_fid`) remains the headline number. The shipped weights are
+(:func:`distilldiff.metrics.compute_fid`) remains the headline number. The shipped weights are
 trained by ``tools/train_mnist_classifier.py`` (see ``distilldiff/assets/mnist-classifier/README.md``).
 """
 
@@ -19,7 +19,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import Tensor, nn
 
 from ..data import mnist5k
-from .metrics import feature_statistics, frechet_distance
+from .statistics import feature_statistics, frechet_distance
 
 SHIPPED_CLASSIFIER = Path(__file__).parent.parent / "assets" / "mnist-classifier"
 

@@ -14,8 +14,8 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .features import InceptionFeatureExtractor, cache_dir
-from .metrics import feature_statistics, frechet_distance, kernel_inception_distance, precision_recall
+from .inception import InceptionFeatureExtractor, cache_dir
+from .statistics import feature_statistics, frechet_distance, kernel_inception_distance, precision_recall
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 BUILTIN_REFERENCES = ("mnist5k",)
