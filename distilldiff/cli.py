@@ -43,7 +43,7 @@ def cmd_teacher_train(args) -> None:
 
 
 def cmd_sample(args) -> None:
-    from .sampling import load_sampler
+    from .inference import load_sampler
 
     sampler = load_sampler(args.model, steps=args.steps, guidance_scale=args.guidance_scale, device=args.device)
     out = sampler.save_grid(args.num, args.out, seed=args.seed, class_label=args.class_label)
@@ -64,7 +64,7 @@ def cmd_fid(args) -> None:
         raise ValueError("give exactly one of --model DIR and --images DIR")
     extractor = InceptionFeatureExtractor(args.weights, device=args.device, batch_size=args.batch_size)
     if args.model is not None:
-        from .sampling import load_sampler
+        from .inference import load_sampler
 
         sampler = load_sampler(args.model, steps=args.steps, guidance_scale=args.guidance_scale, device=args.device)
         source, what = sampler.batches(args.num, seed=args.seed, batch_size=args.batch_size), f"{args.model} ({sampler.description})"

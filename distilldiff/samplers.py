@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -35,6 +35,17 @@ def teacher_grid(teacher: Denoiser, num_steps: int, sigma_min: float, sigma_max:
         return [float(s) for s in teacher.discrete_sigmas(num_steps, "trailing")]
     lo, hi = max(sigma_min, teacher.sigma_min), min(sigma_max, teacher.sigma_max)
     return [float(s) for s in karras_sigmas(num_steps, lo, hi, rho)]
+
+
+def multistep_sigmas(grid: Sequence[float], steps: int) -> list[float]:
+    """Noise levels of ``steps``-step consistency sampling (Song et al. 2023, Alg. 1): ``steps``
+    levels of the increasing training ``grid`` [N], evenly spaced in index from ``grid[N-1]``
+    (sigma_max) down, excluding ``grid[0]``."""
+    n = len(grid)
+    if not 1 <= steps <= n - 1:
+        raise ValueError(f"consistency sampling takes 1 to {n - 1} steps on a grid of {n} noise levels, got {steps}")
+    idx = torch.linspace(n - 1, 0, steps + 1).round().long()[:-1]
+    return [float(grid[i]) for i in idx]
 
 
 def sample_loop(

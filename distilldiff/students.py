@@ -1,4 +1,11 @@
-"""Students: few-step generators built from a copy of the teacher (DESIGN.md section 2)."""
+"""Students: few-step generators built from a copy of the teacher.
+
+A student is a denoiser evaluated at fixed noise levels (:class:`Student`); one-step generators
+(SiD, f-distill) are the one-level case (:class:`OneStepGenerator`), consistency students wrap
+their denoiser in the consistency parameterisation (:class:`ConsistencyDenoiser`), and students
+that take the guidance weight as an input get a copy of the teacher with an extra input
+(:func:`guidance_conditioned_copy`). docs/math.md describes each.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,8 @@ from torch import Tensor, nn
 
 from .samplers import SAMPLERS, sample_loop
 from .teachers.base import Denoiser
+from .teachers.conditioning import Conditioning
+from .tensors import append_dims
 
 
 class Student(nn.Module):
@@ -52,6 +61,14 @@ class Student(nn.Module):
     def num_steps(self) -> int:
         return len(self.sigmas)
 
+    @property
+    def conditioning(self) -> Conditioning:
+        return self.denoiser.conditioning
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters training updates: the denoiser's own choice (all, or an adapter's)."""
+        return self.denoiser.trainable_parameters()
+
     def forward(self, z: Tensor, generator: torch.Generator | None = None, *, sigma: Tensor | float | None = None, **cond: Any) -> Tensor:
         """Map standard-normal ``z`` ``[B, *sample_shape]`` to samples of the same shape.
 
@@ -65,6 +82,13 @@ class Student(nn.Module):
         return sample_loop(self.denoiser, z, torch.tensor(self.sigmas, dtype=torch.float64), self.sampler, generator, **cond)
 
 
+def draw_samples(student: nn.Module, noise: Tensor, cond: dict, generator: torch.Generator | None = None) -> Tensor:
+    """Images of ``student`` from ``noise`` ``[B, *sample_shape]`` with conditioning ``cond``;
+    ``generator`` (CPU) draws the re-noising of multistep students. The sampling function of
+    sample grids and evaluations (:class:`distilldiff.engine.TrainTask`)."""
+    return student(noise, generator=generator, **cond)
+
+
 class OneStepGenerator(Student):
     """``x_g = G(z, c) = D_student(prior_scale(s_init) * z, s_init, c)``, ``z ~ N(0, I)``.
 
@@ -74,7 +98,7 @@ class OneStepGenerator(Student):
 
     Args:
         denoiser: the student's denoiser (usually a deep copy of the teacher; trained in place).
-        init_sigma: the fixed noise level the generator is evaluated at (SiD: 2.5).
+        init_sigma: the fixed noise level the generator is evaluated at (``student.init_sigma``).
     """
 
     def __init__(self, denoiser: Denoiser, init_sigma: float):
@@ -92,12 +116,40 @@ class OneStepGenerator(Student):
     @classmethod
     def from_teacher(cls, teacher: Denoiser, init_sigma: float) -> "OneStepGenerator":
         """A generator whose denoiser is a trainable deep copy of ``teacher``."""
-        student = copy.deepcopy(teacher).requires_grad_(True)
-        return cls(student, init_sigma)
+        return cls(trainable_copy(teacher), init_sigma)
+
+
+def trainable_copy(teacher: Denoiser) -> Denoiser:
+    """A deep copy of ``teacher`` whose trainable parameters require gradients (a student or critic's start)."""
+    return _with_gradients(copy.deepcopy(teacher))
+
+
+def _with_gradients(den: Denoiser) -> Denoiser:
+    for p in den.trainable_parameters():
+        p.requires_grad_(True)
+    return den
+
+
+def guidance_conditioned_copy(teacher: Denoiser, guidance_embed_scale: float = 100.0) -> Denoiser:
+    """A trainable copy of ``teacher`` that takes ``guidance_scale=w`` as an input (Meng et al. 2023, sec. 4.1).
+
+    VP teachers get a :class:`~distilldiff.pipelines.GuidedUNet2DModel` (a zero-initialised w
+    embedding added to the class embedding, so the copy equals the teacher at every w at first);
+    other denoisers must already have a guidance input (``guidance = True``).
+    """
+    from .pipelines import GuidedUNet2DModel
+    from .teachers.vp import VPDenoiser
+
+    den = copy.deepcopy(teacher)
+    if isinstance(den, VPDenoiser):
+        den.model = GuidedUNet2DModel.from_unet(den.model, guidance_embed_scale=guidance_embed_scale)
+    elif not getattr(den, "guidance", False):
+        raise ValueError(f"a guidance-conditioned student needs a network with a guidance input; {type(den).__name__} has none")
+    return _with_gradients(den)
 
 
 class ConsistencyDenoiser(Denoiser):
-    """Consistency-model parameterisation on top of any denoiser (Song et al. 2023, eq. 7 + EDM's D).
+    """Consistency-model parameterisation on top of any denoiser (Song et al. 2023, sec. 3 and App. C; EDM's D).
 
     With EDM's ``D = c_skip^E x + c_out^E F``, the raw output is ``F = (D - c_skip^E x) / c_out^E``
     and ``f(x, sigma) = c_skip(sigma) x + c_out(sigma) F`` with
@@ -119,6 +171,13 @@ class ConsistencyDenoiser(Denoiser):
             setattr(self, attr, getattr(inner, attr))
         self.sigma_min = max(self.sigma_min, self.boundary_sigma)
 
+    @property
+    def conditioning(self) -> Conditioning:
+        return self.inner.conditioning
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.inner.trainable_parameters()
+
     def prior_scale(self, sigma: Tensor) -> Tensor:
         return self.inner.prior_scale(sigma)
 
@@ -132,6 +191,6 @@ class ConsistencyDenoiser(Denoiser):
         return c_skip, c_out, e_skip, e_out
 
     def denoise(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
-        c_skip, c_out, e_skip, e_out = (c.reshape(-1, *([1] * (x.ndim - 1))) for c in self.scalings(sigma))
+        c_skip, c_out, e_skip, e_out = (append_dims(c, x.ndim) for c in self.scalings(sigma))
         d = self.inner(x, sigma, **cond)
         return c_skip * x + (c_out / e_out) * (d - e_skip * x)

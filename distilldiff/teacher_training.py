@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .config import TeacherTrainConfig, from_dict
+from .config import TeacherTrainConfig
 from .data import RandomBatches, mnist5k
 from .engine import Engine, TrainTask
-from .objectives.denoising import DenoisingConfig, DenoisingObjective
+from .objectives.denoising import DenoisingObjective
 from .samplers import ddim_sample
 from .teachers.vp import TEACHER_INFO_FILE, VPDenoiser
 
@@ -61,13 +61,11 @@ def build_teacher_task(cfg: TeacherTrainConfig) -> TrainTask:
     denoiser = VPDenoiser(
         unet, scheduler.alphas_cumprod, cfg.scheduler.prediction_type, shape, cfg.sigma_data, NUM_CLASSES, NUM_CLASSES
     )
-    objective = DenoisingObjective(
-        from_dict(DenoisingConfig, cfg.objective, "objective"), denoiser.schedule.sigmas, cfg.scheduler.prediction_type, NUM_CLASSES
-    )
+    objective = DenoisingObjective(cfg.objective, denoiser.schedule.sigmas, cfg.scheduler.prediction_type, denoiser.conditioning)
     images, labels = mnist5k()
     sigmas = denoiser.discrete_sigmas(cfg.sample_steps, "trailing")
 
-    def sample_fn(model: nn.Module, noise: Tensor, cond: dict) -> Tensor:
+    def sample_fn(model: nn.Module, noise: Tensor, cond: dict, generator: torch.Generator | None = None) -> Tensor:
         return ddim_sample(model, noise, sigmas, **cond)
 
     return TrainTask(
@@ -76,7 +74,7 @@ def build_teacher_task(cfg: TeacherTrainConfig) -> TrainTask:
         sample_shape=shape,
         cond_fn=lambda n, dev: {},
         data_fn=RandomBatches(images, labels),
-        grid_cond_fn=lambda n, dev: {"class_labels": torch.arange(n, device=dev) % NUM_CLASSES},
+        grid_cond_fn=lambda n, dev: denoiser.conditioning.grid(n, dev),
         sample_fn=sample_fn,
         save_fn=lambda model, folder, info: save_teacher_pipeline(model, folder, sched_cfg, info),
         info={"dataset": cfg.dataset},

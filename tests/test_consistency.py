@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from distilldiff.config import StudentConfig
 from distilldiff.engine import Engine
 from distilldiff.objectives import ConsistencyConfig, ConsistencyDistillation
 from distilldiff.students import ConsistencyDenoiser
@@ -40,7 +41,7 @@ def test_teacher_ode_step_follows_the_exact_flow(solver):
 def test_one_step_consistency_student_reproduces_the_mixture(tmp_path):
     """CD on the 2-D 4-mode mixture with the exact teacher, from an MLP copy of the teacher."""
     cd = ConsistencyDistillation.build(ConsistencyConfig(num_scales=18, target_ema=0.95), teacher())
-    student = cd.make_student(fitted_copy(), 2.5)
+    student = cd.make_student(fitted_copy(), StudentConfig())
     assert student.sigmas == [pytest.approx(80.0)] and student.sampler == "multistep"
     engine = Engine(task_for(cd, student), train_config(max_steps=3000, lr=1e-3, ema_halflife_kimg=20, seed=0), tmp_path)
     _, before_near = mode_report(engine.ema.module(torch.randn(4000, 2)).detach())
@@ -55,12 +56,12 @@ def test_one_step_consistency_student_reproduces_the_mixture(tmp_path):
 def test_target_network_is_checkpointed_and_resumed(tmp_path):
     cd = ConsistencyDistillation.build(ConsistencyConfig(target_ema=0.5), teacher())
     cfg = train_config(max_steps=4, checkpoint_every=2, batch_size=32)
-    engine = Engine(task_for(cd, cd.make_student(copy.deepcopy(fitted_copy()), 2.5)), cfg, tmp_path)
+    engine = Engine(task_for(cd, cd.make_student(copy.deepcopy(fitted_copy()), StudentConfig())), cfg, tmp_path)
     engine.train()
     saved = {k: v.clone() for k, v in engine.frozen["target"].state_dict().items()}
-    resumed = Engine(task_for(cd, cd.make_student(copy.deepcopy(fitted_copy()), 2.5)), cfg, tmp_path)
-    resumed.load_checkpoint(resumed.find_checkpoint("latest"))
-    fresh = cd.make_target(cd.make_student(copy.deepcopy(fitted_copy()), 2.5)).state_dict()
+    resumed = Engine(task_for(cd, cd.make_student(copy.deepcopy(fitted_copy()), StudentConfig())), cfg, tmp_path)
+    resumed.load_checkpoint(resumed.run_folder.find_checkpoint("latest"))
+    fresh = cd.make_target(cd.make_student(copy.deepcopy(fitted_copy()), StudentConfig())).state_dict()
     for k, v in resumed.frozen["target"].state_dict().items():
         torch.testing.assert_close(v, saved[k], rtol=0, atol=0)
     assert any((fresh[k] - saved[k]).abs().max() > 0 for k in saved)  # the target did move
@@ -83,7 +84,7 @@ def test_config_errors(kwargs, message):
 
 
 def test_multistep_sigmas_pick_from_the_training_grid():
-    from distilldiff.objectives.consistency import multistep_sigmas
+    from distilldiff.samplers import multistep_sigmas
 
     grid = [0.01, 0.1, 1.0, 10.0, 80.0]  # increasing, as the objective stores it
     assert multistep_sigmas(grid, 1) == [80.0]

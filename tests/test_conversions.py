@@ -1,4 +1,4 @@
-"""Every conversion in float64 against the closed form (DESIGN.md section 1)."""
+"""Every conversion in float64 against the closed form (docs/math.md, section 1)."""
 
 import math
 

@@ -41,7 +41,7 @@ def task(objective):
         networks={"generator": nn.Linear(2, 2)},
         sample_shape=(2,),
         cond_fn=lambda n, d: {},
-        sample_fn=lambda g, z, c: scatter_image(g(z)),
+        sample_fn=lambda g, z, c, gen: scatter_image(g(z)),
         save_fn=save_state,
     )
 
@@ -147,7 +147,7 @@ def test_latest_skips_a_checkpoint_whose_save_was_interrupted(tmp_path):
     Engine(task(Quadratic()), train_config(max_steps=2, batch_size=4, checkpoint_every=2), tmp_path).train()
     (tmp_path / "checkpoints" / "step-0000009").mkdir()  # killed mid-save: no state.json
     engine = Engine(task(Quadratic()), train_config(max_steps=3, batch_size=4), tmp_path)
-    assert engine.find_checkpoint("latest").name == "step-0000002"
+    assert engine.run_folder.find_checkpoint("latest").name == "step-0000002"
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):

@@ -14,7 +14,7 @@ import torch
 
 from distilldiff.export import export_run, load_student, save_student, stock_ddim_scheduler
 from distilldiff.pipelines import DistillDiffPipeline, GuidedUNet2DModel
-from distilldiff.sampling import load_sampler
+from distilldiff.inference import load_sampler
 from distilldiff.students import ConsistencyDenoiser, Student
 from distilldiff.teachers import VPDenoiser
 

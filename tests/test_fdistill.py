@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from distilldiff.config import StudentConfig
 from distilldiff.engine import Engine
 from distilldiff.objectives import Batch, FDistill, FDistillConfig
 from distilldiff.objectives.fdistill import F_OF_R, WEIGHTINGS, Discriminator
@@ -89,7 +90,7 @@ def test_one_step_student_reproduces_the_mixture(tmp_path, divergence):
     """
     fd = FDistill(FDistillConfig(divergence=divergence, p_mean=0.0, tmax=600), teacher())
     assert ("discriminator" in fd.networks) == (divergence == "js") and fd.needs_real_data == (divergence == "js")
-    student = fd.make_student(copy.deepcopy(fitted_copy()), 2.5)
+    student = fd.make_student(copy.deepcopy(fitted_copy()), StudentConfig(init_sigma=2.5))
     engine = Engine(task_for(fd, student), train_config(max_steps=3000, critic_lr=1e-3, ema_halflife_kimg=50, seed=1), tmp_path)
     _, before_near = mode_report(engine.ema.module(torch.randn(4000, 2)).detach())
     engine.train()

@@ -59,9 +59,15 @@ def test_eigenvalue_trace_matches_scipy_sqrtm(seed):
 def test_fid_of_a_set_with_itself_is_zero(extractor):
     x = mnist5k()[0][:16]
     ref = ReferenceStats.from_features(extractor(x))
-    result = compute_fid(x, 16, ref, extractor)
+    result = compute_fid(x, 16, ref, extractor, kid=True, pr=True)
     assert abs(result.fid) < 1e-3
     assert "default_1.pt" in result.weights
+    assert (result.precision, result.recall) == (1.0, 1.0)
+    # 16 < subset_size: every KID subset is the whole set, where the unbiased MMD^2 of a set with itself
+    # is (2/m) (mean off-diagonal kernel - mean diagonal kernel): slightly negative, and the same each time
+    m, k = 16, (ref.features @ ref.features.T / ref.features.shape[1] + 1) ** 3
+    expected = 2 / m * ((k.sum() - np.trace(k)) / (m * (m - 1)) - np.trace(k) / m)
+    assert -0.1 < expected < 0 and result.kid[0] == pytest.approx(expected, rel=1e-6) and result.kid[1] < 1e-12
 
 
 def test_fid_equals_torch_fidelity_calculate_metrics(extractor, tmp_path):
@@ -105,6 +111,55 @@ def test_kid_is_near_zero_for_one_distribution_and_positive_for_two():
     assert abs(same) < 0.02 and shifted > 0.3
     ident, _ = kernel_inception_distance(a, a, num_subsets=20, subset_size=200)
     assert abs(ident) < 0.05
+    small_shift, _ = kernel_inception_distance(a, b + 0.5, num_subsets=20, subset_size=200)
+    assert same < small_shift < shifted  # grows with the mean shift
+
+
+def _poly_kernel(u, v):
+    return (sum(ui * vi for ui, vi in zip(u, v)) / len(u) + 1) ** 3
+
+
+def _unbiased_mmd2(x, y):
+    """Binkowski et al. 2018 written out pair by pair: within-set sums skip i == j, the cross sum does not."""
+    m = len(x)
+    kxx = sum(_poly_kernel(x[i], x[j]) for i in range(m) for j in range(m) if i != j)
+    kyy = sum(_poly_kernel(y[i], y[j]) for i in range(m) for j in range(m) if i != j)
+    kxy = sum(_poly_kernel(x[i], y[j]) for i in range(m) for j in range(m))
+    return kxx / (m * (m - 1)) + kyy / (m * (m - 1)) - 2 * kxy / m**2
+
+
+def test_kid_equals_the_unbiased_mmd_written_out():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(6, 3)), rng.normal(0.5, 1.0, size=(7, 3))
+    # subsets of min(subset_size, 6, 7) = 6: all of x and 6 of y's 7 rows, so the subsets matter for y only
+    expected = _unbiased_mmd2(x, y[:6])
+    mean, std = kernel_inception_distance(x, y[:6], num_subsets=3, subset_size=1000)
+    assert mean == pytest.approx(expected, rel=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+    # smaller subsets: drawn without replacement by np.random.RandomState(seed), x's then y's per subset
+    rs = np.random.RandomState(5)
+    vals = []
+    for _ in range(4):
+        i, j = rs.choice(6, 4, replace=False), rs.choice(7, 4, replace=False)
+        vals.append(_unbiased_mmd2(x[i], y[j]))
+    mean, std = kernel_inception_distance(x, y, num_subsets=4, subset_size=4, seed=5)
+    assert mean == pytest.approx(np.mean(vals), rel=1e-12) and std == pytest.approx(np.std(vals), rel=1e-9)
+    assert kernel_inception_distance(x.astype(np.float32), y, 4, 4, 5) == kernel_inception_distance(x.astype(np.float32).astype(np.float64), y, 4, 4, 5)
+    assert kernel_inception_distance(x, y, 4, 4, seed=6) != (mean, std)
+
+
+def test_kid_and_precision_recall_errors_and_no_output(capsys):
+    with pytest.raises(ValueError, match="KID needs at least 2 samples per set, got 1 and 5"):
+        kernel_inception_distance(np.zeros((1, 3)), np.zeros((5, 3)))
+    with pytest.raises(ValueError, match=r"KID needs two \[N, D\] feature sets of the same D, got shapes \(4, 3\) and \(4, 2\)"):
+        kernel_inception_distance(np.zeros((4, 3)), np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="precision/recall with k=3 needs more than 3 samples per set, got 3 and 10"):
+        precision_recall(np.zeros((3, 2)), np.zeros((10, 2)))
+    with pytest.raises(ValueError, match=r"precision/recall needs two \[N, D\] feature sets"):
+        precision_recall(np.zeros(10), np.zeros((10, 1)))
+    rng = np.random.default_rng(0)
+    kernel_inception_distance(rng.normal(size=(20, 4)), rng.normal(size=(20, 4)), num_subsets=5, subset_size=10)
+    precision_recall(rng.normal(size=(20, 4)), rng.normal(size=(20, 4)))
+    assert capsys.readouterr() == ("", "")  # torch-fidelity's progress and result lines stay off
 
 
 def test_precision_recall_identical_and_disjoint():
@@ -114,6 +169,35 @@ def test_precision_recall_identical_and_disjoint():
     assert precision_recall(a, a + 100.0) == (0.0, 0.0)
     p, r = precision_recall(a, a[:, :] * 0.05)  # collapsed fakes: precise, but poor recall
     assert p > 0.9 and r < 0.3
+    p, r = precision_recall(a * 0.05, a)  # and the other way round: fakes spread wider than the reals
+    assert p < 0.3 and r > 0.9
+
+
+def test_precision_recall_of_a_worked_1d_example():
+    real = np.array([0.0, 1, 3, 7, 20, 30])[:, None]
+    fake = np.array([-1.0, 2.5, 6, 12, -5])[:, None]
+    # k=1 radii: real 0->1 1->1 3->2 7->4 20->10 30->10; fake -5->4 -1->3.5 2.5->3.5 6->3.5 12->6.
+    # fakes in a real ball: -1 (on the edge of [-1, 1]), 2.5, 6, 12, not -5: 4/5.
+    # reals in a fake ball: 0, 1, 3, 7, not 20 (12 +- 6) or 30: 4/6.
+    assert precision_recall(real, fake, k=1) == (4 / 5, 4 / 6)
+
+
+def test_precision_recall_equals_a_brute_force_count():
+    rng = np.random.default_rng(2)
+    real, fake = rng.normal(size=(12, 2)), rng.normal(0.7, 1.3, size=(10, 2))
+
+    def radii(s, k):  # distance to the k-th nearest *other* point of the same set
+        return [sorted(np.linalg.norm(s[i] - s[j]) for j in range(len(s)) if j != i)[k - 1] for i in range(len(s))]
+
+    def share_inside(points, centres, rad):
+        return sum(any(np.linalg.norm(p - c) <= r for c, r in zip(centres, rad)) for p in points) / len(points)
+
+    seen = set()
+    for k in (1, 3, 5):
+        expected = share_inside(fake, real, radii(real, k)), share_inside(real, fake, radii(fake, k))
+        assert precision_recall(real, fake, k=k) == pytest.approx(expected, abs=1e-12)
+        seen.add(expected)
+    assert len(seen) == 3 and 0 < min(min(e) for e in seen) < max(max(e) for e in seen)  # k matters, not all 0 or 1
 
 
 def test_statistics_need_two_samples():

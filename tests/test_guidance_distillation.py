@@ -5,6 +5,7 @@ student reproduces the classifier-free-guided teacher at two values of w."""
 import pytest
 import torch
 
+from distilldiff.config import StudentConfig
 from distilldiff.engine import Engine, TrainTask
 from distilldiff.objectives import GuidanceConfig, GuidanceDistillation
 from distilldiff.samplers import ddim_sample
@@ -40,7 +41,7 @@ def guided_task(objective, student, t: GaussianMixtureDenoiser, **more_networks)
         return x.to(device), {"class_labels": labels.to(device)}
 
     return TrainTask(objective=objective, networks={"teacher": cond_teacher(), "student": student, **more_networks},
-                     sample_shape=(2,), cond_fn=lambda n, d: {}, sample_fn=lambda g, z, c: scatter_image(g(z, **c)),
+                     sample_shape=(2,), cond_fn=lambda n, d: {}, sample_fn=lambda g, z, c, gen: scatter_image(g(z, **c)),
                      save_fn=save_state, data_fn=data,
                      grid_cond_fn=lambda n, d: {"class_labels": torch.arange(n) % 2, **objective.sample_cond(n, d)})
 
@@ -58,7 +59,7 @@ def test_w_conditioned_student_matches_the_guided_teacher(tmp_path):
     torch.manual_seed(0)
     t = cond_teacher()
     gd = GuidanceDistillation.build(GuidanceConfig(w_min=0.0, w_max=4.0, default_w=2.0, sample_steps=32, p_mean=0.0), t)
-    student = gd.make_student(w_conditioned_net(t), 0.0)
+    student = gd.make_student(w_conditioned_net(t), StudentConfig())
     engine = Engine(guided_task(gd, student, t), train_config(max_steps=2500, lr=1e-3, lr_schedule="linear", ema_halflife_kimg=20, seed=0), tmp_path)
     engine.train()
     final = engine.ema.module
@@ -86,7 +87,7 @@ def test_lcm_style_consistency_student_follows_the_guided_teacher_at_two_w(tmp_p
     torch.manual_seed(0)
     t = cond_teacher()
     cd = ConsistencyDistillation.build(ConsistencyConfig(num_scales=18, w_min=0.0, w_max=4.0), t)
-    student = cd.make_student(w_conditioned_net(t), 0.0)
+    student = cd.make_student(w_conditioned_net(t), StudentConfig())
     engine = Engine(guided_task(cd, student, t, target=cd.make_target(student)), train_config(max_steps=3000, lr=1e-3, ema_halflife_kimg=20, seed=0), tmp_path)
     engine.train()
     final = engine.ema.module

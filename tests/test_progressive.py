@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from distilldiff.config import StudentConfig
 from distilldiff.engine import Engine
 from distilldiff.objectives import ProgressiveConfig, ProgressiveDistillation
 from distilldiff.objectives.progressive import full_grid, stage_plan
@@ -50,7 +51,7 @@ def test_progressive_student_reaches_one_step_on_the_mixture(tmp_path):
     for k in stage_plan(cfg):
         pd = ProgressiveDistillation(cfg, grid[:: cfg.start_steps // (2 * k)])
         base = copy.deepcopy(fitted_copy()) if k == 4 else current
-        student = pd.make_student(base, 0.0)
+        student = pd.make_student(base, StudentConfig())
         task = task_for(pd, student)
         task.networks["teacher"] = current
         train = train_config(max_steps=600, lr=1e-3, lr_schedule="linear", ema_halflife_kimg=10, seed=k)

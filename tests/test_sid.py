@@ -60,7 +60,7 @@ def test_generator_sigma_range():
     s = sid.generator_sigma(100000, torch.zeros(1, dtype=torch.float64))
     top = (80 ** (1 / 7) + 0.2 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
     assert s.min() >= 0.002 and s.max() <= top + 1e-9
-    assert top == pytest.approx(24.4, abs=0.1)  # DESIGN.md: sigma in [0.002, ~24.4]
+    assert top == pytest.approx(24.4, abs=0.1)  # SiD (Zhou et al. 2024): sigma in [0.002, ~24.4]
 
 
 def test_each_phase_updates_only_its_network(tmp_path):

@@ -73,7 +73,7 @@ def task_for(objective, student, critics: dict | None = None) -> TrainTask:
         networks=networks,
         sample_shape=(2,),
         cond_fn=lambda n, device: {},
-        sample_fn=lambda gen, noise, cond: scatter_image(gen(noise)),
+        sample_fn=lambda student, noise, cond, generator: scatter_image(student(noise)),
         save_fn=save_state,
         data_fn=gmm_data,
     )

@@ -167,7 +167,7 @@ def _entries(args):
 def cmd_score(args) -> None:
     from distilldiff.metrics import InceptionFeatureExtractor, compute_fid, load_reference
     from distilldiff.metrics.classifier import class_accuracy, classifier_fd, load_mnist_classifier
-    from distilldiff.sampling import load_sampler
+    from distilldiff.inference import load_sampler
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -51,7 +51,7 @@ def main() -> None:
 
     dlog.disable_progress_bar()
     from distilldiff.pipelines import DistillDiffPipeline
-    from distilldiff.sampling import load_sampler
+    from distilldiff.inference import load_sampler
 
     folder = Path(args.student)
     index = json.loads((folder / "model_index.json").read_text())

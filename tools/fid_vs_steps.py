@@ -36,7 +36,7 @@ def _npz_source(path: Path):
 
 def entries(args) -> list[tuple[str, int | None, object, str]]:
     """(name, steps, image source, description) for every set to evaluate."""
-    from distilldiff.sampling import load_sampler
+    from distilldiff.inference import load_sampler
 
     out = []
     for p in args.samples or []:

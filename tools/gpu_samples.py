@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from distilldiff.images import to_uint8
-from distilldiff.sampling import load_sampler
+from distilldiff.inference import load_sampler
 
 
 def main() -> None:

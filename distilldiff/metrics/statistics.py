@@ -1,4 +1,8 @@
-"""Metrics on feature sets: Frechet distance, KID, precision/recall. All statistics in float64."""
+"""Metrics on feature sets, all from float64 features.
+
+Feature statistics and the Frechet distance are ours (EDM's eigenvalue method); KID and improved
+precision/recall are thin wrappers over torch-fidelity's feature-level functions.
+"""
 
 from __future__ import annotations
 
@@ -30,55 +34,57 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
 
 
+def _feature_pair(f1, f2, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two ``[N, D]`` feature sets as float64 CPU tensors, with one-line errors for bad shapes."""
+    t1 = torch.as_tensor(np.asarray(f1, dtype=np.float64))
+    t2 = torch.as_tensor(np.asarray(f2, dtype=np.float64))
+    if t1.ndim != 2 or t2.ndim != 2 or t1.shape[1] != t2.shape[1]:
+        raise ValueError(f"{what} needs two [N, D] feature sets of the same D, got shapes {tuple(t1.shape)} and {tuple(t2.shape)}")
+    return t1, t2
+
+
 def kernel_inception_distance(
     f1: np.ndarray, f2: np.ndarray, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0
 ) -> tuple[float, float]:
-    """Unbiased MMD^2 with the cubic polynomial kernel ``(x.y / d + 1)^3`` (Binkowski et al. 2018).
+    """KID (Binkowski et al. 2018): unbiased MMD^2 with the cubic polynomial kernel ``(x.y / d + 1)^3``.
 
-    Averaged over ``num_subsets`` random subsets of ``min(subset_size, N1, N2)`` samples.
-    Returns ``(mean, std)``.
+    Computed by torch-fidelity's ``kid_features_to_metric`` on float64 copies of the features: the
+    mean and (population) std over ``num_subsets`` pairs of random subsets of
+    ``m = min(subset_size, N1, N2)`` samples each, drawn without replacement by
+    ``np.random.RandomState(seed)``. Per subset pair the estimator is
+    ``sum_{i!=j} k(x_i, x_j) / (m (m-1)) + sum_{i!=j} k(y_i, y_j) / (m (m-1)) - 2 sum_{i,j} k(x_i, y_j) / m^2``
+    (torch-fidelity's ``mmd_est="unbiased"``), so it can be slightly negative for samples of one
+    distribution. Returns ``(mean, std)``.
     """
-    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
-    m = min(subset_size, len(f1), len(f2))
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    x, y = _feature_pair(f1, f2, "KID")
+    m = min(subset_size, len(x), len(y))
     if m < 2:
-        raise ValueError(f"KID needs at least 2 samples per set, got {len(f1)} and {len(f2)}")
-    rng = np.random.default_rng(seed)
-    d = f1.shape[1]
-    vals = []
-    for _ in range(num_subsets):
-        x = f1[rng.choice(len(f1), m, replace=False)]
-        y = f2[rng.choice(len(f2), m, replace=False)]
-        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
-        mmd = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
-        vals.append(mmd)
-    return float(np.mean(vals)), float(np.std(vals))
-
-
-def _kth_neighbour_radii(f: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
-    radii = []
-    for i in range(0, len(f), chunk):
-        d = torch.cdist(f[i : i + chunk], f)
-        radii.append(d.kthvalue(k + 1, dim=1).values)  # +1: the point itself is at distance 0
-    return torch.cat(radii)
-
-
-def _inside_any_ball(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    inside = []
-    for i in range(0, len(points), chunk):
-        inside.append((torch.cdist(points[i : i + chunk], centres) <= radii[None]).any(1))
-    return torch.cat(inside)
+        raise ValueError(f"KID needs at least 2 samples per set, got {len(x)} and {len(y)}")
+    out = kid_features_to_metric(
+        x, y, kid_subsets=num_subsets, kid_subset_size=m, kid_kernel="poly", kid_kernel_poly_degree=3,
+        kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1, rng_seed=seed, verbose=False,
+    )
+    return float(out[KEY_METRIC_KID_MEAN]), float(out[KEY_METRIC_KID_STD])
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
     """Improved precision and recall (Kynkaanniemi et al. 2019) with k-NN balls (k = 3).
 
-    Precision: share of fake samples inside some real sample's k-NN ball; recall: share of
-    real samples inside some fake sample's ball.
+    Computed by torch-fidelity's ``prc_features_to_metric`` on float64 CPU copies of the features
+    (fake as its ``features_1``, real as ``features_2``), in row blocks of 1024 samples
+    (``save_cpu_ram``) rather than full ``N x N`` distance matrices. Each sample's ball has the
+    Euclidean distance to its k-th nearest other sample of the same set as radius (the k+1-th
+    smallest distance, the point itself being the first); a boundary point counts as inside.
+    Precision: share of fake samples inside some real sample's ball; recall: share of real samples
+    inside some fake sample's ball.
     """
-    r = torch.as_tensor(np.asarray(real), dtype=torch.float64)
-    f = torch.as_tensor(np.asarray(fake), dtype=torch.float64)
+    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+
+    r, f = _feature_pair(real, fake, "precision/recall")
     if len(r) <= k or len(f) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set, got {len(r)} and {len(f)}")
-    precision = _inside_any_ball(f, r, _kth_neighbour_radii(r, k)).double().mean()
-    recall = _inside_any_ball(r, f, _kth_neighbour_radii(f, k)).double().mean()
-    return float(precision), float(recall)
+    out = prc_features_to_metric(f, r, prc_neighborhood=k, prc_batch_size=1024, save_cpu_ram=True, verbose=False)
+    # torch-fidelity averages the 0/1 hits in float32; the counts are exact, so restore count / N
+    return round(out[KEY_METRIC_PRECISION] * len(f)) / len(f), round(out[KEY_METRIC_RECALL] * len(r)) / len(r)

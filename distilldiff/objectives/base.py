@@ -1,20 +1,23 @@
-"""What an objective is: the networks it needs, its training phases, and one loss per phase.
+"""What an objective is: the networks it needs, its training phases, one loss per phase, its stages.
 
-Objectives never import the training engine; the engine imports them.
+Objectives never import the training engine, the runner or the samplers' callers; the engine
+and the runner (:mod:`distilldiff.distill`) import them. An objective registers itself with
+:func:`distilldiff.objectives.register`; nothing else has to change to add one.
 """
 
 from __future__ import annotations
 
 import abc
-import copy
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from ..students import OneStepGenerator, Student
+from ..config import ConfigError, ObjectiveConfig, StudentConfig
+from ..students import OneStepGenerator, Student, trainable_copy
 from ..teachers.base import Denoiser
+from ..tensors import append_dims, sum_chw
 
 
 @dataclass(frozen=True)
@@ -45,11 +48,26 @@ class Batch:
     real: Tensor | None = None
 
 
+@dataclass
+class Stage:
+    """One engine run of a distillation.
+
+    Attributes:
+        folder: sub-folder of the run folder it trains in (``""``: the run folder itself).
+        objective: the objective of this stage.
+    """
+
+    folder: str
+    objective: "Objective"
+
+
 class Objective(abc.ABC):
     """Base class of all objectives.
 
     Class attributes:
-        name: registry name used in configs (``objective.name``).
+        config_class: the objective's hyperparameters (an :class:`~distilldiff.config.ObjectiveConfig`
+            subclass; its ``name`` is the objective's name in configs).
+        name: registry name used in configs (``objective.name``); taken from ``config_class``.
         networks: role of every network the objective uses: ``"student"`` (the trained result,
             whose EMA is kept), ``"critic"`` (trained helper, e.g. a fake score), ``"frozen"``
             (the teacher) or ``"target"`` (a frozen copy of the student that the objective moves
@@ -57,29 +75,44 @@ class Objective(abc.ABC):
         needs_real_data: whether batches must carry real data.
     """
 
+    config_class: ClassVar[type[ObjectiveConfig]]
     name: ClassVar[str]
     networks: ClassVar[Mapping[str, str]]
     needs_real_data: ClassVar[bool] = False
-    #: whether the student is a one-step generator at ``student.init_sigma`` (else the key is an error)
-    uses_init_sigma: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "config_class" in cls.__dict__ and "name" not in cls.__dict__:
+            cls.name = cls.config_class.name
 
     @classmethod
-    def build(cls, config: Any, teacher: nn.Module) -> "Objective":
-        """Construct from the objective's config dataclass and the (frozen) teacher denoiser."""
+    def build(cls, config: Any, teacher: Denoiser) -> "Objective":
+        """Construct from the objective's config and the frozen teacher it trains against (which
+        may be classifier-free guided: :class:`~distilldiff.teachers.CFGDenoiser`)."""
         return cls(config)
 
     @property
     def student(self) -> str:
         return next(k for k, role in self.networks.items() if role == "student")
 
-    def make_student(self, teacher: Denoiser, init_sigma: float) -> Student:
-        """The trained student, built from the (unguided) teacher. Default: a one-step generator
-        at ``init_sigma`` whose denoiser is a copy of the teacher (SiD, f-distill)."""
-        return OneStepGenerator.from_teacher(teacher, init_sigma)
+    def stages(self) -> list[Stage]:
+        """The engine runs of this distillation, in order; each stage's EMA student is the next
+        stage's frozen teacher. Default: one run, in the run folder itself."""
+        return [Stage("", self)]
+
+    def make_student(self, teacher: Denoiser, student: StudentConfig) -> Student:
+        """The trained student, built from the (unguided) teacher and the ``student`` section.
+
+        Default: a one-step generator at ``student.init_sigma`` whose denoiser is a copy of the
+        teacher (SiD, f-distill). Objectives that build other students override this and reject
+        the keys of ``student`` they do not use (:func:`check_student_keys`)."""
+        return OneStepGenerator.from_teacher(teacher, student.resolved_init_sigma)
 
     def make_critic(self, name: str, teacher: Denoiser) -> nn.Module:
-        """A ``"critic"`` network; default: a trainable copy of the teacher (a fake score)."""
-        return copy.deepcopy(teacher).requires_grad_(True)
+        """A ``"critic"`` network; default: a trainable copy of the teacher (a fake score).
+
+        A critic may define ``trainable_parameters()``; otherwise all its parameters train."""
+        return trainable_copy(teacher)
 
     def make_target(self, student: Student) -> nn.Module:
         """A ``"target"`` network (objectives that declare one must override this)."""
@@ -90,7 +123,7 @@ class Objective(abc.ABC):
         return {}
 
     def sample_cond(self, n: int, device) -> dict[str, Tensor]:
-        """Extra conditioning for the sample grids of the student (e.g. its guidance scale)."""
+        """Extra student inputs for sample grids and evaluations (e.g. its guidance scale)."""
         return {}
 
     def update_targets(self, nets: Mapping[str, nn.Module]) -> None:
@@ -105,19 +138,11 @@ class Objective(abc.ABC):
         """Scalar loss of ``phase`` and a dict of detached scalars to log."""
 
 
-def sum_chw(x: Tensor) -> Tensor:
-    """Sum over every non-batch dimension: ``[B, ...] -> [B]``."""
-    return x.flatten(1).sum(1)
-
-
-def mean_chw(x: Tensor) -> Tensor:
-    """Mean over every non-batch dimension: ``[B, ...] -> [B]``."""
-    return x.flatten(1).mean(1)
-
-
-def bcast(t: Tensor, like: Tensor) -> Tensor:
-    """``[B] -> [B, 1, ..., 1]`` matching ``like``'s number of dimensions."""
-    return t.reshape(-1, *([1] * (like.ndim - 1)))
+def check_student_keys(student: StudentConfig, objective: str, uses: Iterable[str] = ()) -> None:
+    """One-line error for a key of the ``student`` section that ``objective`` would ignore."""
+    for key in student.set_keys():
+        if key not in uses:
+            raise ConfigError(f"student.{key}: objective '{objective}' sets its own noise levels and does not use it; remove the key")
 
 
 def edm_sigma(batch: int, p_mean: float, p_std: float, like: Tensor) -> Tensor:
@@ -139,7 +164,7 @@ def edm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
 
 def denoising_loss(denoiser: nn.Module, x0: Tensor, sigma: Tensor, weight: Tensor, cond: Mapping[str, Any]) -> Tensor:
     """``mean_B weight * sum_CHW ||D(x0 + sigma n, sigma) - x0||^2`` (denoising score matching)."""
-    noisy = x0 + bcast(sigma, x0) * torch.randn_like(x0)
+    noisy = x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
     return (weight * sum_chw((denoiser(noisy, sigma, **cond) - x0) ** 2)).mean()
 
 

@@ -1,25 +1,27 @@
-"""Consistency distillation (Song et al. 2023, Alg. 2), DESIGN.md section 3."""
+"""Consistency distillation (Song, Dhariwal, Chen, Sutskever; ICML 2023, Alg. 2); docs/math.md."""
 
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Mapping, Sequence
+from typing import ClassVar, Literal, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from ..samplers import karras_sigmas
-from ..students import ConsistencyDenoiser, Student
+from ..config import ObjectiveConfig, StudentConfig
+from ..samplers import karras_sigmas, multistep_sigmas
+from ..students import ConsistencyDenoiser, Student, guidance_conditioned_copy, trainable_copy
 from ..teachers.base import Denoiser
 from ..teachers.guidance import CFGDenoiser
-from .base import Batch, Objective, Phase, bcast, mean_chw
-from .guidance import check_guidance_teacher, check_w_range, draw_w, guided_copy, resolved_default_w
+from ..tensors import append_dims, mean_chw
+from .base import Batch, Objective, Phase, check_student_keys
+from .guidance_weights import check_guidance_teacher, check_w_range, draw_w, resolved_default_w, w_cond
 
 
 @dataclass
-class ConsistencyConfig:
+class ConsistencyConfig(ObjectiveConfig):
     """Hyperparameters of :class:`ConsistencyDistillation` (defaults: CD on CIFAR-10).
 
     Attributes:
@@ -38,6 +40,8 @@ class ConsistencyConfig:
         default_w: the w of the sample grids and the exported pipeline (default: the midpoint).
         guidance_embed_scale: w is multiplied by this before its sinusoidal embedding (VP students).
     """
+
+    name: ClassVar[str] = "consistency"
 
     num_scales: int = 18
     sigma_min: float | None = None
@@ -71,16 +75,6 @@ class ConsistencyConfig:
             raise ValueError(f"objective.sample_steps must be in [1, num_scales - 1], got {self.sample_steps}")
 
 
-def multistep_sigmas(grid: Sequence[float], steps: int) -> list[float]:
-    """Noise levels of ``steps``-step consistency sampling: ``steps`` levels of the increasing
-    training ``grid`` [N], evenly spaced in index from ``grid[N-1]`` (sigma_max) down, excluding ``grid[0]``."""
-    n = len(grid)
-    if not 1 <= steps <= n - 1:
-        raise ValueError(f"consistency sampling takes 1 to {n - 1} steps on a grid of {n} noise levels, got {steps}")
-    idx = torch.linspace(n - 1, 0, steps + 1).round().long()[:-1]
-    return [float(grid[i]) for i in idx]
-
-
 class ConsistencyDistillation(Objective):
     """Student ``f_theta`` (a :class:`ConsistencyDenoiser` copy of the teacher) made self-consistent
     along the teacher's probability-flow ODE. Needs real data (the ODE starts from noised data).
@@ -88,10 +82,9 @@ class ConsistencyDistillation(Objective):
     Networks: ``teacher`` (frozen), ``student`` (trained), ``target`` (EMA of the student, frozen).
     """
 
-    name: ClassVar[str] = "consistency"
+    config_class: ClassVar[type[ObjectiveConfig]] = ConsistencyConfig
     networks: ClassVar[Mapping[str, str]] = {"teacher": "frozen", "student": "student", "target": "target"}
     needs_real_data: ClassVar[bool] = True
-    uses_init_sigma: ClassVar[bool] = False
 
     def __init__(self, config: ConsistencyConfig, sigmas: Tensor):
         self.config = config
@@ -115,10 +108,11 @@ class ConsistencyDistillation(Objective):
     def default_w(self) -> float | None:
         return resolved_default_w(self.config.w_min, self.config.w_max, self.config.default_w)
 
-    def make_student(self, teacher: Denoiser, init_sigma: float) -> Student:
+    def make_student(self, teacher: Denoiser, student: StudentConfig) -> Student:
         """A multistep student: the consistency function at ``sample_steps`` grid levels from sigma_max."""
+        check_student_keys(student, self.name)
         c = self.config
-        inner = guided_copy(teacher, c.guidance_embed_scale) if c.guided else copy.deepcopy(teacher).requires_grad_(True)
+        inner = guidance_conditioned_copy(teacher, c.guidance_embed_scale) if c.guided else trainable_copy(teacher)
         f = ConsistencyDenoiser(inner, float(self.sigmas[0]))
         return Student(f, multistep_sigmas(self.sigmas.tolist(), c.sample_steps), "multistep")
 
@@ -128,7 +122,7 @@ class ConsistencyDistillation(Objective):
         return info if self.default_w is None else {**info, "default_guidance_scale": self.default_w}
 
     def sample_cond(self, n: int, device) -> dict[str, Tensor]:
-        return {} if self.default_w is None else {"guidance_scale": torch.full((n,), self.default_w, device=device)}
+        return w_cond(self.default_w, n, device)
 
     def make_target(self, student: Student) -> nn.Module:
         return copy.deepcopy(student.denoiser)
@@ -148,7 +142,7 @@ class ConsistencyDistillation(Objective):
 
     def ode_step(self, teacher: nn.Module, x: Tensor, s_from: Tensor, s_to: Tensor, cond: dict) -> Tensor:
         """One teacher probability-flow step in sigma space: dx/dsigma = (x - D(x, sigma)) / sigma."""
-        a, b = bcast(s_from, x), bcast(s_to, x)
+        a, b = append_dims(s_from, x.ndim), append_dims(s_to, x.ndim)
         d = (x - teacher(x, s_from, **cond)) / a
         x_next = x + (b - a) * d
         if self.config.solver == "euler":
@@ -174,7 +168,7 @@ class ConsistencyDistillation(Objective):
         sig = self.sigmas.to(device=x0.device, dtype=x0.dtype)
         n = torch.randint(0, len(sig) - 1, (x0.shape[0],), device=x0.device)
         s_hi, s_lo = sig[n + 1], sig[n]
-        x_hi = x0 + bcast(s_hi, x0) * torch.randn_like(x0)
+        x_hi = x0 + append_dims(s_hi, x0.ndim) * torch.randn_like(x0)
         teacher, cond = nets["teacher"], dict(batch.cond)
         if c.guided:
             w = draw_w(x0.shape[0], c.w_min, c.w_max, x0)

@@ -2,47 +2,45 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from ..config import DenoisingConfig
+from ..teachers.conditioning import Conditioning
 from .base import Batch, Objective, Phase, denoising_loss
 
-
-@dataclass
-class DenoisingConfig:
-    """Hyperparameters of :class:`DenoisingObjective`.
-
-    Attributes:
-        cond_drop_prob: probability of replacing a class label with the null label, so the
-            model also learns the unconditional score (classifier-free guidance).
-    """
-
-    cond_drop_prob: float = 0.1
+__all__ = ["DenoisingConfig", "DenoisingObjective"]
 
 
 class DenoisingObjective(Objective):
-    """DDPM training of a VP model, written in sigma space.
+    """DDPM training of a VP model (Ho et al. 2020), written in sigma space.
 
     Timesteps are uniform on the scheduler's grid and the loss on x0 is weighted so that it
     equals the loss on the model's own output: epsilon-prediction ``||eps_hat - eps||^2 =
     ||x0_hat - x0||^2 / sigma^2`` (Ho et al. 2020, eq. 14), v-prediction ``(1 + sigma^2) / sigma^2``,
-    sample-prediction 1.
+    sample-prediction 1. With ``cond_drop_prob`` the conditioning of that share of the samples is
+    replaced by the model's unconditional input (Ho & Salimans 2022, Alg. 1).
+
+    Args:
+        config: hyperparameters.
+        sigmas: ``[T]`` noise levels of the training timesteps.
+        prediction_type: the network's output (``epsilon``, ``v_prediction``, ``sample``).
+        conditioning: the model's conditioning (its unconditional input replaces dropped conditions).
     """
 
     name: ClassVar[str] = "denoising"
     networks: ClassVar[Mapping[str, str]] = {"model": "student"}
     needs_real_data: ClassVar[bool] = True
 
-    def __init__(self, config: DenoisingConfig, sigmas: Tensor, prediction_type: str, null_class: int | None):
-        if config.cond_drop_prob > 0 and null_class is None:
-            raise ValueError("objective.cond_drop_prob > 0 needs a model with a null class label (null_class)")
+    def __init__(self, config: DenoisingConfig, sigmas: Tensor, prediction_type: str, conditioning: Conditioning):
+        if config.cond_drop_prob > 0 and not conditioning.has_null:
+            raise ValueError("objective.cond_drop_prob > 0 needs a model with an unconditional input (a null class label, null_class)")
         self.config = config
         self.sigmas = sigmas.float()
         self.prediction_type = prediction_type
-        self.null_class = null_class
+        self.conditioning = conditioning
 
     def phases(self) -> list[Phase]:
         return [Phase("denoise", "model")]
@@ -59,9 +57,9 @@ class DenoisingObjective(Objective):
         t = torch.randint(0, len(self.sigmas), (x0.shape[0],))
         sigma = self.sigmas[t].to(x0)
         cond = dict(batch.cond)
-        if "class_labels" in cond and self.config.cond_drop_prob > 0:
+        if self.conditioning.split(cond)[0] and self.config.cond_drop_prob > 0:
             drop = torch.rand(x0.shape[0], device=x0.device) < self.config.cond_drop_prob
-            cond["class_labels"] = torch.where(drop, self.null_class, cond["class_labels"])
+            cond = self.conditioning.null_where(cond, drop)
         # per-pixel mean, as diffusers' MSE on the model output
         loss = denoising_loss(nets["model"], x0, sigma, self.weight(sigma), cond) / x0[0].numel()
         return loss, {"loss": loss.detach()}

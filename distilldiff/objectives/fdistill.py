@@ -1,4 +1,4 @@
-"""f-distill: f-divergence distribution matching (Xu, Nie, Vahdat 2025), DESIGN.md section 3.
+"""f-distill: f-divergence distribution matching (Xu, Nie, Vahdat 2025); docs/math.md.
 
 DMD (reverse KL, data-free) and DMD2 (reverse KL + GAN) are configurations of it.
 """
@@ -13,8 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import ObjectiveConfig
 from ..teachers.base import Denoiser
-from .base import Batch, Objective, Phase, bcast, fake_score_loss, karras_time_sigma, mean_chw
+from ..tensors import append_dims, mean_chw
+from .base import Batch, Objective, Phase, fake_score_loss, karras_time_sigma
 
 #: h(r) = r^2 f''(r) (up to a positive constant) for r = p_teacher / q_student (f-distill, Table 1)
 WEIGHTINGS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -52,7 +54,7 @@ def ratio_per_noise_bin(r: Tensor, sigma: Tensor, bins: int, sigma_min: float, s
 
 
 @dataclass
-class FDistillConfig:
+class FDistillConfig(ObjectiveConfig):
     """Hyperparameters of :class:`FDistill`.
 
     Attributes:
@@ -71,6 +73,8 @@ class FDistillConfig:
         p_mean, p_std: log-normal noise levels of the fake-score (EDM) loss.
         disc_channels: width of the discriminator network.
     """
+
+    name: ClassVar[str] = "fdistill"
 
     divergence: Divergence = "reverse_kl"
     gan_weight: float = 0.0
@@ -136,7 +140,7 @@ class Discriminator(nn.Module):
 
     def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None, **_: object) -> Tensor:
         """``[B]`` logits for ``x`` ``[B, *sample_shape]`` at ``sigma`` ``[B]``."""
-        s = bcast(sigma, x)
+        s = append_dims(sigma, x.ndim)
         x_in = x / (s**2 + self.sigma_data**2).sqrt()
         log_sigma = (s.log() / 4).expand(x.shape[0], *([1] * (x.ndim - 1)))
         if x.ndim == 4:
@@ -157,7 +161,7 @@ class FDistill(Objective):
     is on; trained on real data), ``generator`` (the student).
     """
 
-    name: ClassVar[str] = "fdistill"
+    config_class: ClassVar[type[ObjectiveConfig]] = FDistillConfig
 
     def __init__(self, config: FDistillConfig, teacher: Denoiser):
         self.config = config
@@ -206,8 +210,8 @@ class FDistill(Objective):
         with torch.no_grad():
             x_g = nets["generator"](batch.noise, **batch.cond)
         sigma = self.noise_sigma(x_g.shape[0], x_g)
-        fake_t = x_g + bcast(sigma, x_g) * torch.randn_like(x_g)
-        real_t = batch.real + bcast(sigma, x_g) * torch.randn_like(x_g)
+        fake_t = x_g + append_dims(sigma, x_g.ndim) * torch.randn_like(x_g)
+        real_t = batch.real + append_dims(sigma, x_g.ndim) * torch.randn_like(x_g)
         d_fake = nets["discriminator"](fake_t, sigma, **batch.cond)
         d_real = nets["discriminator"](real_t, sigma, **batch.cond)
         loss = (F.softplus(d_fake) + F.softplus(-d_real)).mean()
@@ -231,7 +235,7 @@ class FDistill(Objective):
         """0.5 ||x_g - sg(x_g - g)||^2, g = h(r) (x0_fake - x0_real) / mean|x_g - x0_real| (f-distill eq. 9)."""
         x_g = nets["generator"](batch.noise, **batch.cond)
         sigma = self.noise_sigma(x_g.shape[0], x_g)
-        x_t = x_g + bcast(sigma, x_g) * torch.randn_like(x_g)
+        x_t = x_g + append_dims(sigma, x_g.ndim) * torch.randn_like(x_g)
         logs: dict[str, Tensor] = {}
         with torch.no_grad():
             x0_real = nets["teacher"](x_t, sigma, **batch.cond)
@@ -241,7 +245,7 @@ class FDistill(Objective):
                 h = self.weights(nets["discriminator"](x_t, sigma, **batch.cond), sigma)
                 logs["h_max"] = h.max()
             w = h / (mean_chw((x_g - x0_real).abs()) + 1e-6)
-            grad = (x0_fake - x0_real) * bcast(w, x_g)
+            grad = (x0_fake - x0_real) * append_dims(w, x_g.ndim)
         loss = 0.5 * ((x_g - (x_g - grad).detach()) ** 2).mean()
         logs["dm_loss"] = loss.detach()
         if self.config.gan_weight > 0:

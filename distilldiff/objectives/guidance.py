@@ -1,4 +1,4 @@
-"""Guidance distillation, stage 1 (Meng et al., CVPR 2023), DESIGN.md section 3.
+"""Guidance distillation, stage 1 (Meng, Rombach, Gao, Kingma, Ermon, Ho, Salimans; CVPR 2023); docs/math.md.
 
 A student that takes the guidance scale ``w`` as an input learns the classifier-free-guided
 teacher ``D_c + w (D_c - D_u)`` over ``w ~ U[w_min, w_max]`` in one network evaluation per step
@@ -8,66 +8,25 @@ kept as an input (``objective.w_min``/``w_max`` of ``progressive``).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import ClassVar, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from ..config import ObjectiveConfig, StudentConfig
 from ..samplers import teacher_grid
-from ..students import Student
+from ..students import Student, guidance_conditioned_copy
 from ..teachers.base import Denoiser
 from ..teachers.guidance import CFGDenoiser
 from ..teachers.vp import VPDenoiser
-from .base import Batch, Objective, Phase, bcast, edm_sigma, edm_weight, mean_chw
-
-
-def check_w_range(w_min: float | None, w_max: float | None) -> None:
-    """An optional range of guidance weights: both unset, or both set with 0 <= w_min < w_max."""
-    if (w_min is None) != (w_max is None) or (w_min is not None and not 0 <= w_min < w_max):
-        raise ValueError(f"objective.w_min/w_max must both be set with 0 <= w_min < w_max (or both unset), got {w_min}/{w_max}")
-
-
-def resolved_default_w(w_min: float | None, w_max: float | None, default_w: float | None) -> float | None:
-    """The w of sample grids and exported pipelines: ``default_w``, else the range's midpoint (None: no range)."""
-    if w_min is None:
-        return None
-    return default_w if default_w is not None else (w_min + w_max) / 2
-
-
-def draw_w(n: int, w_min: float, w_max: float, like: Tensor) -> Tensor:
-    """``[n]`` guidance weights w ~ U[w_min, w_max], on ``like``'s device and dtype."""
-    return torch.rand(n, device=like.device, dtype=like.dtype) * (w_max - w_min) + w_min
-
-
-def check_guidance_teacher(teacher: Denoiser, what: str) -> None:
-    """A teacher that ``what`` can guide itself: unguided, class-conditional with a null class."""
-    if isinstance(teacher, CFGDenoiser):
-        raise ValueError(f"{what} applies guidance itself: set teacher.guidance_scale: 0")
-    if teacher.null_class is None:
-        raise ValueError(f"{what} needs a class-conditional teacher with a null class (null_class)")
-
-
-def guided_copy(teacher: Denoiser, guidance_embed_scale: float = 100.0) -> Denoiser:
-    """A trainable copy of ``teacher`` that takes ``guidance_scale=w`` as an input.
-
-    VP teachers get a :class:`~distilldiff.pipelines.GuidedUNet2DModel` (a zero-initialised w
-    embedding added to the class embedding, so the copy equals the teacher at every w at first);
-    other denoisers must already have a guidance input (``guidance = True``).
-    """
-    from ..pipelines import GuidedUNet2DModel
-
-    den = copy.deepcopy(teacher)
-    if isinstance(den, VPDenoiser):
-        den.model = GuidedUNet2DModel.from_unet(den.model, guidance_embed_scale=guidance_embed_scale)
-    elif not getattr(den, "guidance", False):
-        raise ValueError(f"a guidance-conditioned student needs a network with a guidance input; {type(den).__name__} has none")
-    return den.requires_grad_(True)
+from ..tensors import append_dims, mean_chw
+from .base import Batch, Objective, Phase, check_student_keys, edm_sigma, edm_weight
+from .guidance_weights import check_guidance_teacher, draw_w, w_cond
 
 
 @dataclass
-class GuidanceConfig:
+class GuidanceConfig(ObjectiveConfig):
     """Hyperparameters of :class:`GuidanceDistillation`.
 
     Attributes:
@@ -80,6 +39,8 @@ class GuidanceConfig:
         sigma_min, sigma_max, rho: the Karras sampling grid of non-VP teachers.
         guidance_embed_scale: w is multiplied by this before its sinusoidal embedding (VP students).
     """
+
+    name: ClassVar[str] = "guidance"
 
     w_min: float = 0.0
     w_max: float = 4.0
@@ -108,10 +69,9 @@ class GuidanceDistillation(Objective):
     Networks: ``teacher`` (frozen, unguided) and ``student`` (w-conditioned copy of the teacher).
     """
 
-    name: ClassVar[str] = "guidance"
+    config_class: ClassVar[type[ObjectiveConfig]] = GuidanceConfig
     networks: ClassVar[Mapping[str, str]] = {"teacher": "frozen", "student": "student"}
     needs_real_data: ClassVar[bool] = True
-    uses_init_sigma: ClassVar[bool] = False
 
     def __init__(self, config: GuidanceConfig, teacher: Denoiser, sample_sigmas: list[float]):
         check_guidance_teacher(teacher, "guidance distillation")
@@ -124,15 +84,16 @@ class GuidanceDistillation(Objective):
     def build(cls, config: GuidanceConfig, teacher: nn.Module) -> "GuidanceDistillation":
         return cls(config, teacher, teacher_grid(teacher, config.sample_steps, config.sigma_min, config.sigma_max, config.rho))
 
-    def make_student(self, teacher: Denoiser, init_sigma: float) -> Student:
+    def make_student(self, teacher: Denoiser, student: StudentConfig) -> Student:
         """A ``sample_steps``-step DDIM student; VP teachers get a :class:`GuidedUNet2DModel` copy."""
-        return Student(guided_copy(teacher, self.config.guidance_embed_scale), self.sample_sigmas, "ddim")
+        check_student_keys(student, self.name)
+        return Student(guidance_conditioned_copy(teacher, self.config.guidance_embed_scale), self.sample_sigmas, "ddim")
 
     def student_info(self) -> dict:
         return {"default_guidance_scale": self.config.default_w}
 
     def sample_cond(self, n: int, device) -> dict[str, Tensor]:
-        return {"guidance_scale": torch.full((n,), self.config.default_w, device=device)}
+        return w_cond(self.config.default_w, n, device)
 
     def phases(self) -> list[Phase]:
         return [Phase("student", "student")]
@@ -149,7 +110,7 @@ class GuidanceDistillation(Objective):
         n = x0.shape[0]
         w = draw_w(n, c.w_min, c.w_max, x0)
         sigma = self.training_sigma(n, x0)
-        x_t = x0 + bcast(sigma, x0) * torch.randn_like(x0)
+        x_t = x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
         with torch.no_grad():
             target = CFGDenoiser(nets["teacher"], w)(x_t, sigma, **batch.cond)
         pred = nets["student"](x_t, sigma=sigma, guidance_scale=w, **batch.cond)

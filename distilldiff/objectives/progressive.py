@@ -1,30 +1,30 @@
-"""Progressive distillation (Salimans & Ho 2022), DESIGN.md section 3.
+"""Progressive distillation (Salimans & Ho, ICLR 2022); docs/math.md.
 
 One :class:`ProgressiveDistillation` object is one stage (a 2K-step teacher -> a K-step
-student, ``train.max_steps`` updates); :func:`stage_plan` lists the stages from ``start_steps``
-down to ``end_steps``. The
-stage loop that makes each student the next teacher lives with the runner
-(:func:`distilldiff.distill.distill`), around the one training engine.
+student, ``train.max_steps`` updates); :meth:`ProgressiveDistillation.stages` lists the stages
+from ``start_steps`` down to ``end_steps``, and the runner (:func:`distilldiff.distill.distill`)
+makes each stage's student the next stage's teacher.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import ClassVar, Mapping
 
 import torch
 from torch import Tensor, nn
 
+from ..config import ObjectiveConfig, StudentConfig
 from ..samplers import teacher_grid
-from ..students import Student
+from ..students import Student, trainable_copy
 from ..teachers.base import Denoiser
-from .base import Batch, Objective, Phase, bcast, mean_chw
-from .guidance import check_w_range, draw_w, resolved_default_w
+from ..tensors import append_dims, mean_chw
+from .base import Batch, Objective, Phase, Stage, check_student_keys
+from .guidance_weights import check_w_range, draw_w, resolved_default_w, w_cond
 
 
 @dataclass
-class ProgressiveConfig:
+class ProgressiveConfig(ObjectiveConfig):
     """Hyperparameters of progressive distillation.
 
     Attributes:
@@ -37,6 +37,8 @@ class ProgressiveConfig:
         sigma_min, sigma_max, rho: the Karras grid of N noise levels for non-VP teachers
             (VP/diffusers teachers use DDIM's "trailing" timesteps, which nest from stage to stage).
     """
+
+    name: ClassVar[str] = "progressive"
 
     start_steps: int = 8
     end_steps: int = 1
@@ -78,32 +80,41 @@ class ProgressiveDistillation(Objective):
         config: the run's hyperparameters.
         teacher_sigmas: the teacher's 2K decreasing noise levels at this stage; the student
             uses every other one.
+        full_grid: the first teacher's N noise levels, from which :meth:`stages` derives every
+            stage (default: ``teacher_sigmas``, i.e. this is the first stage).
     """
 
-    name: ClassVar[str] = "progressive"
+    config_class: ClassVar[type[ObjectiveConfig]] = ProgressiveConfig
     networks: ClassVar[Mapping[str, str]] = {"teacher": "frozen", "student": "student"}
     needs_real_data: ClassVar[bool] = True
-    uses_init_sigma: ClassVar[bool] = False
-    staged: ClassVar[bool] = True
 
-    def __init__(self, config: ProgressiveConfig, teacher_sigmas: list[float]):
+    def __init__(self, config: ProgressiveConfig, teacher_sigmas: list[float], full_grid: list[float] | None = None):
         if len(teacher_sigmas) < 2 or len(teacher_sigmas) % 2:
             raise ValueError(f"a stage needs an even number (>= 2) of teacher noise levels, got {len(teacher_sigmas)}")
         self.config = config
         self.teacher_sigmas = torch.tensor(teacher_sigmas, dtype=torch.float64)
+        self.full_grid = list(teacher_sigmas) if full_grid is None else list(full_grid)
 
     @classmethod
     def build(cls, config: ProgressiveConfig, teacher: nn.Module) -> "ProgressiveDistillation":
         """The first stage (N-step teacher)."""
         return cls(config, full_grid(config, teacher))
 
+    def stages(self) -> list[Stage]:
+        """One stage per halving, in ``stage-KKKK`` (K = the stage's student steps): the student of
+        stage K learns two DDIM steps of a 2K-step teacher on every (N / 2K)-th level of the full grid."""
+        n = self.config.start_steps
+        return [Stage(f"stage-{k:04d}", ProgressiveDistillation(self.config, self.full_grid[:: n // (2 * k)], self.full_grid))
+                for k in stage_plan(self.config)]
+
     @property
     def student_sigmas(self) -> list[float]:
         return [float(s) for s in self.teacher_sigmas[::2]]
 
-    def make_student(self, teacher: Denoiser, init_sigma: float) -> Student:
+    def make_student(self, teacher: Denoiser, student: StudentConfig) -> Student:
         """A K-step DDIM student whose denoiser starts as a copy of this stage's teacher."""
-        return Student(copy.deepcopy(teacher).requires_grad_(True), self.student_sigmas, "ddim")
+        check_student_keys(student, self.name)
+        return Student(trainable_copy(teacher), self.student_sigmas, "ddim")
 
     def phases(self) -> list[Phase]:
         return [Phase("student", "student")]
@@ -116,11 +127,11 @@ class ProgressiveDistillation(Objective):
         return {} if self.default_w is None else {"default_guidance_scale": self.default_w}
 
     def sample_cond(self, n: int, device) -> dict[str, Tensor]:
-        return {} if self.default_w is None else {"guidance_scale": torch.full((n,), self.default_w, device=device)}
+        return w_cond(self.default_w, n, device)
 
     def target(self, teacher: nn.Module, z: Tensor, s_a: Tensor, s_m: Tensor, s_b: Tensor, cond: dict) -> Tensor:
         """x_target = (z'' - (s_b/s_a) z) / (1 - s_b/s_a), z'' after two teacher DDIM steps s_a -> s_m -> s_b."""
-        a, m, b = bcast(s_a, z), bcast(s_m, z), bcast(s_b, z)
+        a, m, b = (append_dims(s, z.ndim) for s in (s_a, s_m, s_b))
         x1 = teacher(z, s_a, **cond)
         z1 = x1 + (m / a) * (z - x1)  # DDIM in sigma space: x_b = x0 + (sigma_b / sigma_a)(x_a - x0)
         x2 = teacher(z1, s_m, **cond)
@@ -136,7 +147,7 @@ class ProgressiveDistillation(Objective):
         sig = torch.cat([self.teacher_sigmas, self.teacher_sigmas.new_zeros(1)]).to(device=x0.device, dtype=x0.dtype)
         i = 2 * torch.randint(0, len(self.teacher_sigmas) // 2, (x0.shape[0],), device=x0.device)
         s_a, s_m, s_b = sig[i], sig[i + 1], sig[i + 2]
-        z = x0 + bcast(s_a, x0) * torch.randn_like(x0)
+        z = x0 + append_dims(s_a, x0.ndim) * torch.randn_like(x0)
         with torch.no_grad():
             target = self.target(nets["teacher"], z, s_a, s_m, s_b, cond)
         pred = nets["student"](z, sigma=s_a, **cond)

@@ -1,4 +1,4 @@
-"""SiD: Score identity Distillation (Zhou et al., ICML 2024), DESIGN.md section 3."""
+"""SiD: Score identity Distillation (Zhou, Zheng, Wang, Yin, Huang; ICML 2024); docs/math.md."""
 
 from __future__ import annotations
 
@@ -8,11 +8,13 @@ from typing import ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from .base import Batch, Objective, Phase, bcast, fake_score_loss, karras_time_sigma, mean_chw, sum_chw
+from ..config import ObjectiveConfig
+from ..tensors import append_dims, mean_chw, sum_chw
+from .base import Batch, Objective, Phase, fake_score_loss, karras_time_sigma
 
 
 @dataclass
-class SiDConfig:
+class SiDConfig(ObjectiveConfig):
     """Hyperparameters of :class:`SiD` (defaults: the official code on CIFAR-10).
 
     Attributes:
@@ -23,6 +25,8 @@ class SiDConfig:
         loss_scale: multiplier of the generator loss (100 in the official code).
         critic_ratio: fake-score updates per generator update.
     """
+
+    name: ClassVar[str] = "sid"
 
     alpha: float = 1.2
     tmax: int = 800
@@ -48,7 +52,7 @@ class SiD(Objective):
     generated images), ``generator`` (G, the one-step student).
     """
 
-    name: ClassVar[str] = "sid"
+    config_class: ClassVar[type[ObjectiveConfig]] = SiDConfig
     networks: ClassVar[Mapping[str, str]] = {"teacher": "frozen", "fake_score": "critic", "generator": "student"}
 
     def __init__(self, config: SiDConfig, sigma_data: float):
@@ -80,7 +84,7 @@ class SiD(Objective):
         """SiD generator loss (Zhou et al. 2024, eq. 21 with the official normaliser w)."""
         x_g = nets["generator"](batch.noise, **batch.cond)
         sigma = self.generator_sigma(x_g.shape[0], x_g)
-        x_t = x_g + bcast(sigma, x_g) * torch.randn_like(x_g)
+        x_t = x_g + append_dims(sigma, x_g.ndim) * torch.randn_like(x_g)
         y_real = nets["teacher"](x_t, sigma, **batch.cond)
         y_fake = nets["fake_score"](x_t, sigma, **batch.cond)
         return self.generator_loss_from(x_g, y_real, y_fake)

@@ -6,6 +6,7 @@ from importlib import resources
 from pathlib import Path
 
 from .base import Denoiser
+from .conditioning import ClassLabels, Conditioning
 from .gmm import GaussianMixtureDenoiser
 from .guidance import CFGDenoiser
 from .vp import VPDenoiser, ddim_timesteps
@@ -55,6 +56,8 @@ def load_teacher(path: str, guidance_scale: float = 0.0, **overrides) -> Denoise
 
 __all__ = [
     "Denoiser",
+    "Conditioning",
+    "ClassLabels",
     "VPDenoiser",
     "GaussianMixtureDenoiser",
     "CFGDenoiser",

@@ -7,6 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..tensors import append_dims
+from .conditioning import Conditioning, class_conditioning
+
 
 class Denoiser(nn.Module):
     """A denoiser ``D(x, sigma, **cond) ~= E[x0 | x_sigma]`` in EDM's sigma space.
@@ -21,6 +24,9 @@ class Denoiser(nn.Module):
         sample_shape: shape of one sample without the batch dimension, e.g. ``(1, 28, 28)``.
         num_classes: number of class labels for class-conditional models, else ``None``.
         null_class: label meaning "no class" (used by classifier-free guidance), else ``None``.
+
+    What the model is conditioned on, and how to draw it, is :attr:`conditioning`; which of its
+    parameters a trained copy updates is :meth:`trainable_parameters`.
     """
 
     sigma_min: float
@@ -59,12 +65,16 @@ class Denoiser(nn.Module):
 
     def score(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
         """grad_x log p_sigma(x) = (D(x, sigma) - x) / sigma^2."""
-        s = self.expand_sigma(sigma, x).reshape(-1, *([1] * (x.ndim - 1)))
+        s = append_dims(self.expand_sigma(sigma, x), x.ndim)
         return (self(x, sigma, **cond) - x) / s**2
 
-    def sample_class_labels(self, n: int, device: torch.device | str, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Draw conditioning for ``n`` samples: uniform class labels, or ``{}`` if unconditional."""
-        if self.num_classes is None:
-            return {}
-        labels = torch.randint(0, self.num_classes, (n,), device="cpu", generator=generator)
-        return {"class_labels": labels.to(device)}
+    @property
+    def conditioning(self) -> Conditioning:
+        """The keyword arguments this denoiser takes: class labels (from ``num_classes`` and
+        ``null_class``) or none. Denoisers with other conditioning override this."""
+        return class_conditioning(self.num_classes, self.null_class)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters a trained copy of this denoiser updates (default: all of them; an
+        adapter such as LoRA returns only its own). The training engine optimises exactly these."""
+        return list(self.parameters())

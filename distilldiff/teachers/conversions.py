@@ -3,20 +3,13 @@
 Every objective in distilldiff works in the variance-exploding "sigma space" of EDM:
 ``x_sigma = x0 + sigma * eps``. These helpers map the other common conventions onto it.
 All functions are elementwise, differentiable and dtype-preserving; ``sigma``/``alpha_bar``
-broadcast against ``x`` when given with shape ``[B, 1, 1, 1]`` (see :func:`append_dims`).
+broadcast against ``x`` when given with shape ``[B, 1, 1, 1]`` (:func:`distilldiff.tensors.append_dims`).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-
-def append_dims(t: Tensor, ndim: int) -> Tensor:
-    """Reshape a ``[B]`` (or scalar) tensor to ``[B, 1, ..., 1]`` with ``ndim`` dimensions."""
-    if t.ndim > ndim:
-        raise ValueError(f"cannot broadcast a tensor of shape {tuple(t.shape)} to {ndim} dims")
-    return t.reshape(t.shape + (1,) * (ndim - t.ndim))
 
 
 # --- VP / DDPM family: x_t = sqrt(a) x0 + sqrt(1 - a) eps, a = alphabar_t -------------------

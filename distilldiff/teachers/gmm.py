@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..tensors import append_dims
 from .base import Denoiser
 
 
@@ -110,7 +111,7 @@ class GaussianMixtureDenoiser(Denoiser):
         logw = self._log_weights(class_labels, n, "cpu")
         k = torch.multinomial(logw.exp(), 1, generator=generator).squeeze(1)
         noise = torch.randn((n, *self.sample_shape), generator=generator, dtype=torch.float64)
-        x = self.means.cpu()[k] + self.stds.cpu()[k].reshape(-1, *([1] * len(self.sample_shape))) * noise
+        x = self.means.cpu()[k] + append_dims(self.stds.cpu()[k], 1 + len(self.sample_shape)) * noise
         return x.to(dtype), k
 
     def assign_components(self, x: Tensor) -> Tensor:

@@ -7,46 +7,51 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..tensors import append_dims
 from .base import Denoiser
+from .conditioning import Conditioning
 
 
 class CFGDenoiser(Denoiser):
-    """``D_w(x) = D(x, cond) + w (D(x, cond) - D(x, uncond))`` (w = 0: no guidance).
+    """``D_w(x) = D(x, cond) + w (D(x, cond) - D(x, uncond))`` (w = 0: no guidance; Ho & Salimans 2022, eq. 6).
 
-    diffusers/LCM write ``guidance_scale = 1 + w``. The unconditional branch replaces
-    ``class_labels`` with the wrapped model's ``null_class``; both branches run as one batch.
+    diffusers/LCM write ``guidance_scale = 1 + w``. The unconditional branch takes the wrapped
+    model's own unconditional input (:meth:`Conditioning.null`, e.g. its null class label); both
+    branches run as one batch. A call without conditioning is answered unconditionally.
 
     Args:
-        denoiser: a class-conditional denoiser with ``null_class`` set.
+        denoiser: a conditional denoiser with an unconditional input.
         scale: guidance weight ``w`` (float, or a ``[B]`` tensor for per-sample guidance).
     """
 
     def __init__(self, denoiser: Denoiser, scale: float | Tensor):
         super().__init__()
-        if denoiser.null_class is None:
+        if not denoiser.conditioning.has_null:
             raise ValueError(
-                "classifier-free guidance needs a teacher with a null class label (null_class); "
-                "this teacher has none"
+                "classifier-free guidance needs a teacher with an unconditional input (e.g. a null class label, "
+                "null_class); this teacher has none"
             )
         self.inner = denoiser
         self.scale = scale
         for name in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes", "null_class"):
             setattr(self, name, getattr(denoiser, name))
 
+    @property
+    def conditioning(self) -> Conditioning:
+        return self.inner.conditioning
+
     def prior_scale(self, sigma: Tensor) -> Tensor:
         return self.inner.prior_scale(sigma)
 
-    def denoise(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None, **cond: Any) -> Tensor:
-        if class_labels is None:  # unconditional request: guidance has nothing to amplify
-            return self.inner(x, sigma, class_labels=torch.full((x.shape[0],), self.null_class, device=x.device), **cond)
-        class_labels = torch.as_tensor(class_labels, device=x.device).reshape(-1).expand(x.shape[0])
-        null = torch.full_like(class_labels, self.null_class)
-        batched = lambda v: torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == x.shape[0]  # noqa: E731
-        other = {k: torch.cat([v, v]) if batched(v) else v for k, v in cond.items()}
-        both = self.inner(
-            torch.cat([x, x]), torch.cat([sigma, sigma]), class_labels=torch.cat([class_labels, null]), **other
-        )
-        d_cond, d_uncond = both.chunk(2)
+    def denoise(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        n, conditioning = x.shape[0], self.conditioning
+        own, other = conditioning.split(cond)
+        if not own:  # unconditional request: guidance has nothing to amplify
+            return self.inner(x, sigma, **conditioning.null(n, x.device), **other)
+        own, null = conditioning.expand(own, n, x.device), conditioning.null(n, x.device)
+        both = {k: torch.cat([own[k], null[k]]) for k in own}
+        batched = lambda v: torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n  # noqa: E731
+        other = {k: torch.cat([v, v]) if batched(v) else v for k, v in other.items()}
+        d_cond, d_uncond = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), **both, **other).chunk(2)
         w = torch.as_tensor(self.scale, device=x.device, dtype=x.dtype)
-        w = w.reshape(-1, *([1] * (x.ndim - 1))) if w.ndim else w
-        return d_cond + w * (d_cond - d_uncond)
+        return d_cond + append_dims(w, x.ndim) * (d_cond - d_uncond)

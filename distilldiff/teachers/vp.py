@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..tensors import append_dims
 from .base import Denoiser
 from .conversions import LogSigmaInterpolator, vp_scale_input, vp_sigma_from_alpha_bar, vp_x0_from_output
 
@@ -20,9 +21,12 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 class VPDenoiser(Denoiser):
     """Wraps a VP network ``model(x_t, t, **cond)`` (e.g. a diffusers ``UNet2DModel``) as ``D(x, sigma)``.
 
-    Conversion (DESIGN.md section 1): ``a = 1 / (1 + sigma^2)``, ``x_t = x_sigma / sqrt(1 + sigma^2)``,
-    the timestep is interpolated in log-sigma between the scheduler's discrete steps, and the
-    model output is turned into x0 according to ``prediction_type``.
+    Conversion (Karras et al. 2022, Table 1, VP column; docs/math.md): ``a = 1 / (1 + sigma^2)``,
+    ``x_t = x_sigma / sqrt(1 + sigma^2)``, the timestep is interpolated in log-sigma between the
+    scheduler's discrete steps (as k-diffusion's ``DiscreteSchedule``), and the model output is
+    turned into x0 according to ``prediction_type``. A network kept in another dtype than the
+    sample (a frozen teacher in bfloat16) receives its input in its own dtype; the x0 estimate
+    comes back in the sample's dtype.
 
     Args:
         model: network called as ``model(x_t [B, C, H, W], t [B], **cond)``; its return value may be a
@@ -75,11 +79,12 @@ class VPDenoiser(Denoiser):
         return self.schedule.sigma(torch.as_tensor(timestep, dtype=torch.float64))
 
     def denoise(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
-        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
+        s = append_dims(sigma, x.ndim)
         x_t = vp_scale_input(x, s)
         t_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # 999 stays 999
         t = self.sigma_to_timestep(sigma.detach()).to(t_dtype)
-        out = self.model(x_t, t, **cond)
+        model_dtype = getattr(self.model, "dtype", x_t.dtype)
+        out = self.model(x_t.to(model_dtype) if isinstance(model_dtype, torch.dtype) else x_t, t, **cond)
         out = getattr(out, "sample", out)
         if out.shape[1] == 2 * x.shape[1]:  # learned variance: keep the mean prediction
             out = out[:, : x.shape[1]]

@@ -1,4 +1,5 @@
-"""Load a run, a student folder or a teacher and draw samples from it."""
+"""Inference: load a run, a student folder or a teacher and draw images from it (the ``sample``
+and ``fid`` commands). The sampling algorithms themselves live in :mod:`distilldiff.samplers`."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import torch
 from torch import Tensor
 
 from .export import STUDENT_INFO_FILE, load_student
-from .students import Student
 from .images import save_grid
-from .samplers import ddim_sample
-from .teachers import CFGDenoiser, Denoiser, VPDenoiser, load_teacher
+from .samplers import ddim_sample, multistep_sigmas
+from .students import Student
+from .teachers import CFGDenoiser, ClassLabels, Denoiser, VPDenoiser, load_teacher
 
 
 @dataclass
@@ -51,11 +52,12 @@ class Sampler:
         for start in range(0, num, batch_size):
             n = min(batch_size, num - start)
             noise = torch.randn((n, *self.denoiser.sample_shape), generator=g).to(self.device)
-            cond = {}
-            if self.denoiser.num_classes is not None:
-                labels = torch.arange(start, start + n) % self.denoiser.num_classes if class_label is None else torch.full((n,), class_label)
-                cond["class_labels"] = labels.to(self.device)
-            elif class_label is not None:
+            conditioning = self.denoiser.conditioning
+            if class_label is None:
+                cond = conditioning.grid(n, self.device, start)
+            elif isinstance(conditioning, ClassLabels):
+                cond = conditioning.of(class_label, n, self.device)
+            else:
                 raise ValueError("--class-label given, but the model is not class-conditional")
             for key, value in self.extra_cond.items():
                 cond[key] = torch.full((n,), value, device=self.device)
@@ -72,8 +74,6 @@ def _load_student(folder: Path, device: torch.device, guidance_scale: float | No
         if "consistency_grid" not in meta:
             raise ValueError(f"{folder}: this student samples in {student.num_steps} step(s), got --steps {steps} "
                              "(only consistency students choose their steps at sampling time)")
-        from .objectives.consistency import multistep_sigmas
-
         student = Student(student.denoiser, multistep_sigmas(meta["consistency_grid"], steps), student.sampler)
     student = student.to(device)
     extra = {}
@@ -104,11 +104,11 @@ def load_sampler(model: str, steps: int | None = None, guidance_scale: float | N
         return _load_student(path, dev, guidance_scale, steps)
     if path.is_dir() and (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{model}: run folder has no student yet (it is written at the first checkpoint)")
-    teacher = load_teacher(model, guidance_scale or 0.0).to(dev).eval()
+    base = load_teacher(model).to(dev).eval()
+    teacher = CFGDenoiser(base, guidance_scale) if guidance_scale else base
     steps = steps or 50
-    inner = teacher.inner if isinstance(teacher, CFGDenoiser) else teacher
-    sigmas = inner.discrete_sigmas(steps, "trailing") if isinstance(inner, VPDenoiser) else None
-    if sigmas is None:
+    if not isinstance(base, VPDenoiser):
         raise ValueError(f"{model}: sampling supports DDPM-family teachers")
+    sigmas = base.discrete_sigmas(steps, "trailing")
     desc = f"teacher, {steps}-step DDIM" + (f", guidance w={guidance_scale}" if guidance_scale else "")
-    return Sampler(inner, lambda z, cond, g: ddim_sample(teacher, z, sigmas, **cond), desc, dev, num_steps=steps)
+    return Sampler(base, lambda z, cond, g: ddim_sample(teacher, z, sigmas, **cond), desc, dev, num_steps=steps)

@@ -1,0 +1,14 @@
+"""The training engine, split by concern: the loop (:class:`Engine`), what it trains
+(:class:`TrainTask`), the student's EMA (:class:`EMA`), the maintenance schedule
+(:class:`Schedule`) and the run folder's I/O (:class:`RunFolder`)."""
+
+from .ema import EMA
+from .engine import Engine, NonFiniteError, TrainState, trainable_parameters
+from .run_folder import CHECKPOINT_PREFIX, RunFolder
+from .schedule import Due, LogWindow, Schedule
+from .task import SampleFn, TrainTask
+
+__all__ = [
+    "EMA", "Engine", "NonFiniteError", "TrainState", "trainable_parameters", "CHECKPOINT_PREFIX", "RunFolder",
+    "Due", "LogWindow", "Schedule", "SampleFn", "TrainTask",
+]

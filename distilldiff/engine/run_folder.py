@@ -1,0 +1,121 @@
+"""The run folder on disk: its layout, checkpoint completeness and rotation, the evaluation log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..config import dump_yaml
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "step-"
+STATE_FILE = "state.json"
+
+
+class RunFolder:
+    """Paths and file I/O of one training run (no training logic).
+
+    Layout: ``config.yaml``, ``checkpoints/step-XXXXXXX/`` (accelerate state, ``ema.safetensors``,
+    ``targets.safetensors`` and ``state.json``, written last: its presence marks a complete
+    checkpoint), ``student/`` (the EMA student as a loadable folder), ``samples/step-XXXXXXX.png``
+    and ``latest.png``, ``logs/`` (tensorboard) and ``eval.jsonl`` (one line per evaluation).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def student(self) -> Path:
+        return self.root / "student"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def eval_log(self) -> Path:
+        return self.root / "eval.jsonl"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"{CHECKPOINT_PREFIX}{step:07d}"
+
+    def sample_grid(self, step: int) -> Path:
+        return self.root / "samples" / f"{CHECKPOINT_PREFIX}{step:07d}.png"
+
+    def write_config(self, config: Any) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        dump_yaml(config, self.config_file)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def complete_checkpoints(self) -> list[Path]:
+        """This run's checkpoints that finished writing (a save killed half-way has no state.json), oldest first."""
+        return sorted(p for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file())
+
+    def find_checkpoint(self, resume: str) -> Path:
+        """``latest`` -> the newest complete checkpoint of this run; otherwise the given path."""
+        if resume == "latest":
+            found = self.complete_checkpoints()
+            if not found:
+                raise FileNotFoundError(f"--resume latest: no checkpoint under {self.checkpoints}")
+            return found[-1]
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE})")
+        return path
+
+    def has_finished(self, step: int) -> bool:
+        """Whether the checkpoint of ``step`` is complete (a staged run's finished stage)."""
+        return (self.checkpoint(step) / STATE_FILE).is_file()
+
+    @staticmethod
+    def write_state(checkpoint: Path, state: dict) -> None:
+        """Write the counters that complete a checkpoint (after everything else in it)."""
+        (checkpoint / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+    @staticmethod
+    def read_state(checkpoint: Path) -> dict:
+        return json.loads((checkpoint / STATE_FILE).read_text())
+
+    def rotate(self, keep: int) -> None:
+        """Delete all but the newest ``keep`` complete checkpoints."""
+        for p in self.complete_checkpoints()[:-keep]:
+            shutil.rmtree(p)
+
+    # -- evaluation log --------------------------------------------------------------------------
+
+    def append_evaluation(self, record: dict) -> None:
+        with open(self.eval_log, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def trim_eval_log(self, step: int) -> None:
+        """Forget evaluations past ``step`` (the checkpoint a run starts from: they are run again),
+        and a last line cut short by a crash."""
+        if not self.eval_log.is_file():
+            return
+        lines = [line for line in self.eval_log.read_text().splitlines() if line.strip()]
+        kept = []
+        for i, line in enumerate(lines):
+            try:
+                row_step = json.loads(line)["step"]
+            except (json.JSONDecodeError, KeyError):
+                if i + 1 < len(lines):
+                    raise ValueError(f"{self.eval_log}: line {i + 1} is not an evaluation record") from None
+                logger.warning("%s: dropping a last line cut short (%r)", self.eval_log, line[:80])
+                continue
+            if row_step <= step:
+                kept.append(line)
+        if kept != lines:
+            self.eval_log.write_text("".join(line + "\n" for line in kept))

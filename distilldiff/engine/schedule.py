@@ -1,0 +1,95 @@
+"""When the training loop does what besides training: logging, sample grids, evaluation, checkpoints."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Due:
+    """The maintenance tasks to run after a step, in this order."""
+
+    log: bool = False
+    sample: bool = False
+    evaluate: bool = False
+    checkpoint: bool = False
+
+
+class Schedule:
+    """Decides after each training step which maintenance is due, and what is left at the end.
+
+    Logs every ``log_every`` steps and at ``max_steps``; sample grids every ``sample_every``
+    steps; evaluations every ``eval_every`` steps (``None``: never) and checkpoints every
+    ``checkpoint_every`` steps, both also at the run's last step (``max_steps`` or the time
+    budget). Evaluation comes before the checkpoint of the same step, so that a checkpoint's
+    ``eval.jsonl`` already holds its own step. At the end, whatever the last step did not do
+    (a run resumed at its end, a grid off the ``sample_every`` grid) is due once more.
+
+    Args:
+        start_step: the step the run starts (or resumes) at; a resumed run counts it as
+            evaluated and checkpointed.
+    """
+
+    def __init__(self, max_steps: int, log_every: int, sample_every: int, checkpoint_every: int,
+                 eval_every: int | None = None, start_step: int = 0, resumed: bool = False):
+        self.max_steps, self.log_every, self.sample_every = max_steps, log_every, sample_every
+        self.checkpoint_every, self.eval_every = checkpoint_every, eval_every
+        self.last_checkpoint = start_step if resumed else -1
+        self.last_eval = start_step if resumed else -1
+
+    def due(self, step: int, last: bool) -> Due:
+        """What to do after ``step`` (``last``: no step follows)."""
+        return Due(
+            log=step % self.log_every == 0 or step == self.max_steps,
+            sample=step % self.sample_every == 0,
+            evaluate=self.eval_every is not None and (step % self.eval_every == 0 or last),
+            checkpoint=step % self.checkpoint_every == 0 or last,
+        )
+
+    def at_end(self, step: int) -> Due:
+        """What is left after the loop ended at ``step``."""
+        return Due(
+            sample=step % self.sample_every != 0,
+            evaluate=self.eval_every is not None and self.last_eval != step,
+            checkpoint=self.last_checkpoint != step,
+        )
+
+    def done(self, step: int, due: Due) -> None:
+        """Record that ``due`` ran at ``step``."""
+        if due.evaluate:
+            self.last_eval = step
+        if due.checkpoint:
+            self.last_checkpoint = step
+
+
+class LogWindow:
+    """Averages the logged values over the steps since the last log line, and the images per second."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.start = time.time()
+
+    def add(self, logs: dict[str, float], repeats: int = 1) -> None:
+        """Add one phase call's logs; a phase that runs ``repeats`` times per step counts as one."""
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v / repeats
+
+    def end_step(self) -> None:
+        self.steps += 1
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` (an evaluation) out of the speed."""
+        self.start += seconds
+
+    def flush(self, batch_size: int) -> dict[str, float]:
+        """The window's averages and ``img_per_s``; starts a new window."""
+        elapsed = max(time.time() - self.start, 1e-9)
+        logs = {k: v / self.steps for k, v in self.sums.items()}
+        logs["img_per_s"] = self.steps * batch_size / elapsed
+        self.reset()
+        return logs
