@@ -1,8 +1,11 @@
 """The CLI on the shipped teacher: a short SiD run, resume, sampling, and one-line config errors."""
 
+import contextlib
+import io
 import json
 import subprocess
 import sys
+import types
 
 import pytest
 from PIL import Image
@@ -12,20 +15,30 @@ from distilldiff.cli import main
 TINY = ["--set", "train.batch_size=2", "--set", "train.num_sample_images=4", "--set", "train.log_every=1"]
 
 
-def run_cli(*args):
+def run_subprocess(*args):
+    """The real entry point, in a fresh process (``python -m distilldiff.cli``)."""
     return subprocess.run([sys.executable, "-m", "distilldiff.cli", *args], capture_output=True, text=True)
+
+
+def run_cli(*args):
+    """``distilldiff ARGS`` in this process (the same ``main`` as the entry point, without the ~10 s
+    start-up of a fresh interpreter): exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_distill_checkpoint_resume_and_sample(tmp_path):
     run = tmp_path / "run"
-    r = run_cli("distill", "--config", "configs/mnist/sid.yaml", "--output-dir", str(run), *TINY,
+    r = run_subprocess("distill", "--config", "configs/mnist/sid.yaml", "--output-dir", str(run), *TINY,
                 "--set", "train.max_steps=2", "--set", "train.checkpoint_every=2", "--set", "train.sample_every=2")
     assert r.returncode == 0, r.stderr
     assert (run / "checkpoints" / "step-0000002" / "state.json").is_file()
     assert (run / "samples" / "step-0000002.png").is_file()
     assert (run / "config.yaml").is_file() and (run / "student" / "distilldiff_student.json").is_file()
 
-    r = run_cli("distill", "--output-dir", str(run), "--resume", "latest", "--set", "train.max_steps=3")
+    r = run_subprocess("distill", "--output-dir", str(run), "--resume", "latest", "--set", "train.max_steps=3")
     assert r.returncode == 0, r.stderr
     assert "resumed from" in r.stdout + r.stderr and "at step 2" in r.stdout + r.stderr
     state = json.loads((run / "checkpoints" / "step-0000003" / "state.json").read_text())
@@ -34,7 +47,7 @@ def test_distill_checkpoint_resume_and_sample(tmp_path):
     assert meta["objective"] == "sid" and meta["step"] == 3 and meta["sigmas"] == [2.5]
 
     out = tmp_path / "grid.png"
-    r = run_cli("sample", "--model", str(run), "--num", "4", "--out", str(out), "--device", "cpu")
+    r = run_subprocess("sample", "--model", str(run), "--num", "4", "--out", str(out), "--device", "cpu")
     assert r.returncode == 0, r.stderr
     assert Image.open(out).size == (2 + 2 * 30, 2 + 2 * 30)
 
