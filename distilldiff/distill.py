@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import replace_folder
 from .config import ConfigError, DistillConfig, TeacherConfig, to_dict
 from .engine import Engine, RunFolder, TrainTask
 from .export import STUDENT_INFO_FILE, load_student, save_student
@@ -173,8 +174,4 @@ def distill_stages(cfg: DistillConfig, stages: list[Stage], teacher: RunTeacher,
         engine = Engine(build_distill_task(cfg, stage.objective, current), cfg.train, folder.root)
         engine.run(resolved, "latest" if folder.complete_checkpoints() else None)
         current = RunTeacher.unguided(copy.deepcopy(engine.ema.module.denoiser).eval().requires_grad_(False))
-    final = out / "student"
-    if final.exists():
-        shutil.rmtree(final)
-    shutil.copytree(folders[-1].student, final)
-    return final
+    return replace_folder(out / "student", lambda staged: shutil.copytree(folders[-1].student, staged))

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .atomic import replace_folder
 from .students import ConsistencyDenoiser, Student
 from .teachers.vp import VPDenoiser, ddim_timesteps
 
@@ -283,8 +284,9 @@ def export_run(run: str | Path, out: str | Path, force: bool = False) -> Path:
 
     Args:
         run: a run folder (with ``checkpoints/`` and ``student/``) or a student folder.
-        out: the destination; must not exist or be empty unless ``force``.
-        force: replace a non-empty ``out``.
+        out: the destination; must not exist or be empty unless ``force``, and must not be, contain
+            or lie inside a run folder (the exported one or any other).
+        force: replace a non-empty ``out`` (the old folder stays until the new one is complete).
 
     Returns:
         ``out``. The model card records the FID measured with ``distilldiff fid`` if any.
@@ -299,24 +301,41 @@ def export_run(run: str | Path, out: str | Path, force: bool = False) -> Path:
         if not ckpts or not (run / "student" / STUDENT_INFO_FILE).is_file():
             raise FileNotFoundError(f"{run}: the run has no checkpoint yet (nothing to export)")
         src, fid_folders = run / "student", (run, run / "student")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
-        if out.resolve() in (run.resolve(), src.resolve()):
-            raise ValueError(f"{out}: cannot export a run onto itself")
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    student, meta = load_student(src)
+    _check_destination(out, run, src)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
+    student, meta = load_student(src)  # the source is read completely before the destination is touched
     info = {k: v for k, v in meta.items() if k not in _DERIVED_KEYS}
     if meta.get("guidance_scale") is not None:
         info["default_guidance_scale"] = meta["guidance_scale"]
-    save_student(student, out, info)
     fid = _find_fid(*fid_folders)
-    if fid is not None:
-        meta_out = json.loads((out / STUDENT_INFO_FILE).read_text())
-        meta_out["fid"] = {k: fid.get(k) for k in ("fid", "num", "reference", "weights")}
-        (out / STUDENT_INFO_FILE).write_text(json.dumps(meta_out, indent=2) + "\n")
-        (out / "README.md").write_text(model_card(meta_out, fid, path=out.name))
-    return out
+
+    def write(folder: Path) -> None:
+        save_student(student, folder, info)
+        if fid is not None:
+            meta_out = json.loads((folder / STUDENT_INFO_FILE).read_text())
+            meta_out["fid"] = {k: fid.get(k) for k in ("fid", "num", "reference", "weights")}
+            (folder / STUDENT_INFO_FILE).write_text(json.dumps(meta_out, indent=2) + "\n")
+            (folder / "README.md").write_text(model_card(meta_out, fid, path=folder.name))
+
+    return replace_folder(out, write)  # a replaced export stays in place until the new one is complete
+
+
+def _is_run(folder: Path) -> bool:
+    return (folder / "checkpoints").is_dir() or any(folder.glob("stage-*/checkpoints")) or (folder / STUDENT_INFO_FILE).is_file()
+
+
+def _check_destination(out: Path, run: Path, src: Path) -> None:
+    """Refuse an export destination that is, contains or lies inside the source, a run or its checkpoints."""
+    o = out.resolve()
+    for folder in (run.resolve(), src.resolve()):
+        if o == folder or folder in o.parents or o in folder.parents:
+            raise ValueError(f"{out}: is, contains or lies inside the exported run {run}; choose a folder outside it")
+    for parent in [o, *o.parents]:
+        if parent.is_dir() and (parent / "checkpoints").is_dir():
+            raise ValueError(f"{out}: is or lies inside the run folder {parent}; choose a folder outside it")
+    if o.is_dir() and any(_is_run(p.parent) for p in o.rglob("config.yaml")):
+        raise ValueError(f"{out}: contains a run folder; choose another destination")
 
 
 _DERIVED_KEYS = {

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..atomic import replace_folder
 from ..config import TrainConfig
 from ..images import save_grid
 from ..objectives.base import Batch, Phase
@@ -249,8 +250,9 @@ class Engine:
     # -- checkpoints -----------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """accelerate state, EMA, targets and counters under ``checkpoints/step-N``, the student
-        folder, then the oldest checkpoints beyond ``train.keep_checkpoints`` are deleted."""
+        """accelerate state, EMA and targets under ``checkpoints/step-N``, the student folder
+        (replaced atomically), then the counters that mark the checkpoint complete; finally the
+        oldest checkpoints beyond ``train.keep_checkpoints`` are deleted."""
         acc, folder = self.accelerator, self.run_folder
         path = folder.checkpoint(self.state.step)
         acc.save_state(str(path))
@@ -259,8 +261,8 @@ class Engine:
             if self.targets:
                 targets = {f"{n}.{k}": v.detach().contiguous() for n in self.targets for k, v in self.frozen[n].state_dict().items()}
                 save_file(targets, str(path / "targets.safetensors"))
+            replace_folder(folder.student, lambda staged: self.task.save_fn(self.ema.module, staged, self._info()))
             folder.write_state(path, self.state.__dict__)
-            self.task.save_fn(self.ema.module, folder.student, self._info())
             folder.rotate(self.cfg.keep_checkpoints)
         acc.wait_for_everyone()
         return path
@@ -327,9 +329,18 @@ class Engine:
         ``config.yaml``, then :meth:`train`."""
         if resume:
             self.run_folder.find_checkpoint(resume)
+        else:
+            self._refuse_earlier_run()
         if self.accelerator.is_main_process:
             self.run_folder.write_config(config)
         return self.train(resume)
+
+    def _refuse_earlier_run(self) -> None:
+        if self.run_folder.complete_checkpoints():
+            raise FileExistsError(
+                f"{self.output_dir} holds checkpoints of an earlier run; pass --resume latest to continue it "
+                "or choose another --output-dir"
+            )
 
     def _start(self, resume: str | None) -> None:
         acc = self.accelerator
@@ -337,13 +348,10 @@ class Engine:
             path = self.run_folder.find_checkpoint(resume)
             self.load_checkpoint(path)
             acc.print(f"resumed from {path} at step {self.state.step}")
-        elif self.run_folder.complete_checkpoints():
-            raise FileExistsError(
-                f"{self.output_dir} holds checkpoints of an earlier run; pass --resume latest to continue it "
-                "or choose another --output-dir"
-            )
-        elif acc.is_main_process:
-            self.run_folder.trim_eval_log(0)  # a crashed run's evaluations before its first checkpoint
+        else:
+            self._refuse_earlier_run()
+            if acc.is_main_process:
+                self.run_folder.trim_eval_log(0)  # a crashed run's evaluations before its first checkpoint
 
     def _maintain(self, due: Due, window: LogWindow, bar) -> None:
         """Run the maintenance ``due`` after the current step."""

@@ -1,0 +1,105 @@
+"""A user's runs, checkpoints and exports are never destroyed or overwritten (defects found by fault injection)."""
+
+import contextlib
+import io
+import json
+
+import pytest
+
+from distilldiff.atomic import replace_folder
+from distilldiff.cli import main
+from distilldiff.engine import Engine
+from distilldiff.objectives import SiD, SiDConfig
+
+from toy_setup import sid_task, train_config
+
+TINY = ["--set", "train.batch_size=2", "--set", "train.num_sample_images=4", "--set", "train.max_steps=1"]
+
+
+def cli(*args) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """``runs/a`` and ``runs/b``: two finished one-update SiD runs side by side."""
+    root = tmp_path_factory.mktemp("runs")
+    for name in ("a", "b"):
+        assert cli("distill", "--config", "configs/mnist/sid.yaml", "--output-dir", str(root / name), *TINY)[0] == 0
+    return root
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("dest", ["{root}", "{root}/a/checkpoints", "{root}/a/student", "{root}/b", "{root}/b/student",
+                                  "{root}/a/checkpoints/new"])
+def test_export_refuses_destinations_in_or_around_runs(runs, dest):
+    before = snapshot(runs)
+    code, err = cli("export", "--run", str(runs / "a"), "--out", dest.format(root=runs), "--force")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and ("run" in err), err
+    assert snapshot(runs) == before  # nothing deleted, nothing written
+
+
+def test_export_force_replaces_only_a_previous_export_and_only_when_complete(runs, tmp_path, monkeypatch):
+    out = tmp_path / "export"
+    assert cli("export", "--run", str(runs / "a"), "--out", str(out))[0] == 0
+    first = snapshot(out)
+    assert cli("export", "--run", str(runs / "a"), "--out", str(out))[0] == 2  # not empty, no --force
+    import distilldiff.export as export
+
+    def broken(student, folder, info):  # a save that dies half-way
+        folder.mkdir(parents=True)
+        (folder / "model_index.json").write_text("{")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "save_student", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export.export_run(runs / "a", out, force=True)
+    assert snapshot(out) == first and [p.name for p in tmp_path.iterdir()] == ["export"]  # no partial folder left
+    monkeypatch.undo()
+    assert cli("export", "--run", str(runs / "a"), "--out", str(out), "--force")[0] == 0
+    assert json.loads((out / "distilldiff_student.json").read_text())["objective"] == "sid"
+
+
+def test_distill_into_an_existing_run_changes_nothing(runs):
+    before = snapshot(runs / "a")
+    code, err = cli("distill", "--config", "configs/mnist/dmd.yaml", "--output-dir", str(runs / "a"), *TINY)
+    assert code == 2 and "holds checkpoints of an earlier run" in err
+    assert snapshot(runs / "a") == before  # config.yaml included
+
+
+def test_student_folder_is_replaced_atomically(tmp_path):
+    """A save of the student folder that dies half-way leaves the previous student complete and the
+    checkpoint incomplete (no state.json), so that resume falls back to the previous one."""
+    calls = []
+
+    def save(student, folder, info):
+        calls.append(info["step"])
+        folder.mkdir(parents=True)
+        (folder / "weights.txt").write_text(str(info["step"]))
+        if info["step"] == 4:
+            raise OSError("killed")
+
+    task = sid_task(SiD(SiDConfig(), sigma_data=1.45))
+    task.save_fn = save
+    engine = Engine(task, train_config(max_steps=4, batch_size=8, checkpoint_every=2, keep_checkpoints=5), tmp_path)
+    with pytest.raises(OSError, match="killed"):
+        engine.train()
+    assert calls == [2, 4] and (tmp_path / "student" / "weights.txt").read_text() == "2"
+    assert [p.name for p in engine.run_folder.complete_checkpoints()] == ["step-0000002"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_replace_folder(tmp_path):
+    dest = tmp_path / "out"
+    replace_folder(dest, lambda d: (d.mkdir(), (d / "x").write_text("1")))
+    replace_folder(dest, lambda d: (d.mkdir(), (d / "y").write_text("2")))
+    assert sorted(p.name for p in dest.iterdir()) == ["y"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(RuntimeError, match="nothing was written"):
+        replace_folder(dest, lambda d: None)
+    assert (dest / "y").read_text() == "2"
