@@ -42,9 +42,23 @@ def cmd_teacher_train(args) -> None:
     print(f"teacher pipeline written to {folder}")
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _check_counts(args, *names: str) -> None:
+    """Counts given on the command line are >= 1 (a one-line error naming the flag otherwise)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def cmd_sample(args) -> None:
     from .inference import load_sampler
 
+    _check_counts(args, "num", "steps")
+    if Path(args.out).suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"--out {args.out}: expected an image file name ending in {', '.join(IMAGE_SUFFIXES)}")
     sampler = load_sampler(args.model, steps=args.steps, guidance_scale=args.guidance_scale, device=args.device)
     out = sampler.save_grid(args.num, args.out, seed=args.seed, class_label=args.class_label)
     print(f"{args.num} samples ({sampler.description}) written to {out}")
@@ -62,6 +76,7 @@ def cmd_fid(args) -> None:
 
     if (args.model is None) == (args.images is None):
         raise ValueError("give exactly one of --model DIR and --images DIR")
+    _check_counts(args, "num", "steps", "batch_size")
     extractor = InceptionFeatureExtractor(args.weights, device=args.device, batch_size=args.batch_size)
     if args.model is not None:
         from .inference import load_sampler
@@ -170,12 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; expected failures (bad config, files, values, a non-finite loss)
+    print one line and return 2, an interrupt returns 130."""
     args = build_parser().parse_args(argv)
     from .config import ConfigError
+    from .engine import NonFiniteError
 
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, NonFiniteError) as e:
         print(f"distilldiff: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -210,3 +210,27 @@ def test_init_sigma_is_an_error_for_objectives_with_their_own_noise_levels(tmp_p
     assert main(args) == 2
     assert "student.init_sigma: objective 'consistency' sets its own noise levels" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num", "0"], "--num must be >= 1, got 0"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--out", "bad/"], "--out bad/: expected an image file name ending in .png"),
+    (["--class-label", "99"], "class label 99 is outside 0..9"),
+    (["--model", "runs/nope"], "'runs/nope': no such folder"),
+])
+def test_sample_arguments_are_one_line_errors(tmp_path, monkeypatch, args, message):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)  # runs/ exists here: runs/nope is a mistyped folder, not a hub repository
+    base = {"--model": "builtin:mnist", "--num": "2", "--steps": "1", "--out": "g.png", "--device": "cpu"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    r = run_cli("sample", *[x for kv in base.items() for x in kv])
+    assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_nonfinite_loss_is_a_one_line_error(tmp_path):
+    r = run_cli("distill", "--config", "configs/mnist/sid.yaml", "--output-dir", str(tmp_path / "r"), *TINY,
+                "--set", "train.max_steps=4", "--set", "train.lr=1e30")
+    assert r.returncode == 2 and "non-finite" in r.stderr and "set train.nonfinite=skip" in r.stderr
+    assert len([line for line in r.stderr.splitlines() if line.startswith("distilldiff: error")]) == 1
+    assert "Traceback" not in r.stderr

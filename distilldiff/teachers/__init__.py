@@ -33,7 +33,8 @@ def resolve_teacher_path(path: str) -> str:
         if not p.is_dir():
             raise FileNotFoundError(f"teacher.path {path!r} is a file, expected a diffusers pipeline folder")
         return str(p)
-    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    # org/name is a hub id, unless "org" is a local folder (runs/nope is a mistyped run, not a repository)
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~")) and not Path(path.split("/")[0]).is_dir()
     if not looks_like_hub_id:
         raise FileNotFoundError(f"teacher.path {path!r}: no such folder (and not a hub id of the form org/name)")
     return path
