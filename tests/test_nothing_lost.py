@@ -103,3 +103,36 @@ def test_replace_folder(tmp_path):
     with pytest.raises(RuntimeError, match="nothing was written"):
         replace_folder(dest, lambda d: None)
     assert (dest / "y").read_text() == "2"
+
+
+def _three_checkpoints(tmp_path):
+    task = sid_task(SiD(SiDConfig(), sigma_data=1.45))
+    Engine(task, train_config(max_steps=3, batch_size=8, checkpoint_every=1, keep_checkpoints=5), tmp_path).train()
+    return tmp_path / "checkpoints"
+
+
+@pytest.mark.parametrize("damage, named", [
+    (lambda c: (c / "ema.safetensors").write_bytes((c / "ema.safetensors").read_bytes()[:100]), "ema.safetensors"),
+    (lambda c: (c / "optimizer.bin").write_bytes((c / "optimizer.bin").read_bytes()[:50]), "optimizer.bin"),
+    (lambda c: (c / "model_1.safetensors").write_bytes(b""), "model_1.safetensors"),
+    (lambda c: (c / "random_states_0.pkl").unlink(), "random_states_0.pkl"),
+    (lambda c: (c / "state.json").write_text('{"step": 3, "nim'), "state.json"),
+])
+def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, caplog, damage, named):
+    ckpts = _three_checkpoints(tmp_path)
+    damage(ckpts / "step-0000003")
+    engine = Engine(sid_task(SiD(SiDConfig(), sigma_data=1.45)), train_config(max_steps=4, batch_size=8), tmp_path)
+    with caplog.at_level("WARNING"):
+        assert engine.run_folder.find_checkpoint("latest").name == "step-0000002"
+    assert named in caplog.text and "skipping checkpoint" in caplog.text
+    with pytest.raises(ValueError, match=f"--resume .*step-0000003: .*{named}"):
+        engine.run_folder.find_checkpoint(str(ckpts / "step-0000003"))
+    engine.train(resume="latest")
+    assert engine.state.step == 4
+
+
+def test_state_json_is_written_atomically(tmp_path):
+    from distilldiff.engine import RunFolder
+
+    RunFolder.write_state(tmp_path, {"step": 7})
+    assert json.loads((tmp_path / "state.json").read_text()) == {"step": 7} and [p.name for p in tmp_path.iterdir()] == ["state.json"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,36 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step-"
 STATE_FILE = "state.json"
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What makes checkpoint ``path`` unloadable (naming the file), or ``None``: ``state.json`` must
+    parse, the RNG state of process 0 must exist, every safetensors file must read and every
+    optimizer/RNG pickle must load (as accelerate loads them, ``weights_only``)."""
+    from accelerate.utils import load as accelerate_load
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        if not isinstance(state, dict) or "step" not in state:
+            return f"{path / STATE_FILE} has no step"
+    except (OSError, json.JSONDecodeError) as e:
+        return f"{path / STATE_FILE} is unreadable ({type(e).__name__})"
+    if not (path / "random_states_0.pkl").is_file():
+        return f"{path / 'random_states_0.pkl'} (the RNG state) is missing"
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    st.get_slice(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            return f"{f} is damaged ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    for f in sorted(path.glob("*.bin")) + sorted(path.glob("*.pkl")):
+        try:
+            accelerate_load(str(f), map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - any failure to unpickle means the file is damaged
+            return f"{f} is damaged ({type(e).__name__})"
+    return None
 
 
 class RunFolder:
@@ -65,15 +96,25 @@ class RunFolder:
         return sorted(p for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file())
 
     def find_checkpoint(self, resume: str) -> Path:
-        """``latest`` -> the newest complete checkpoint of this run; otherwise the given path."""
+        """``latest`` -> the newest complete checkpoint of this run that can be loaded (damaged newer
+        ones are skipped with a warning naming the file); otherwise the given path, which must be
+        loadable (else a one-line error naming the damaged file)."""
         if resume == "latest":
             found = self.complete_checkpoints()
             if not found:
                 raise FileNotFoundError(f"--resume latest: no checkpoint under {self.checkpoints}")
-            return found[-1]
+            for path in reversed(found):
+                problem = checkpoint_problem(path)
+                if problem is None:
+                    return path
+                logger.warning("skipping checkpoint %s: %s", path, problem)
+            raise ValueError(f"--resume latest: every checkpoint under {self.checkpoints} is damaged (newest: {checkpoint_problem(found[-1])})")
         path = Path(resume)
         if not (path / STATE_FILE).is_file():
             raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE})")
+        problem = checkpoint_problem(path)
+        if problem is not None:
+            raise ValueError(f"--resume {resume}: {problem}")
         return path
 
     def has_finished(self, step: int) -> bool:
@@ -82,8 +123,14 @@ class RunFolder:
 
     @staticmethod
     def write_state(checkpoint: Path, state: dict) -> None:
-        """Write the counters that complete a checkpoint (after everything else in it)."""
-        (checkpoint / STATE_FILE).write_text(json.dumps(state, indent=2))
+        """Write the counters that complete a checkpoint (after everything else in it), through a
+        temporary file and a rename, so that ``state.json`` is never half-written."""
+        tmp = checkpoint / f".{STATE_FILE}.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(state, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, checkpoint / STATE_FILE)
 
     @staticmethod
     def read_state(checkpoint: Path) -> dict:
