@@ -116,6 +116,7 @@ class Engine:
             raise ValueError(f"objective '{obj.name}' needs networks {sorted(missing)} that the task does not build")
         if obj.needs_real_data and task.data_fn is None:
             raise ValueError(f"objective '{obj.name}' needs real data, but the task has none")
+        self.phases = obj.phases()
         self.trainable = [n for n, role in obj.networks.items() if role in ("student", "critic")]
         self.frozen = {n: task.networks[n].to(acc.device).eval().requires_grad_(False) for n, r in obj.networks.items() if r in ("frozen", "target")}
         #: networks the objective itself updates (e.g. an EMA target); saved with every checkpoint
@@ -236,7 +237,7 @@ class Engine:
         """Every phase of one training step, then the EMA and target updates."""
         acc, cfg, obj = self.accelerator, self.cfg, self.task.objective
         t0 = time.time()
-        for phase in obj.phases():
+        for phase in self.phases:
             for _ in range(phase.repeats):
                 window.add(self._run_phase(phase), phase.repeats)
         self.state.step += 1
@@ -327,31 +328,30 @@ class Engine:
     def run(self, config: Any, resume: str | None = None) -> Path:
         """Start a run: check ``resume`` before anything is written, save ``config`` as the run's
         ``config.yaml``, then :meth:`train`."""
-        if resume:
-            self.run_folder.find_checkpoint(resume)
-        else:
-            self._refuse_earlier_run()
+        checkpoint = self._resume_point(resume)
         if self.accelerator.is_main_process:
             self.run_folder.write_config(config)
-        return self.train(resume)
+        return self._train_from(checkpoint)
 
-    def _refuse_earlier_run(self) -> None:
+    def _resume_point(self, resume: str | None) -> Path | None:
+        """The checkpoint ``resume`` names (checked once: loading it is the expensive part), or
+        ``None`` for a fresh run, which a folder holding an earlier run's checkpoints refuses."""
+        if resume:
+            return self.run_folder.find_checkpoint(resume)
         if self.run_folder.complete_checkpoints():
             raise FileExistsError(
                 f"{self.output_dir} holds checkpoints of an earlier run; pass --resume latest to continue it "
                 "or choose another --output-dir"
             )
+        return None
 
-    def _start(self, resume: str | None) -> None:
+    def _start(self, checkpoint: Path | None) -> None:
         acc = self.accelerator
-        if resume:
-            path = self.run_folder.find_checkpoint(resume)
-            self.load_checkpoint(path)
-            acc.print(f"resumed from {path} at step {self.state.step}")
-        else:
-            self._refuse_earlier_run()
-            if acc.is_main_process:
-                self.run_folder.trim_eval_log(0)  # a crashed run's evaluations before its first checkpoint
+        if checkpoint is not None:
+            self.load_checkpoint(checkpoint)
+            acc.print(f"resumed from {checkpoint} at step {self.state.step}")
+        elif acc.is_main_process:
+            self.run_folder.trim_eval_log(0)  # a crashed run's evaluations before its first checkpoint
 
     def _maintain(self, due: Due, window: LogWindow, bar) -> None:
         """Run the maintenance ``due`` after the current step."""
@@ -369,13 +369,17 @@ class Engine:
             self.save_checkpoint()
 
     def train(self, resume: str | None = None) -> Path:
-        """Run to ``train.max_steps`` (or the time budget); returns the student folder."""
+        """Run to ``train.max_steps`` (or the time budget), from the checkpoint ``resume`` names
+        (``latest`` or a path) or from scratch; returns the student folder."""
+        return self._train_from(self._resume_point(resume))
+
+    def _train_from(self, checkpoint: Path | None) -> Path:
         acc, cfg = self.accelerator, self.cfg
-        self._start(resume)
+        self._start(checkpoint)
         acc.init_trackers("distilldiff")
         evaluator = self.task.evaluator
         schedule = Schedule(cfg.max_steps, cfg.log_every, cfg.sample_every, cfg.checkpoint_every,
-                            evaluator.every if evaluator is not None else None, self.state.step, resumed=bool(resume))
+                            evaluator.every if evaluator is not None else None, self.state.step, resumed=checkpoint is not None)
         window = LogWindow()
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not acc.is_local_main_process,
                    desc=self.task.objective.name, dynamic_ncols=True)

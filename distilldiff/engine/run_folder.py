@@ -103,12 +103,14 @@ class RunFolder:
             found = self.complete_checkpoints()
             if not found:
                 raise FileNotFoundError(f"--resume latest: no checkpoint under {self.checkpoints}")
+            problems = []
             for path in reversed(found):
                 problem = checkpoint_problem(path)
                 if problem is None:
                     return path
                 logger.warning("skipping checkpoint %s: %s", path, problem)
-            raise ValueError(f"--resume latest: every checkpoint under {self.checkpoints} is damaged (newest: {checkpoint_problem(found[-1])})")
+                problems.append(problem)
+            raise ValueError(f"--resume latest: every checkpoint under {self.checkpoints} is damaged (newest: {problems[0]})")
         path = Path(resume)
         if not (path / STATE_FILE).is_file():
             raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE})")
