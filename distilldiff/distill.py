@@ -20,6 +20,7 @@ from .config import ConfigError, DistillConfig, TeacherConfig, to_dict
 from .engine import Engine, RunFolder, TrainTask
 from .export import STUDENT_INFO_FILE, load_student, save_student
 from .objectives import OBJECTIVES, Objective, Stage
+from .metrics.background import grid_stats
 from .students import draw_samples
 from .teachers import CFGDenoiser, Denoiser, load_teacher
 
@@ -127,6 +128,7 @@ def build_distill_task(cfg: DistillConfig, objective: Objective | None = None, t
         cond_fn=lambda n, device: base.conditioning.draw(n, device),
         grid_cond_fn=grid_cond,
         sample_fn=draw_samples,
+        image_stats=grid_stats if len(base.sample_shape) == 3 else None,
         save_fn=save_student,
         data_fn=data_fn,
         evaluator=evaluator,

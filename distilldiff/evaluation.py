@@ -90,6 +90,7 @@ class Evaluator:
 
     def __call__(self, student: nn.Module, device: torch.device) -> dict[str, float]:
         """The configured metrics of ``student``'s samples, e.g. ``{"fid": 41.2, "classifier_fd": 3.1}``."""
+        from .metrics.background import near_black_share
         from .metrics.classifier import class_accuracy, classifier_fd, load_mnist_classifier
 
         images, labels = self.sample(student, device)
@@ -103,6 +104,8 @@ class Evaluator:
                 out["classifier_fd"] = classifier_fd(images, classifier=self._classifier, batch_size=self.config.batch_size)
             elif metric == "class_accuracy":
                 out["class_accuracy"] = class_accuracy(images, labels, classifier=self._classifier, batch_size=self.config.batch_size)
+            elif metric == "near_black":
+                out["near_black"] = near_black_share(images)
         return out
 
     def _fid(self, images: Tensor, device: torch.device) -> float:

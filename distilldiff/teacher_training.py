@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .config import TeacherTrainConfig
 from .data import RandomBatches, mnist5k
 from .engine import Engine, TrainTask
+from .metrics.background import grid_stats
 from .objectives.denoising import DenoisingObjective
 from .samplers import ddim_sample
 from .teachers.vp import TEACHER_INFO_FILE, VPDenoiser
@@ -78,6 +79,7 @@ def build_teacher_task(cfg: TeacherTrainConfig) -> TrainTask:
         sample_fn=sample_fn,
         save_fn=lambda model, folder, info: save_teacher_pipeline(model, folder, sched_cfg, info),
         info={"dataset": cfg.dataset},
+        image_stats=grid_stats,
     )
 
 

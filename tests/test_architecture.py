@@ -19,7 +19,7 @@ from distilldiff.objectives import OBJECTIVES, Objective, Phase, Stage, register
 from distilldiff.students import OneStepGenerator, Student, draw_samples
 from distilldiff.teachers import CFGDenoiser, ClassLabels, Conditioning, Denoiser, GaussianMixtureDenoiser
 
-from toy_setup import fitted_copy, task_for, train_config
+from toy_setup import fitted_copy, task_for, teacher, train_config
 
 PACKAGE = Path(__file__).resolve().parents[1] / "distilldiff"
 
@@ -196,7 +196,7 @@ def test_engine_trains_only_declared_parameters(tmp_path):
     den.trainable_parameters = lambda: list(last.parameters())  # noqa: E731  (as an adapter declares its own)
     student = OneStepGenerator(den, 2.5)
     before = {k: v.clone() for k, v in den.state_dict().items()}
-    engine = Engine(task_for(SiD(SiDConfig(), sigma_data=1.45), student), train_config(max_steps=3, batch_size=8), tmp_path)
+    engine = Engine(task_for(SiD(SiDConfig(), teacher()), student), train_config(max_steps=3, batch_size=8), tmp_path)
     engine.train()
     assert engine.params["generator"] == list(last.parameters())
     changed = {k for k, v in den.state_dict().items() if not torch.equal(v, before[k])}

@@ -36,6 +36,7 @@ def test_distill_checkpoint_resume_and_sample(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (run / "checkpoints" / "step-0000002" / "state.json").is_file()
     assert (run / "samples" / "step-0000002.png").is_file()
+    assert "samples at step 2: near_black " in r.stdout + r.stderr  # background tracked with every grid
     assert (run / "config.yaml").is_file() and (run / "student" / "distilldiff_student.json").is_file()
 
     r = run_subprocess("distill", "--output-dir", str(run), "--resume", "latest", "--set", "train.max_steps=3")
@@ -62,6 +63,8 @@ def test_distill_checkpoint_resume_and_sample(tmp_path):
         (["teacher.path=/no/such/teacher"], "teacher.path '/no/such/teacher': no such folder"),
         (["objective.name=nope"], "objective.name: unknown objective 'nope'"),
         (["objective.alpah=1.0"], "unknown key 'objective.alpah'"),
+        (["objective.sigma_min=0.002"], "objective.sigma_min/sigma_max = 0.002/80 must satisfy 0.01"),
+        (["objective.noise=timesteps", "objective.sigma_max=10"], "objective.sigma_min/sigma_max do not apply to noise 'timesteps'"),
         (["student.init_sigma=500"], "student.init_sigma=500.0 is outside the teacher's noise range"),
         (["train.num_sample_images=0"], "train.num_sample_images must be >= 1, got 0"),
         (["train.grad_clip=0"], "train.grad_clip must be > 0, got 0.0"),

@@ -184,18 +184,26 @@ import sys
 import torch
 sys.path.insert(0, {tests!r})
 from distilldiff.engine import Engine
-from distilldiff.objectives import SiD, SiDConfig
-from toy_setup import sid_task, train_config
-engine = Engine(sid_task(SiD(SiDConfig(), sigma_data=1.45)), train_config(max_steps=4, batch_size=16, checkpoint_every=2), sys.argv[1])
+from distilldiff.objectives import FDistill, FDistillConfig, SiD, SiDConfig
+from toy_setup import gmm_data, sid_task, teacher, train_config
+if sys.argv[2] == "sid":
+    task = sid_task(SiD(SiDConfig(), teacher()))
+else:  # f-distill JS + GAN: the discriminator head on the DDP-wrapped fake score, running means over both ranks
+    task = sid_task(FDistill(FDistillConfig(divergence="js", gan_weight=0.1), teacher()))
+    task.data_fn = gmm_data
+engine = Engine(task, train_config(max_steps=4, batch_size=16, checkpoint_every=2), sys.argv[1])
 assert engine.accelerator.num_processes == 2 and type(engine.models["fake_score"]).__name__ == "DistributedDataParallel"
 engine.train()
-print("rank", engine.accelerator.process_index, "ema", repr(float(sum(p.double().sum() for p in engine.ema.module.parameters()))))
+extra = repr(float(engine.accelerator.unwrap_model(engine.models["fake_score"]).h_mean)) if sys.argv[2] != "sid" else ""
+print("rank", engine.accelerator.process_index, "ema", repr(float(sum(p.double().sum() for p in engine.ema.module.parameters()))) + extra)
 '''
 
 
-def test_two_process_ddp_run(tmp_path):
-    """SiD with both trained networks DDP-wrapped (2 CPU processes, gloo): the network a phase does
-    not train is called through its wrapper without gradient sync, and both ranks end with one EMA."""
+@pytest.mark.parametrize("objective", ["sid", "fdistill"])
+def test_two_process_ddp_run(tmp_path, objective):
+    """SiD / f-distill with both trained networks DDP-wrapped (2 CPU processes, gloo): the network a
+    phase does not train is called through its wrapper without gradient sync, and both ranks end with
+    one EMA (f-distill: and one running mean of h, from both ranks' samples)."""
     import socket
     import subprocess
     import sys
@@ -207,7 +215,7 @@ def test_two_process_ddp_run(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                        str(script), str(tmp_path / "run")], capture_output=True, text=True, timeout=300)
+                        str(script), str(tmp_path / "run"), objective], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     emas = sorted(line.split()[-1] for line in r.stdout.splitlines() if line.startswith("rank"))
     assert len(emas) == 2 and emas[0] == emas[1], r.stdout

@@ -8,7 +8,7 @@ import torch
 from distilldiff.config import StudentConfig
 from distilldiff.engine import Engine
 from distilldiff.objectives import Batch, FDistill, FDistillConfig
-from distilldiff.objectives.fdistill import F_OF_R, WEIGHTINGS, Discriminator
+from distilldiff.objectives.fdistill import F_OF_R, WEIGHTINGS
 
 from toy_setup import WEIGHTS, fitted_copy, mode_report, task_for, teacher, train_config
 
@@ -34,26 +34,36 @@ def test_f_of_r_are_divergences():
         assert bool((mid <= (f(r[1:]) + f(r[:-1])) / 2 + 1e-12).all()), name
 
 
-def test_weights_clip_and_normalise():
-    fd = FDistill(FDistillConfig(divergence="forward_kl"), teacher())
-    h = fd.weights(torch.tensor([-50.0, 0.0, 50.0]))
-    expected = torch.tensor([0.1, 1.0, 20.0])
-    torch.testing.assert_close(h, expected / expected.mean())
+def test_weights_clip_and_normalise_by_the_running_mean():
+    fd = FDistill(FDistillConfig(divergence="forward_kl", norm_decay=0.9), teacher())
+    nets = {"fake_score": fd.make_critic("fake_score", fitted_copy())}
+    assert float(nets["fake_score"].h_mean) == 1.0  # h(1) for forward KL: r = 1 at the start
+    h = fd.weights(torch.tensor([-50.0, 0.0, 50.0]), torch.ones(3), nets)
+    torch.testing.assert_close(h, torch.tensor([0.1, 1.0, 20.0]))  # clipped, divided by the running mean 1
+    fd.update_targets(nets)
+    assert float(nets["fake_score"].h_mean) == pytest.approx(0.9 + 0.1 * 21.1 / 3)
+    h = fd.weights(torch.tensor([0.0]), torch.ones(1), nets)
+    torch.testing.assert_close(h, torch.tensor([1.0 / (0.9 + 0.1 * 21.1 / 3)]))
 
 
-def test_ratio_per_noise_bin_has_mean_one_in_every_bin():
-    from distilldiff.objectives.fdistill import ratio_per_noise_bin
-
+def test_running_means_do_not_depend_on_how_the_batch_is_split():
+    """The running means move once per step by the global batch's means: one micro-batch of 6 or
+    three of 2 (accumulation, or processes) give the same update, per noise bin too."""
     r = torch.tensor([0.5, 1.5, 4.0, 2.0, 3.0, 9.0], dtype=torch.float64)
-    sigma = torch.tensor([0.01, 0.02, 0.03, 10.0, 20.0, 1e4], dtype=torch.float64)  # 1e4: beyond sigma_max, last bin
-    out = ratio_per_noise_bin(r, sigma, 2, 0.002, 80.0)
-    torch.testing.assert_close(out, torch.cat([r[:3] / 2.0, r[3:] / (14.0 / 3)]))
-    fd = FDistill(FDistillConfig(divergence="forward_kl", ratio_bins=2, normalize_h=False), teacher())
-    h = fd.weights(r.log(), sigma)  # forward KL: h = r
-    torch.testing.assert_close(h[:3].mean(), torch.tensor(1.0, dtype=torch.float64))
-    torch.testing.assert_close(h[3:].mean(), torch.tensor(1.0, dtype=torch.float64))
-    with pytest.raises(ValueError, match="ratio_bins needs the noise levels"):
-        fd.weights(r.log())
+    sigma = torch.tensor([0.01, 0.02, 0.03, 10.0, 20.0, 1e4], dtype=torch.float64)  # 1e4: beyond the range, last bin
+    means = []
+    for splits in (1, 3):
+        fd = FDistill(FDistillConfig(divergence="forward_kl", ratio_bins=2, norm_decay=0.5), teacher())
+        nets = {"fake_score": fd.make_critic("fake_score", fitted_copy())}
+        for part in range(splits):
+            sl = slice(part * 6 // splits, (part + 1) * 6 // splits)
+            fd.weights(r[sl].log(), sigma[sl], nets)
+        fd.update_targets(nets)
+        means.append((nets["fake_score"].r_bin_mean.clone(), float(nets["fake_score"].h_mean)))
+    torch.testing.assert_close(means[0][0], means[1][0])
+    assert means[0][1] == pytest.approx(means[1][1], rel=1e-12)
+    # bin means: 0.5 * 1 + 0.5 * (mean r of the bin)
+    torch.testing.assert_close(means[0][0], torch.tensor([0.5 + 0.5 * 2.0, 0.5 + 0.5 * 14.0 / 3], dtype=torch.float64))
 
 
 def test_generator_gradient_is_the_weighted_score_difference():
@@ -68,18 +78,11 @@ def test_generator_gradient_is_the_weighted_score_difference():
     loss, _ = fd.generator_loss({"teacher": t, "fake_score": fake, "generator": gen}, Batch(noise=torch.zeros(8, 2)))
     (grad,) = torch.autograd.grad(loss, x_g)
     torch.manual_seed(1)
-    sigma = fd.noise_sigma(8, x_g)
+    sigma = fd.query_noise.draw(8, x_g)
     x_t = x_g.detach() + sigma[:, None] * torch.randn(8, 2)
     real, fk = t(x_t, sigma), fake(x_t, sigma)
     g = (fk - real) / ((x_g.detach() - real).abs().mean(1, keepdim=True) + 1e-6)
     torch.testing.assert_close(grad, g / g.numel(), rtol=1e-5, atol=1e-8)
-
-
-def test_discriminator_shapes():
-    img = Discriminator((1, 8, 8), 0.5, width=8, num_classes=3)
-    assert img(torch.randn(4, 1, 8, 8), torch.rand(4) + 0.1, class_labels=torch.tensor([0, 1, 2, 3])).shape == (4,)
-    vec = Discriminator((2,), 1.0, width=8)
-    assert vec(torch.randn(4, 2), torch.rand(4) + 0.1).shape == (4,)
 
 
 @pytest.mark.parametrize("divergence", ["reverse_kl", "js"])
@@ -89,7 +92,7 @@ def test_one_step_student_reproduces_the_mixture(tmp_path, divergence):
     P_mean = 0 centres the fake-score noise for sigma_data ~1.45, as in the SiD test.
     """
     fd = FDistill(FDistillConfig(divergence=divergence, p_mean=0.0, tmax=600), teacher())
-    assert ("discriminator" in fd.networks) == (divergence == "js") and fd.needs_real_data == (divergence == "js")
+    assert fd.needs_real_data == (divergence == "js")
     student = fd.make_student(copy.deepcopy(fitted_copy()), StudentConfig(init_sigma=2.5))
     engine = Engine(task_for(fd, student), train_config(max_steps=3000, critic_lr=1e-3, ema_halflife_kimg=50, seed=1), tmp_path)
     _, before_near = mode_report(engine.ema.module(torch.randn(4000, 2)).detach())
@@ -113,6 +116,9 @@ def test_one_step_student_reproduces_the_mixture(tmp_path, divergence):
     ({"ratio_bins": 4}, "objective.ratio_bins has no effect with divergence reverse_kl"),
     ({"ratio_min": 2.0}, "objective.ratio_min/ratio_max must satisfy"),
     ({"tmax": 0}, r"objective.tmax must be in \(0, 1000\]"),
+    ({"tmin": 800}, r"objective.tmin must be in \[0, tmax\)"),
+    ({"disc_weight": 0.0}, "objective.disc_weight must be > 0"),
+    ({"norm_decay": 1.0}, r"objective.norm_decay must be in \[0, 1\)"),
 ])
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -11,7 +11,7 @@ from distilldiff.cli import main
 from distilldiff.engine import Engine
 from distilldiff.objectives import SiD, SiDConfig
 
-from toy_setup import sid_task, train_config
+from toy_setup import sid_task, teacher, train_config
 
 TINY = ["--set", "train.batch_size=2", "--set", "train.num_sample_images=4", "--set", "train.max_steps=1"]
 
@@ -85,7 +85,7 @@ def test_student_folder_is_replaced_atomically(tmp_path):
         if info["step"] == 4:
             raise OSError("killed")
 
-    task = sid_task(SiD(SiDConfig(), sigma_data=1.45))
+    task = sid_task(SiD(SiDConfig(), teacher()))
     task.save_fn = save
     engine = Engine(task, train_config(max_steps=4, batch_size=8, checkpoint_every=2, keep_checkpoints=5), tmp_path)
     with pytest.raises(OSError, match="killed"):
@@ -106,7 +106,7 @@ def test_replace_folder(tmp_path):
 
 
 def _three_checkpoints(tmp_path):
-    task = sid_task(SiD(SiDConfig(), sigma_data=1.45))
+    task = sid_task(SiD(SiDConfig(), teacher()))
     Engine(task, train_config(max_steps=3, batch_size=8, checkpoint_every=1, keep_checkpoints=5), tmp_path).train()
     return tmp_path / "checkpoints"
 
@@ -121,7 +121,7 @@ def _three_checkpoints(tmp_path):
 def test_resume_skips_a_damaged_newest_checkpoint(tmp_path, caplog, damage, named):
     ckpts = _three_checkpoints(tmp_path)
     damage(ckpts / "step-0000003")
-    engine = Engine(sid_task(SiD(SiDConfig(), sigma_data=1.45)), train_config(max_steps=4, batch_size=8), tmp_path)
+    engine = Engine(sid_task(SiD(SiDConfig(), teacher())), train_config(max_steps=4, batch_size=8), tmp_path)
     with caplog.at_level("WARNING"):
         assert engine.run_folder.find_checkpoint("latest").name == "step-0000002"
     assert named in caplog.text and "skipping checkpoint" in caplog.text

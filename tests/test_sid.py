@@ -6,7 +6,7 @@ import torch
 from distilldiff.engine import Engine
 from distilldiff.objectives import Batch, SiD, SiDConfig
 
-from toy_setup import WEIGHTS, mode_report, sid_task, teacher, train_config
+from toy_setup import WEIGHTS, edm_teacher, mode_report, sid_task, teacher, train_config
 
 
 def direct_generator_loss(x_g, y_real, y_fake, alpha, scale):
@@ -23,7 +23,7 @@ def direct_generator_loss(x_g, y_real, y_fake, alpha, scale):
 def test_generator_loss_matches_direct_computation(alpha):
     g = torch.Generator().manual_seed(0)
     x_g, y_real, y_fake = (torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
-    sid = SiD(SiDConfig(alpha=alpha, loss_scale=100.0), sigma_data=0.5)
+    sid = SiD(SiDConfig(alpha=alpha, loss_scale=100.0), edm_teacher(0.5))
     loss, _ = sid.generator_loss_from(x_g, y_real, y_fake)
     assert loss.item() == pytest.approx(direct_generator_loss(x_g, y_real, y_fake, alpha, 100.0), rel=1e-12)
 
@@ -32,7 +32,7 @@ def test_generator_loss_normaliser_has_no_gradient():
     g = torch.Generator().manual_seed(1)
     x_g = torch.randn(2, 5, generator=g, dtype=torch.float64, requires_grad=True)
     y_real, y_fake = torch.randn(2, 5, generator=g, dtype=torch.float64), torch.randn(2, 5, generator=g, dtype=torch.float64)
-    sid = SiD(SiDConfig(alpha=1.2, loss_scale=1.0), sigma_data=0.5)
+    sid = SiD(SiDConfig(alpha=1.2, loss_scale=1.0), edm_teacher(0.5))
     loss, _ = sid.generator_loss_from(x_g, y_real, y_fake)
     (grad,) = torch.autograd.grad(loss, x_g)
     w = (x_g - y_real).abs().mean(1, keepdim=True).detach()
@@ -40,7 +40,7 @@ def test_generator_loss_normaliser_has_no_gradient():
 
 
 def test_fake_score_loss_matches_direct_computation():
-    sid = SiD(SiDConfig(p_mean=-1.2, p_std=1.2), sigma_data=0.5)
+    sid = SiD(SiDConfig(p_mean=-1.2, p_std=1.2), edm_teacher(0.5))
     gen = lambda z, **c: 0.5 * z  # noqa: E731
     den = lambda x, s, **c: 0.9 * x  # noqa: E731
     z = torch.randn(4, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -56,7 +56,7 @@ def test_fake_score_loss_matches_direct_computation():
 
 
 def test_generator_sigma_range():
-    sid = SiD(SiDConfig(tmax=800), sigma_data=0.5)
+    sid = SiD(SiDConfig(tmax=800), edm_teacher(0.5))
     s = sid.generator_sigma(100000, torch.zeros(1, dtype=torch.float64))
     top = (80 ** (1 / 7) + 0.2 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
     assert s.min() >= 0.002 and s.max() <= top + 1e-9
@@ -64,7 +64,7 @@ def test_generator_sigma_range():
 
 
 def test_each_phase_updates_only_its_network(tmp_path):
-    engine = Engine(sid_task(SiD(SiDConfig(), sigma_data=1.45)), train_config(batch_size=8), tmp_path)
+    engine = Engine(sid_task(SiD(SiDConfig(), teacher())), train_config(batch_size=8), tmp_path)
     params = {n: [p.detach().clone() for p in engine.task.networks[n].parameters()] for n in ("generator", "fake_score")}
     phases = {p.name: p for p in engine.task.objective.phases()}
 
@@ -95,7 +95,7 @@ def test_sid_one_step_generator_covers_every_mode(tmp_path):
     EDM's -1.2, which is tuned to sigma_data = 0.5). With the direction of the score difference
     flipped or the fake-score update broken, the generator stays a blob between the modes.
     """
-    sid = SiD(SiDConfig(alpha=1.0, p_mean=0.0, tmax=600), sigma_data=teacher().sigma_data)
+    sid = SiD(SiDConfig(alpha=1.0, p_mean=0.0, tmax=600), teacher())
     cfg = train_config(max_steps=3000, critic_lr=1e-3, ema_halflife_kimg=50, seed=1)
     engine = Engine(sid_task(sid), cfg, tmp_path)
     before_mass, before_near = mode_report(engine.ema.module(torch.randn(4000, 2)).detach())

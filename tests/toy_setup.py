@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import types
 
 import torch
 
@@ -26,6 +27,11 @@ def fitted_copy() -> MLPDenoiser:
     torch.manual_seed(0)
     t = GaussianMixtureDenoiser(WEIGHTS, MEANS, [STD] * 4)
     return fit_denoiser(MLPDenoiser(2, t.sigma_data), t, steps=400)
+
+
+def edm_teacher(sigma_data: float):
+    """A stand-in teacher with EDM's noise range [0.002, 80] for objectives built against one (no network)."""
+    return types.SimpleNamespace(sigma_min=0.002, sigma_max=80.0, sigma_data=sigma_data)
 
 
 def sid_task(objective, init_sigma=2.5) -> TrainTask:

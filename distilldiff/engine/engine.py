@@ -243,8 +243,7 @@ class Engine:
         self.state.step += 1
         self.state.nimg += cfg.batch_size
         self.ema.update(acc.unwrap_model(self.models[obj.student]), self.state.nimg, cfg.batch_size)
-        if self.targets:
-            obj.update_targets({n: acc.unwrap_model(m) for n, m in self.models.items()} | self.frozen)
+        obj.update_targets({n: acc.unwrap_model(m) for n, m in self.models.items()} | self.frozen)
         self.state.train_seconds += time.time() - t0
         window.end_step()
 
@@ -321,6 +320,10 @@ class Engine:
         path = self.run_folder.sample_grid(self.state.step)
         save_grid(images, path)
         shutil.copyfile(path, path.with_name("latest.png"))
+        if self.task.image_stats is not None:
+            stats = self.task.image_stats(images)
+            self.accelerator.log({f"samples/{k}": v for k, v in stats.items()}, step=self.state.step)
+            tqdm.write(f"samples at step {self.state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
         return path
 
     # -- the loop --------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ class TrainTask:
         info: written with the student (teacher, objective, ...).
         evaluator: ``(ema_student, device) -> {metric: value}`` run every ``evaluator.every``
             steps and after the last one.
+        image_stats: ``images -> {name: value}``, cheap statistics of every sample grid (e.g. the
+            share of near-black pixels), logged as ``samples/NAME`` and printed with the grid.
     """
 
     objective: Objective
@@ -55,3 +57,4 @@ class TrainTask:
     grid_cond_fn: Callable[[int, Any], dict] | None = None
     info: dict = field(default_factory=dict)
     evaluator: Evaluator | None = None
+    image_stats: Callable[[Tensor], dict[str, float]] | None = None

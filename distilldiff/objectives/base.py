@@ -127,7 +127,8 @@ class Objective(abc.ABC):
         return {}
 
     def update_targets(self, nets: Mapping[str, nn.Module]) -> None:
-        """Called after every training step with all networks (unwrapped); moves ``"target"`` ones."""
+        """Called after every training step (all its phases and micro-batches, on every process) with
+        all networks (unwrapped): moves ``"target"`` ones and any running statistics an objective keeps."""
 
     @abc.abstractmethod
     def phases(self) -> list[Phase]:
@@ -150,13 +151,6 @@ def edm_sigma(batch: int, p_mean: float, p_std: float, like: Tensor) -> Tensor:
     return (torch.randn(batch, device=like.device, dtype=like.dtype) * p_std + p_mean).exp()
 
 
-def karras_time_sigma(batch: int, tmax: int, sigma_min: float, sigma_max: float, rho: float, like: Tensor) -> Tensor:
-    """sigma = (smax^(1/rho) + (1 - t)(smin^(1/rho) - smax^(1/rho)))^rho, t ~ U(0, tmax/1000) (SiD, f-distill)."""
-    t = torch.rand(batch, device=like.device, dtype=like.dtype) * (tmax / 1000)
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + (1 - t) * (lo - hi)) ** rho
-
-
 def edm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
     """EDM loss weight ``lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2`` (Karras et al. 2022, eq. 8)."""
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
@@ -166,15 +160,3 @@ def denoising_loss(denoiser: nn.Module, x0: Tensor, sigma: Tensor, weight: Tenso
     """``mean_B weight * sum_CHW ||D(x0 + sigma n, sigma) - x0||^2`` (denoising score matching)."""
     noisy = x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
     return (weight * sum_chw((denoiser(noisy, sigma, **cond) - x0) ** 2)).mean()
-
-
-def fake_score_loss(
-    nets: Mapping[str, nn.Module], batch: Batch, p_mean: float, p_std: float, sigma_data: float
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """EDM denoising loss of ``nets["fake_score"]`` on ``nets["generator"]``'s images (the critic
-    update of SiD Alg. 1 and DMD2 Alg. 1), sigma = exp(N(p_mean, p_std^2))."""
-    with torch.no_grad():
-        x_g = nets["generator"](batch.noise, **batch.cond)
-    sigma = edm_sigma(x_g.shape[0], p_mean, p_std, x_g)
-    loss = denoising_loss(nets["fake_score"], x_g, sigma, edm_weight(sigma, sigma_data), batch.cond)
-    return loss, {"loss": loss.detach()}

@@ -10,13 +10,15 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar, Literal, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ObjectiveConfig
+from ..students import trainable_copy
 from ..teachers.base import Denoiser
 from ..tensors import append_dims, mean_chw
-from .base import Batch, Objective, Phase, fake_score_loss, karras_time_sigma
+from .base import Batch, Objective, Phase
+from .critic import ScoreWithHead, critic_loss, gan_generator_loss, global_sum
+from .noise import NoiseKind, check_time_range, make_noise_levels
 
 #: h(r) = r^2 f''(r) (up to a positive constant) for r = p_teacher / q_student (f-distill, Table 1)
 WEIGHTINGS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -43,14 +45,11 @@ F_OF_R: dict[str, Callable[[Tensor], Tensor]] = {
 Divergence = Literal["reverse_kl", "forward_kl", "js", "squared_hellinger", "jeffreys", "softened_reverse_kl", "neyman"]
 
 
-def ratio_per_noise_bin(r: Tensor, sigma: Tensor, bins: int, sigma_min: float, sigma_max: float) -> Tensor:
-    """``r [B]`` divided by its mean over the samples whose ``sigma [B]`` falls in the same of
-    ``bins`` bins equally spaced in log sigma over [sigma_min, sigma_max] (outside: the end bins)."""
-    edges = torch.linspace(math.log(sigma_min), math.log(sigma_max), bins + 1, device=r.device, dtype=r.dtype)
-    idx = torch.bucketize(sigma.to(r.dtype).log(), edges[1:-1])
-    sums = torch.zeros(bins, device=r.device, dtype=r.dtype).index_add_(0, idx, r)
-    counts = torch.zeros(bins, device=r.device, dtype=r.dtype).index_add_(0, idx, torch.ones_like(r))
-    return r / (sums / counts.clamp(min=1))[idx]
+def noise_bin(sigma: Tensor, bins: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """``[B]`` index of the noise bin of each ``sigma`` ``[B]``: ``bins`` bins equally spaced in
+    log sigma over [sigma_min, sigma_max] (outside: the end bins)."""
+    edges = torch.linspace(math.log(sigma_min), math.log(sigma_max), bins + 1, device=sigma.device, dtype=torch.float64)
+    return torch.bucketize(sigma.double().log(), edges[1:-1])
 
 
 @dataclass
@@ -59,19 +58,32 @@ class FDistillConfig(ObjectiveConfig):
 
     Attributes:
         divergence: which f-divergence; its weighting h(r) multiplies the DMD gradient.
-        gan_weight: weight of the generator's GAN term softplus(-D(x_t)) (DMD2: > 0; 0: none).
-        critic_ratio: fake-score (and discriminator) updates per generator update (DMD2: 5).
+        gan_weight: weight of the generator's GAN term softplus(-l(x_t)) (DMD2: > 0; 0: none).
+        critic_ratio: critic updates (fake score and its discriminator head) per generator update (DMD2: 5).
+        disc_weight: weight of the discriminator loss in the critic update (the fake score's
+            denoising loss has weight 1; DMD2 uses 1e-2 on ImageNet-64).
+        disc_trains_fake_score: whether the discriminator loss also trains the fake score's own
+            layers (DMD2, SiDA) or only the head.
         logit_clip: the discriminator logit log r is clamped to [-logit_clip, logit_clip].
         ratio_min, ratio_max: r is clipped to this range before h(r) (0.1, 20).
-        ratio_bins: if > 0, divide r by its mean over the samples of the process's micro-batch
-            in the same noise bin (``ratio_bins`` bins equally spaced in log sigma over
-            [sigma_min, sigma_max]; a bin holding one sample gives r = 1), before the clip: a
-            true ratio p/q has mean 1 under the student's q at every noise level. 0: off.
-        normalize_h: divide h(r) by its batch mean.
-        tmax, sigma_min, sigma_max, rho: the generator/discriminator noise levels, as in SiD
-            (Karras schedule, t ~ U(0, tmax / 1000)).
-        p_mean, p_std: log-normal noise levels of the fake-score (EDM) loss.
-        disc_channels: width of the discriminator network.
+        ratio_bins: if > 0, divide r by its running mean in its noise bin (``ratio_bins`` bins equally
+            spaced in log sigma over the noise range), before the clip: a true ratio p/q has mean 1
+            under the student's q at every noise level. 0: off.
+        normalize_h: divide h(r) by its running mean.
+        norm_decay: per-step decay of the running means of h and of r per bin. They are updated
+            once per training step from the whole global batch, so they do not depend on the
+            number of processes or accumulation steps.
+        noise: the generator phase's (and discriminator's) noise distribution: ``karras``
+            (Karras time t ~ U(tmin, tmax)/1000, as SiD), ``timesteps`` (uniform over the teacher's
+            training timesteps in [tmin, tmax)/1000 of them, DMD2: 20..980) or ``lognormal``.
+        fake_score_noise: the fake score's training distribution: ``generator`` (the same as
+            ``noise``, DMD2's practice) or ``lognormal`` (EDM's, as SiD).
+        tmin, tmax: range of ``karras`` and ``timesteps``, in thousandths.
+        sigma_min, sigma_max, rho: range of ``karras``/``lognormal`` (default: EDM's [0.002, 80]
+            within the teacher's trained range) and the Karras rho.
+        p_mean, p_std: the ``lognormal`` distribution.
+        generator_weighting: per-sample weight of the distribution-matching gradient:
+            ``mean_abs`` (1 / mean_CHW |x_g - x0_real|, DMD eq. 8) or ``none``.
     """
 
     name: ClassVar[str] = "fdistill"
@@ -79,178 +91,160 @@ class FDistillConfig(ObjectiveConfig):
     divergence: Divergence = "reverse_kl"
     gan_weight: float = 0.0
     critic_ratio: int = 1
+    disc_weight: float = 1.0
+    disc_trains_fake_score: bool = True
     logit_clip: float = 10.0
     ratio_min: float = 0.1
     ratio_max: float = 20.0
     ratio_bins: int = 0
     normalize_h: bool = True
+    norm_decay: float = 0.9
+    noise: NoiseKind = "karras"
+    fake_score_noise: Literal["generator", "lognormal"] = "generator"
+    tmin: int = 0
     tmax: int = 800
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
+    sigma_min: float | None = None
+    sigma_max: float | None = None
     rho: float = 7.0
     p_mean: float = -1.2
     p_std: float = 1.2
-    disc_channels: int = 32
+    generator_weighting: Literal["mean_abs", "none"] = "mean_abs"
 
     def __post_init__(self):
         if self.critic_ratio < 1:
             raise ValueError(f"objective.critic_ratio must be >= 1, got {self.critic_ratio}")
         if self.gan_weight < 0:
             raise ValueError(f"objective.gan_weight must be >= 0, got {self.gan_weight}")
+        if self.disc_weight <= 0:
+            raise ValueError(f"objective.disc_weight must be > 0, got {self.disc_weight}")
         if not 0 < self.ratio_min < 1 < self.ratio_max:
             raise ValueError(f"objective.ratio_min/ratio_max must satisfy 0 < min < 1 < max, got {self.ratio_min}/{self.ratio_max}")
         if self.ratio_bins < 0:
             raise ValueError(f"objective.ratio_bins must be >= 0 (0: off), got {self.ratio_bins}")
         if self.ratio_bins and self.divergence == "reverse_kl":
             raise ValueError("objective.ratio_bins has no effect with divergence reverse_kl (h = 1); remove it")
-        if not 0 < self.tmax <= 1000:
-            raise ValueError(f"objective.tmax must be in (0, 1000], got {self.tmax}")
+        if not 0 <= self.norm_decay < 1:
+            raise ValueError(f"objective.norm_decay must be in [0, 1), got {self.norm_decay}")
+        check_time_range(self.tmin, self.tmax)
 
     @property
     def uses_discriminator(self) -> bool:
         return self.divergence != "reverse_kl" or self.gan_weight > 0
 
 
-class Discriminator(nn.Module):
-    """Density-ratio discriminator on noisy samples: logit(x_sigma, sigma, c) ~ log p_teacher / q_student.
-
-    A small standalone network (not a head on the fake score's features, as FastGen/DMD2 use):
-    a 3-layer CNN for images ``[C, H, W]`` or an MLP for vectors, on ``x / sqrt(sigma^2 + sd^2)``
-    with ``log sigma`` as an extra input, and a projection term for class labels.
-    """
-
-    def __init__(self, sample_shape: tuple[int, ...], sigma_data: float, width: int = 32, num_classes: int | None = None):
-        super().__init__()
-        self.sigma_data = float(sigma_data)
-        if len(sample_shape) == 3:
-            c = sample_shape[0]
-            self.body = nn.Sequential(
-                nn.Conv2d(c + 1, width, 3, padding=1), nn.SiLU(),
-                nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),
-                nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.SiLU(),
-                nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            )
-            feat = 2 * width
-        else:
-            dim = math.prod(sample_shape)
-            self.body = nn.Sequential(nn.Flatten(), nn.Linear(dim + 1, 4 * width), nn.SiLU(), nn.Linear(4 * width, 4 * width), nn.SiLU())
-            feat = 4 * width
-        self.head = nn.Linear(feat, 1)
-        self.class_embed = nn.Embedding(num_classes + 1, feat) if num_classes else None
-
-    def forward(self, x: Tensor, sigma: Tensor, class_labels: Tensor | None = None, **_: object) -> Tensor:
-        """``[B]`` logits for ``x`` ``[B, *sample_shape]`` at ``sigma`` ``[B]``."""
-        s = append_dims(sigma, x.ndim)
-        x_in = x / (s**2 + self.sigma_data**2).sqrt()
-        log_sigma = (s.log() / 4).expand(x.shape[0], *([1] * (x.ndim - 1)))
-        if x.ndim == 4:
-            h = self.body(torch.cat([x_in, log_sigma.expand(-1, 1, *x.shape[2:])], 1))
-        else:
-            h = self.body(torch.cat([x_in.flatten(1), log_sigma.reshape(-1, 1)], 1))
-        logit = self.head(h).squeeze(1)
-        if self.class_embed is not None and class_labels is not None:
-            logit = logit + (self.class_embed(class_labels) * h).sum(1)
-        return logit
-
-
 class FDistill(Objective):
     """One-step student trained along the f-divergence gradient of distribution matching.
 
     Networks: ``teacher`` (frozen), ``fake_score`` (critic: a copy of the teacher fit to the
-    student's samples), ``discriminator`` (critic, only when the weighting needs r or a GAN term
-    is on; trained on real data), ``generator`` (the student).
+    student's samples; with a discriminator head on its features when the weighting needs the
+    density ratio r or a GAN term is on, then trained on real data too), ``generator`` (the student).
     """
 
     config_class: ClassVar[type[ObjectiveConfig]] = FDistillConfig
+    networks: ClassVar[Mapping[str, str]] = {"teacher": "frozen", "fake_score": "critic", "generator": "student"}
 
     def __init__(self, config: FDistillConfig, teacher: Denoiser):
         self.config = config
         self.sigma_data = float(teacher.sigma_data)
-        self.num_classes = teacher.num_classes
-        self.sample_shape = tuple(teacher.sample_shape)
-        self.networks = {"teacher": "frozen", "fake_score": "critic", "generator": "student"}
-        if config.uses_discriminator:
-            self.networks = {"teacher": "frozen", "fake_score": "critic", "discriminator": "critic", "generator": "student"}
+        c = config
+        kw = dict(sigma_min=c.sigma_min, sigma_max=c.sigma_max, rho=c.rho, tmin=c.tmin, tmax=c.tmax, p_mean=c.p_mean, p_std=c.p_std)
+        #: the generator phase's noise levels, also the discriminator's
+        self.query_noise = make_noise_levels(c.noise, teacher, **kw)
+        self.fake_noise = self.query_noise if c.fake_score_noise == "generator" else make_noise_levels("lognormal", teacher, **kw)
         self.needs_real_data = config.uses_discriminator
+        self.h_at_one = float(WEIGHTINGS[c.divergence](torch.ones(1, dtype=torch.float64)))
+        self._sums: dict[str, Tensor] = {}
 
     @classmethod
     def build(cls, config: FDistillConfig, teacher: nn.Module) -> "FDistill":
         return cls(config, teacher)
 
     def make_critic(self, name: str, teacher: Denoiser) -> nn.Module:
-        if name == "discriminator":
-            return Discriminator(self.sample_shape, self.sigma_data, self.config.disc_channels, self.num_classes)
-        return super().make_critic(name, teacher)
+        """The fake score: a trainable copy of the teacher, with a discriminator head if used."""
+        score = trainable_copy(teacher)
+        return ScoreWithHead(score, self.config.ratio_bins, self.h_at_one) if self.config.uses_discriminator else score
 
     def phases(self) -> list[Phase]:
-        r = self.config.critic_ratio
-        phases = [Phase("fake_score", "fake_score", repeats=r)]
-        if self.config.uses_discriminator:
-            phases.append(Phase("discriminator", "discriminator", repeats=r))
-        return phases + [Phase("generator", "generator")]
+        return [Phase("fake_score", "fake_score", repeats=self.config.critic_ratio), Phase("generator", "generator")]
 
     def loss(self, phase: Phase, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         if phase.name == "fake_score":
-            return self.fake_score_loss(nets, batch)
-        if phase.name == "discriminator":
-            return self.discriminator_loss(nets, batch)
+            return self.critic_loss(nets, batch)
         return self.generator_loss(nets, batch)
 
-    def noise_sigma(self, batch: int, like: Tensor) -> Tensor:
-        """Generator/discriminator noise levels: the Karras schedule at t ~ U(0, tmax/1000), as in SiD."""
+    def critic_loss(self, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """The fake score's denoising loss on generated images (DMD2 Alg. 1, critic update), plus the
+        discriminator loss of its head, softplus(l(fake_t)) + softplus(-l(real_t)), when it has one."""
         c = self.config
-        return karras_time_sigma(batch, c.tmax, c.sigma_min, c.sigma_max, c.rho, like)
+        return critic_loss(nets, batch, fake_noise=self.fake_noise, disc_noise=self.query_noise if c.uses_discriminator else None,
+                           sigma_data=self.sigma_data, disc_weight=c.disc_weight, detach_features=not c.disc_trains_fake_score)
 
-    def fake_score_loss(self, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        """EDM denoising loss of the fake score on generated images (DMD2 Alg. 1, critic update)."""
-        return fake_score_loss(nets, batch, self.config.p_mean, self.config.p_std, self.sigma_data)
-
-    def discriminator_loss(self, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        """softplus(D(fake_t)) + softplus(-D(real_t)): the logit estimates log p_teacher / q_student."""
-        with torch.no_grad():
-            x_g = nets["generator"](batch.noise, **batch.cond)
-        sigma = self.noise_sigma(x_g.shape[0], x_g)
-        fake_t = x_g + append_dims(sigma, x_g.ndim) * torch.randn_like(x_g)
-        real_t = batch.real + append_dims(sigma, x_g.ndim) * torch.randn_like(x_g)
-        d_fake = nets["discriminator"](fake_t, sigma, **batch.cond)
-        d_real = nets["discriminator"](real_t, sigma, **batch.cond)
-        loss = (F.softplus(d_fake) + F.softplus(-d_real)).mean()
-        acc = ((d_real > 0).float().mean() + (d_fake < 0).float().mean()) / 2
-        return loss, {"loss": loss.detach(), "accuracy": acc.detach()}
-
-    def weights(self, logit: Tensor, sigma: Tensor | None = None) -> Tensor:
-        """h(r) ``[B]`` with r = exp(clamp(logit)) clipped to [ratio_min, ratio_max] (then, with
-        ``ratio_bins``, normalised per noise bin of ``sigma`` ``[B]``), h normalised by its batch mean."""
-        c = self.config
-        r = logit.clamp(-c.logit_clip, c.logit_clip).exp()
+    def weights(self, logit: Tensor, sigma: Tensor, nets: Mapping[str, nn.Module]) -> Tensor:
+        """h(r) ``[B]``, r = exp(clamp(logit)) (with ``ratio_bins``: divided by the running mean of r in
+        its noise bin), clipped to [ratio_min, ratio_max]; with ``normalize_h``, h divided by its running
+        mean. The running means are those of earlier steps; this step's values are accumulated."""
+        c, head = self.config, nets["fake_score"]
+        r = logit.double().clamp(-c.logit_clip, c.logit_clip).exp()
         if c.ratio_bins:
-            if sigma is None:
-                raise ValueError("objective.ratio_bins needs the noise levels of the batch")
-            r = ratio_per_noise_bin(r.float(), sigma.float(), c.ratio_bins, c.sigma_min, c.sigma_max).to(logit.dtype)
-        r = r.clamp(c.ratio_min, c.ratio_max)  # after the normalisation, so h(r) stays within its clip
-        h = WEIGHTINGS[c.divergence](r)
-        return h / h.mean() if c.normalize_h else h
+            b = noise_bin(sigma, c.ratio_bins, self.query_noise.lo, self.query_noise.hi)
+            self._accumulate("r_bin", torch.zeros(2, c.ratio_bins, dtype=torch.float64, device=r.device)
+                             .index_put_((torch.zeros_like(b), b), r, accumulate=True)
+                             .index_put_((torch.ones_like(b), b), torch.ones_like(r), accumulate=True))
+            r = r / head.r_bin_mean.to(r.device)[b]
+        h = WEIGHTINGS[c.divergence](r.clamp(c.ratio_min, c.ratio_max))  # after the normalisation: h stays within its clip
+        if c.normalize_h:
+            self._accumulate("h", torch.stack([h.sum(), torch.tensor(float(h.numel()), dtype=h.dtype, device=h.device)]))
+            h = h / head.h_mean.to(h.device)
+        return h.to(logit.dtype)
+
+    def _accumulate(self, key: str, sums: Tensor) -> None:
+        sums = sums.detach()
+        if bool(torch.isfinite(sums).all()):
+            self._sums[key] = sums if key not in self._sums else self._sums[key] + sums
+
+    def update_targets(self, nets: Mapping[str, nn.Module]) -> None:
+        """Move the running means of h and r by this step's global-batch means (all processes, all micro-batches)."""
+        sums, self._sums = self._sums, {}
+        head, d = nets["fake_score"], self.config.norm_decay
+        with torch.no_grad():
+            if "h" in sums:
+                s, n = global_sum(sums["h"]).tolist()
+                if n > 0:
+                    head.h_mean.mul_(d).add_((1 - d) * s / n)
+            if "r_bin" in sums:
+                s, n = global_sum(sums["r_bin"]).to(head.r_bin_mean.device)
+                seen = n > 0
+                head.r_bin_mean[seen] = d * head.r_bin_mean[seen] + (1 - d) * s[seen] / n[seen]
 
     def generator_loss(self, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        """0.5 ||x_g - sg(x_g - g)||^2, g = h(r) (x0_fake - x0_real) / mean|x_g - x0_real| (f-distill eq. 9)."""
+        """0.5 ||x_g - sg(x_g - g)||^2, g = h(r) (x0_fake - x0_real) / mean|x_g - x0_real| (f-distill eq. 9),
+        plus ``gan_weight`` softplus(-l(x_t)) (DMD2 eq. 6), l the fake score's head at the same x_t."""
+        c = self.config
         x_g = nets["generator"](batch.noise, **batch.cond)
-        sigma = self.noise_sigma(x_g.shape[0], x_g)
+        sigma = self.query_noise.draw(x_g.shape[0], x_g)
         x_t = x_g + append_dims(sigma, x_g.ndim) * torch.randn_like(x_g)
         logs: dict[str, Tensor] = {}
+        logit = None
+        with torch.set_grad_enabled(c.gan_weight > 0):
+            if c.uses_discriminator:
+                x0_fake, logit = nets["fake_score"](x_t, sigma, with_logit=True, **batch.cond)
+            else:
+                x0_fake = nets["fake_score"](x_t, sigma, **batch.cond)
         with torch.no_grad():
             x0_real = nets["teacher"](x_t, sigma, **batch.cond)
-            x0_fake = nets["fake_score"](x_t, sigma, **batch.cond)
             h = torch.ones_like(sigma)
-            if self.config.divergence != "reverse_kl":
-                h = self.weights(nets["discriminator"](x_t, sigma, **batch.cond), sigma)
+            if c.divergence != "reverse_kl":
+                h = self.weights(logit.detach(), sigma, nets)
                 logs["h_max"] = h.max()
-            w = h / (mean_chw((x_g - x0_real).abs()) + 1e-6)
-            grad = (x0_fake - x0_real) * append_dims(w, x_g.ndim)
+            w = h
+            if c.generator_weighting == "mean_abs":
+                w = h / (mean_chw((x_g - x0_real).abs()) + 1e-6)
+            grad = (x0_fake.detach() - x0_real) * append_dims(w, x_g.ndim)
         loss = 0.5 * ((x_g - (x_g - grad).detach()) ** 2).mean()
         logs["dm_loss"] = loss.detach()
-        if self.config.gan_weight > 0:
-            gan = F.softplus(-nets["discriminator"](x_t, sigma, **batch.cond)).mean()
-            loss = loss + self.config.gan_weight * gan
+        if c.gan_weight > 0:
+            gan = gan_generator_loss(logit)
+            loss = loss + c.gan_weight * gan
             logs["gan_loss"] = gan.detach()
         logs["loss"] = loss.detach()
         return loss, logs

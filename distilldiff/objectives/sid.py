@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Mapping
+from typing import ClassVar, Literal, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..config import ObjectiveConfig
+from ..students import trainable_copy
+from ..teachers.base import Denoiser
 from ..tensors import append_dims, mean_chw, sum_chw
-from .base import Batch, Objective, Phase, fake_score_loss, karras_time_sigma
+from .base import Batch, Objective, Phase
+from .critic import ScoreWithHead, critic_loss, gan_generator_loss
+from .noise import NoiseKind, check_time_range, make_noise_levels
 
 
 @dataclass
@@ -19,49 +23,87 @@ class SiDConfig(ObjectiveConfig):
 
     Attributes:
         alpha: weight of the score-difference term in the generator loss (1.2; 0.5-1.0 for new domains).
-        tmax: largest generator-phase time, in thousandths of the Karras schedule (800 -> sigma ~ 24.4).
-        sigma_min, sigma_max, rho: the Karras schedule the generator-phase sigma is drawn from.
-        p_mean, p_std: log-normal noise distribution of the fake-score (EDM) loss.
+        noise: the generator phase's noise distribution: ``karras`` (official: Karras time
+            t ~ U(tmin, tmax)/1000), ``timesteps`` (uniform over the teacher's training timesteps
+            in [tmin, tmax)/1000 of them) or ``lognormal``.
+        tmin, tmax: range of ``karras``/``timesteps`` in thousandths (0, 800 -> sigma in [0.002, 24.4]).
+        sigma_min, sigma_max, rho: range of ``karras``/``lognormal`` (default: EDM's [0.002, 80]
+            within the teacher's trained range) and the Karras rho.
+        fake_score_noise: the fake score's training distribution: ``lognormal`` (official, EDM's
+            P_mean/P_std) or ``generator`` (the same as ``noise``).
+        p_mean, p_std: the ``lognormal`` distribution.
+        generator_weighting: per-sample normaliser of the generator loss: ``mean_abs`` (official,
+            1 / mean_CHW |x_g - y_real|) or ``none``.
         loss_scale: multiplier of the generator loss (100 in the official code).
         critic_ratio: fake-score updates per generator update.
+        adv_weight: SiDA (Zhou et al. 2025): weight of the generator's adversarial term
+            softplus(-l(x_t)), l a discriminator head on the fake score's features trained on real
+            and generated data in the critic update; 0 (default): plain, data-free SiD.
+        disc_weight: weight of the discriminator loss in the critic update (SiDA only).
+        disc_trains_fake_score: whether that loss also trains the fake score's own layers (SiDA: yes).
     """
 
     name: ClassVar[str] = "sid"
 
     alpha: float = 1.2
+    noise: NoiseKind = "karras"
+    tmin: int = 0
     tmax: int = 800
-    sigma_min: float = 0.002
-    sigma_max: float = 80.0
+    sigma_min: float | None = None
+    sigma_max: float | None = None
     rho: float = 7.0
+    fake_score_noise: Literal["lognormal", "generator"] = "lognormal"
     p_mean: float = -1.2
     p_std: float = 1.2
+    generator_weighting: Literal["mean_abs", "none"] = "mean_abs"
     loss_scale: float = 100.0
     critic_ratio: int = 1
+    adv_weight: float = 0.0
+    disc_weight: float = 1.0
+    disc_trains_fake_score: bool = True
 
     def __post_init__(self):
-        if not 0 < self.tmax <= 1000:
-            raise ValueError(f"objective.tmax must be in (0, 1000], got {self.tmax}")
+        check_time_range(self.tmin, self.tmax)
         if self.critic_ratio < 1:
             raise ValueError(f"objective.critic_ratio must be >= 1, got {self.critic_ratio}")
+        if self.adv_weight < 0:
+            raise ValueError(f"objective.adv_weight must be >= 0 (0: plain SiD), got {self.adv_weight}")
+        if self.disc_weight <= 0:
+            raise ValueError(f"objective.disc_weight must be > 0, got {self.disc_weight}")
+
+    @property
+    def adversarial(self) -> bool:
+        return self.adv_weight > 0
 
 
 class SiD(Objective):
-    """Data-free one-step distillation with the score-identity generator loss.
+    """Data-free one-step distillation with the score-identity generator loss (SiDA with ``adv_weight``).
 
     Networks: ``teacher`` (frozen f_phi), ``fake_score`` (f_psi, a copy of the teacher trained on
-    generated images), ``generator`` (G, the one-step student).
+    generated images; SiDA: with a discriminator head on its features, trained on real data too),
+    ``generator`` (G, the one-step student).
     """
 
     config_class: ClassVar[type[ObjectiveConfig]] = SiDConfig
     networks: ClassVar[Mapping[str, str]] = {"teacher": "frozen", "fake_score": "critic", "generator": "student"}
 
-    def __init__(self, config: SiDConfig, sigma_data: float):
+    def __init__(self, config: SiDConfig, teacher: Denoiser):
         self.config = config
-        self.sigma_data = float(sigma_data)
+        self.sigma_data = float(teacher.sigma_data)
+        c = config
+        kw = dict(sigma_min=c.sigma_min, sigma_max=c.sigma_max, rho=c.rho, tmin=c.tmin, tmax=c.tmax, p_mean=c.p_mean, p_std=c.p_std)
+        #: the generator phase's noise levels (SiDA: also the discriminator's)
+        self.query_noise = make_noise_levels(c.noise, teacher, **kw)
+        self.fake_noise = self.query_noise if c.fake_score_noise == "generator" else make_noise_levels("lognormal", teacher, **kw)
+        self.needs_real_data = c.adversarial
 
     @classmethod
     def build(cls, config: SiDConfig, teacher: nn.Module) -> "SiD":
-        return cls(config, teacher.sigma_data)
+        return cls(config, teacher)
+
+    def make_critic(self, name: str, teacher: Denoiser) -> nn.Module:
+        score = trainable_copy(teacher)
+        return ScoreWithHead(score) if self.config.adversarial else score
 
     def phases(self) -> list[Phase]:
         return [Phase("fake_score", "fake_score", repeats=self.config.critic_ratio), Phase("generator", "generator")]
@@ -72,27 +114,37 @@ class SiD(Objective):
         return self.generator_loss(nets, batch)
 
     def fake_score_loss(self, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        """EDM denoising loss of f_psi on generated images (SiD Alg. 1, fake-score update)."""
-        return fake_score_loss(nets, batch, self.config.p_mean, self.config.p_std, self.sigma_data)
+        """EDM denoising loss of f_psi on generated images (SiD Alg. 1, fake-score update); SiDA adds
+        its head's discriminator loss on real and generated images."""
+        c = self.config
+        return critic_loss(nets, batch, fake_noise=self.fake_noise, disc_noise=self.query_noise if c.adversarial else None,
+                           sigma_data=self.sigma_data, disc_weight=c.disc_weight, detach_features=not c.disc_trains_fake_score)
 
     def generator_sigma(self, batch: int, like: Tensor) -> Tensor:
-        """Generator-phase noise levels: the Karras schedule at t ~ U(0, tmax/1000)."""
-        c = self.config
-        return karras_time_sigma(batch, c.tmax, c.sigma_min, c.sigma_max, c.rho, like)
+        """Generator-phase noise levels (official: the Karras schedule at t ~ U(0, tmax/1000))."""
+        return self.query_noise.draw(batch, like)
 
     def generator_loss(self, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        """SiD generator loss (Zhou et al. 2024, eq. 21 with the official normaliser w)."""
+        """SiD generator loss (Zhou et al. 2024, eq. 21 with the official normaliser w); SiDA adds
+        ``adv_weight`` softplus(-l(x_t)) from the fake score's head at the same x_t."""
         x_g = nets["generator"](batch.noise, **batch.cond)
         sigma = self.generator_sigma(x_g.shape[0], x_g)
         x_t = x_g + append_dims(sigma, x_g.ndim) * torch.randn_like(x_g)
         y_real = nets["teacher"](x_t, sigma, **batch.cond)
-        y_fake = nets["fake_score"](x_t, sigma, **batch.cond)
-        return self.generator_loss_from(x_g, y_real, y_fake)
+        if not self.config.adversarial:
+            return self.generator_loss_from(x_g, y_real, nets["fake_score"](x_t, sigma, **batch.cond))
+        y_fake, logit = nets["fake_score"](x_t, sigma, with_logit=True, **batch.cond)
+        loss, logs = self.generator_loss_from(x_g, y_real, y_fake)
+        adv = gan_generator_loss(logit)
+        loss = loss + self.config.adv_weight * adv
+        return loss, {**logs, "adv_loss": adv.detach(), "loss": loss.detach()}
 
     def generator_loss_from(self, x_g: Tensor, y_real: Tensor, y_fake: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss given the generated images and both scores' denoised estimates at x_t."""
         with torch.no_grad():
             w = mean_chw((x_g - y_real).abs()).clamp_min(1e-5)
+            if self.config.generator_weighting == "none":
+                w = torch.ones_like(w)
         per_sample = sum_chw((y_real - y_fake) * ((y_real - x_g) - self.config.alpha * (y_real - y_fake))) / w
         loss = per_sample.mean() * self.config.loss_scale
         return loss, {"loss": loss.detach(), "w": w.mean()}

@@ -1,0 +1,187 @@
+"""The critic of score distillation: a fake score, optionally with a discriminator head on its features.
+
+SiD, DMD and f-distill fit a *fake score* (a copy of the teacher) to the student's samples. The
+discriminators of DMD2 (a classifier on the fake score's bottleneck; Yin et al. 2024, sec. 4.3),
+SiDA (the fake score's encoder bottleneck; Zhou et al. 2025) and f-distill's density-ratio
+estimator (Xu et al. 2025, sec. 4) are heads on that same network's features:
+:class:`ScoreWithHead` is the fake score plus such a head, trained in the same critic update
+(:func:`critic_loss`). docs/math.md states the losses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..teachers.base import Denoiser
+from ..teachers.conditioning import Conditioning
+from ..tensors import append_dims, sum_chw
+from .base import Batch, edm_weight
+from .noise import NoiseLevels
+
+
+def feature_module(den: nn.Module) -> nn.Module:
+    """The layer whose output is ``den``'s bottleneck features: a diffusers UNet's ``mid_block``,
+    the last hidden layer of an MLP denoiser, or what ``den.feature_module()`` names."""
+    own = getattr(den, "feature_module", None)
+    if callable(own):
+        return own()
+    model = getattr(den, "model", None)
+    if model is not None and getattr(model, "mid_block", None) is not None:
+        return model.mid_block
+    net = getattr(den, "net", None)
+    if isinstance(net, nn.Sequential) and len(net) >= 2:
+        return net[-2]
+    inner = getattr(den, "inner", None)
+    if isinstance(inner, nn.Module):
+        return feature_module(inner)
+    raise ValueError(
+        f"{type(den).__name__} has no known feature layer for a discriminator head (a diffusers UNet's "
+        "mid_block, an MLP's last hidden layer, or a feature_module() method)"
+    )
+
+
+class ScoreWithHead(Denoiser):
+    """A fake score ``D_psi(x, sigma, **cond)`` with a discriminator logit on its own features.
+
+    ``forward(x, sigma, with_logit=True)`` returns ``(D [B, *shape], logit [B])`` from one network
+    evaluation: the logit is a small MLP (zero-initialised output, so the logit starts at 0,
+    i.e. r = 1) on the spatial mean of the bottleneck features, plus a class projection term for
+    class-conditional scores. With ``detach_features=True`` the head's loss does not reach the
+    fake score's own parameters.
+
+    Buffers ``h_mean`` and ``r_bin_mean`` hold running means that f-distill normalises its
+    weights by (checkpointed with the network; updated between steps by the objective).
+
+    Args:
+        score: the fake score (a trainable copy of the teacher).
+        ratio_bins: size of ``r_bin_mean`` (per-noise-bin means of the density ratio; 0: none).
+        h_init: initial value of ``h_mean`` (the weighting at r = 1).
+    """
+
+    def __init__(self, score: Denoiser, ratio_bins: int = 0, h_init: float = 1.0):
+        super().__init__()
+        self.denoiser = score
+        for attr in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes", "null_class"):
+            setattr(self, attr, getattr(score, attr))
+        self._features: list[Tensor] = []
+        feature_module(score).register_forward_hook(self._keep_features)
+        width = self._feature_width()
+        self.head = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+        self.class_embed = nn.Embedding(self.num_classes + 1, width) if self.num_classes else None
+        if self.class_embed is not None:
+            nn.init.zeros_(self.class_embed.weight)
+        self.register_buffer("h_mean", torch.tensor(float(h_init), dtype=torch.float64))
+        self.register_buffer("r_bin_mean", torch.ones(ratio_bins, dtype=torch.float64))
+
+    def _keep_features(self, module: nn.Module, args: Any, output: Any) -> None:
+        out = output[0] if isinstance(output, tuple) else output
+        self._features.append(out.float().mean(dim=tuple(range(2, out.ndim))) if out.ndim > 2 else out.float())
+
+    @torch.no_grad()
+    def _feature_width(self) -> int:
+        x = torch.zeros(1, *self.sample_shape)
+        cond = self.denoiser.conditioning.null(1, x.device) if self.num_classes else {}
+        self._features.clear()
+        self.denoiser(x, torch.ones(1), **cond)
+        width = self._features.pop().shape[1]
+        self._features.clear()
+        return width
+
+    @property
+    def conditioning(self) -> Conditioning:
+        return self.denoiser.conditioning
+
+    def prior_scale(self, sigma: Tensor) -> Tensor:
+        return self.denoiser.prior_scale(sigma)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        head = list(self.head.parameters()) + (list(self.class_embed.parameters()) if self.class_embed is not None else [])
+        return list(self.denoiser.trainable_parameters()) + head
+
+    def forward(self, x: Tensor, sigma: Tensor | float, *, with_logit: bool = False, detach_features: bool = False, **cond: Any):
+        """``D(x, sigma)``, or ``(D, logit [B])`` with ``with_logit``."""
+        self._features.clear()
+        d = self.denoiser(x, sigma, **cond)
+        if not with_logit:
+            self._features.clear()
+            return d
+        h = self._features.pop()
+        self._features.clear()
+        if detach_features:
+            h = h.detach()
+        logit = self.head(h).squeeze(1)
+        labels = cond.get("class_labels")
+        if self.class_embed is not None and labels is not None:
+            logit = logit + (self.class_embed(labels.long()) * h).sum(1)
+        return d, logit.to(x.dtype)
+
+
+def has_head(net: Any) -> bool:
+    """Whether a (possibly wrapped) critic carries a discriminator head."""
+    inner = getattr(net, "module", net)
+    return isinstance(inner, ScoreWithHead) or isinstance(getattr(net, "_inner", None), ScoreWithHead)
+
+
+def noised(x0: Tensor, sigma: Tensor) -> Tensor:
+    """``x0 + sigma n``, ``n ~ N(0, I)``."""
+    return x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
+
+
+def critic_loss(
+    nets: Mapping[str, nn.Module], batch: Batch, *, fake_noise: NoiseLevels, disc_noise: NoiseLevels | None,
+    sigma_data: float, disc_weight: float = 1.0, detach_features: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The critic update of SiD/DMD/DMD2/f-distill on the generator's images ``x_g`` (no gradient to G).
+
+    ``mean_B lambda(sigma) sum_CHW ||D_psi(x_g + sigma n, sigma) - x_g||^2`` with sigma from
+    ``fake_noise`` (EDM's weighting, Karras et al. 2022, eq. 2 and 8), plus, when the fake score has
+    a discriminator head, ``disc_weight * mean_B [softplus(l(fake_t)) + softplus(-l(real_t))]`` with
+    fake and real samples noised at sigma from ``disc_noise`` (the generator-phase distribution):
+    the logit l then estimates ``log p_teacher / q_student`` at that noise level. When the two
+    distributions are the same object, the denoising evaluation's logit is the fake one.
+    """
+    critic = nets["fake_score"]
+    with torch.no_grad():
+        x_g = nets["generator"](batch.noise, **batch.cond)
+    sigma = fake_noise.draw(x_g.shape[0], x_g)
+    x_t = noised(x_g, sigma)
+    disc = disc_noise is not None
+    if not disc:
+        d = critic(x_t, sigma, **batch.cond)
+    else:
+        d, logit_fake = critic(x_t, sigma, with_logit=True, detach_features=detach_features, **batch.cond)
+    denoise = (edm_weight(sigma, sigma_data) * sum_chw((d - x_g) ** 2)).mean()
+    logs = {"denoise_loss": denoise.detach()}
+    loss = denoise
+    if disc:
+        if batch.real is None:
+            raise ValueError("a discriminator head needs real data in the batch")
+        s_d = sigma if disc_noise is fake_noise else disc_noise.draw(x_g.shape[0], x_g)
+        if disc_noise is not fake_noise:
+            _, logit_fake = critic(noised(x_g, s_d), s_d, with_logit=True, detach_features=detach_features, **batch.cond)
+        _, logit_real = critic(noised(batch.real, s_d), s_d, with_logit=True, detach_features=detach_features, **batch.cond)
+        disc_loss = (F.softplus(logit_fake) + F.softplus(-logit_real)).mean()
+        loss = loss + disc_weight * disc_loss
+        logs["disc_loss"] = disc_loss.detach()
+        logs["disc_accuracy"] = (((logit_real > 0).float().mean() + (logit_fake < 0).float().mean()) / 2).detach()
+    logs["loss"] = loss.detach()
+    return loss, logs
+
+
+def gan_generator_loss(logit: Tensor) -> Tensor:
+    """The non-saturating generator term ``mean_B softplus(-l(x_t))`` (DMD2 eq. 6, SiDA)."""
+    return F.softplus(-logit).mean()
+
+
+def global_sum(values: Tensor) -> Tensor:
+    """``values`` summed over all processes (itself when not distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        values = values.clone()
+        torch.distributed.all_reduce(values)
+    return values
