@@ -40,6 +40,10 @@ class TeacherConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
+#: what a student network's output can represent: diffusers' ``prediction_type`` names
+PARAMETERIZATIONS = ("epsilon", "v_prediction", "sample")
+
+
 @dataclass
 class StudentConfig:
     """How the student is built from the teacher; every objective receives this section whole.
@@ -50,12 +54,25 @@ class StudentConfig:
 
     Attributes:
         init_sigma: the one-step generator's noise level; unset: :attr:`DEFAULT_INIT_SIGMA`.
+        parameterization: what the student network's output represents: ``epsilon``,
+            ``v_prediction`` or ``sample`` (diffusers' ``prediction_type``, written to the
+            exported scheduler); unset: the teacher's. The weights are copied unchanged and only
+            re-interpreted, so a student whose parameterization differs from the teacher's does
+            not start equal to it (``distilldiff.students.start_gap`` measures by how much). An
+            epsilon output multiplies the network's errors by sigma in x0; v and sample do not
+            (docs/math.md, section 2.6). VP (diffusers) teachers only.
     """
 
     #: SiD's value for EDM-style teachers (Zhou et al. 2024, sec. 5)
     DEFAULT_INIT_SIGMA: ClassVar[float] = 2.5
 
     init_sigma: float | None = None
+    parameterization: str | None = None
+
+    def __post_init__(self):
+        if self.parameterization is not None and self.parameterization not in PARAMETERIZATIONS:
+            choices = ", ".join(PARAMETERIZATIONS)
+            raise ConfigError(f"student.parameterization: {self.parameterization!r} is not one of {choices} (or unset: the teacher's)")
 
     @property
     def resolved_init_sigma(self) -> float:

@@ -40,6 +40,8 @@ def _pipeline_source() -> Path:
 
 
 def _teacher_scheduler_config(den: VPDenoiser) -> dict:
+    """The teacher's scheduler config (its noise schedule) with ``den``'s own ``prediction_type``:
+    a student whose output was re-parameterised (``student.parameterization``) is written with its own."""
     from diffusers import DDPMScheduler
 
     if den.scheduler_config is not None:
@@ -242,6 +244,7 @@ def model_card(meta: dict, fid: dict | None = None, path: str = "PATH") -> str:
         f"| objective | {meta.get('objective', 'unknown')} |",
         f"| network evaluations per sample | {k} ({meta['sampler']} sampler) |",
         f"| noise levels (sigma) | {', '.join(f'{s:.4g}' for s in meta['sigmas'])} |",
+        f"| network output (`prediction_type`) | {meta['prediction_type']} |",
         f"| training updates | {meta.get('step', 'unknown')} |",
         f"| training images seen | {meta.get('images_seen', 'unknown')} |",
         f"| training wall-clock | {meta['train_seconds']:.0f} s |" if meta.get("train_seconds") is not None else "| training wall-clock | unknown |",

@@ -4,7 +4,8 @@ A student is a denoiser evaluated at fixed noise levels (:class:`Student`); one-
 (SiD, f-distill) are the one-level case (:class:`OneStepGenerator`), consistency students wrap
 their denoiser in the consistency parameterisation (:class:`ConsistencyDenoiser`), and students
 that take the guidance weight as an input get a copy of the teacher with an extra input
-(:func:`guidance_conditioned_copy`). docs/math.md describes each.
+(:func:`guidance_conditioned_copy`), and a copy may re-interpret what its network outputs
+(:func:`reparameterized_copy`, measured by :func:`start_gap`). docs/math.md describes each.
 """
 
 from __future__ import annotations
@@ -114,14 +115,86 @@ class OneStepGenerator(Student):
         return self.sigmas[0]
 
     @classmethod
-    def from_teacher(cls, teacher: Denoiser, init_sigma: float) -> "OneStepGenerator":
-        """A generator whose denoiser is a trainable deep copy of ``teacher``."""
-        return cls(trainable_copy(teacher), init_sigma)
+    def from_teacher(cls, teacher: Denoiser, init_sigma: float, parameterization: str | None = None) -> "OneStepGenerator":
+        """A generator whose denoiser is a trainable deep copy of ``teacher``, its network output
+        re-interpreted as ``parameterization`` (``student.parameterization``; ``None``: the teacher's)."""
+        return cls(reparameterized_copy(teacher, parameterization), init_sigma)
 
 
 def trainable_copy(teacher: Denoiser) -> Denoiser:
     """A deep copy of ``teacher`` whose trainable parameters require gradients (a student or critic's start)."""
     return _with_gradients(copy.deepcopy(teacher))
+
+
+def reparameterized_copy(teacher: Denoiser, parameterization: str | None) -> Denoiser:
+    """A trainable copy of ``teacher`` whose network output means ``parameterization``.
+
+    ``parameterization`` is ``None`` (keep the teacher's: the copy equals the teacher) or one of
+    ``"epsilon"``, ``"v_prediction"``, ``"sample"``. The weights are copied unchanged; only the
+    conversion of the network's output to x0 changes (:func:`set_parameterization`), so unless
+    the value is the teacher's own, the copy starts away from the teacher (:func:`start_gap`).
+    """
+    return set_parameterization(trainable_copy(teacher), parameterization)
+
+
+def set_parameterization(den: Denoiser, parameterization: str | None) -> Denoiser:
+    """Make ``den``'s network output mean ``parameterization`` (in place; returns ``den``).
+
+    For a :class:`~distilldiff.teachers.VPDenoiser` this sets its ``prediction_type`` (and the
+    ``prediction_type`` of the scheduler config it was loaded with, which export writes); a
+    :class:`ConsistencyDenoiser` passes it to the denoiser it wraps. ``None`` changes nothing.
+    Other denoisers (EDM-preconditioned networks such as ``toy.MLPDenoiser``, whose output is
+    already bounded, or analytic teachers) have no output to re-interpret: ``ValueError``.
+    """
+    from .teachers.vp import PREDICTION_TYPES, VPDenoiser
+
+    if parameterization is None:
+        return den
+    if parameterization not in PREDICTION_TYPES:
+        raise ValueError(f"student.parameterization: {parameterization!r} is not one of {', '.join(PREDICTION_TYPES)}")
+    target = den.inner if isinstance(den, ConsistencyDenoiser) else den
+    if not isinstance(target, VPDenoiser):
+        raise ValueError(
+            f"student.parameterization={parameterization!r} applies to VP (diffusers) networks, whose output can be "
+            f"re-interpreted; {type(target).__name__} has no prediction_type: leave student.parameterization unset"
+        )
+    target.prediction_type = parameterization
+    if target.scheduler_config is not None:
+        target.scheduler_config = {**target.scheduler_config, "prediction_type": parameterization}
+    return den
+
+
+@torch.no_grad()
+def start_gap(
+    teacher: Denoiser, student: Denoiser, sigmas: Sequence[float] | Tensor, x0: Tensor,
+    cond: dict[str, Any] | None = None, generator: torch.Generator | None = None,
+) -> Tensor:
+    """How far a student denoiser starts from its teacher: rms of ``D_student - D_teacher`` per noise level.
+
+    Both denoisers see the same noisy samples ``x = x0 + sigma * n`` (``n ~ N(0, I)`` drawn from
+    ``generator`` on the CPU, one draw per level), with conditioning ``cond``.
+
+    Args:
+        teacher, student: denoisers with the same sample shape (e.g. the teacher and
+            ``reparameterized_copy(teacher, ...)``).
+        sigmas: ``[S]`` noise levels.
+        x0: ``[B, *sample_shape]`` clean samples (real data, or samples of the teacher).
+        cond: conditioning keyword arguments, each with a leading ``[B]`` dimension.
+
+    Returns:
+        ``[S]`` float64: ``sqrt(mean_{B, d} (D_student(x, sigma) - D_teacher(x, sigma))^2)``
+        for each sigma (an rms per sample element, e.g. per pixel). 0 when the student is an
+        unchanged copy.
+    """
+    cond = cond or {}
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)
+    gaps = []
+    for s in sigmas.tolist():
+        n = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        x = x0 + s * n
+        diff = student(x, s, **cond).to(torch.float64) - teacher(x, s, **cond).to(torch.float64)
+        gaps.append(diff.pow(2).mean().sqrt())
+    return torch.stack(gaps) if gaps else torch.zeros(0, dtype=torch.float64)
 
 
 def _with_gradients(den: Denoiser) -> Denoiser:

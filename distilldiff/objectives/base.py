@@ -104,9 +104,10 @@ class Objective(abc.ABC):
         """The trained student, built from the (unguided) teacher and the ``student`` section.
 
         Default: a one-step generator at ``student.init_sigma`` whose denoiser is a copy of the
-        teacher (SiD, f-distill). Objectives that build other students override this and reject
-        the keys of ``student`` they do not use (:func:`check_student_keys`)."""
-        return OneStepGenerator.from_teacher(teacher, student.resolved_init_sigma)
+        teacher with its output read as ``student.parameterization`` (SiD, f-distill). Objectives
+        that build other students override this and reject the keys of ``student`` they do not
+        use (:func:`check_student_keys`)."""
+        return OneStepGenerator.from_teacher(teacher, student.resolved_init_sigma, student.parameterization)
 
     def make_critic(self, name: str, teacher: Denoiser) -> nn.Module:
         """A ``"critic"`` network; default: a trainable copy of the teacher (a fake score).

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from ..config import ObjectiveConfig, StudentConfig
 from ..samplers import karras_sigmas, multistep_sigmas
-from ..students import ConsistencyDenoiser, Student, guidance_conditioned_copy, trainable_copy
+from ..students import ConsistencyDenoiser, Student, guidance_conditioned_copy, reparameterized_copy, set_parameterization
 from ..teachers.base import Denoiser
 from ..teachers.guidance import CFGDenoiser
 from ..tensors import append_dims, mean_chw
@@ -109,10 +109,14 @@ class ConsistencyDistillation(Objective):
         return resolved_default_w(self.config.w_min, self.config.w_max, self.config.default_w)
 
     def make_student(self, teacher: Denoiser, student: StudentConfig) -> Student:
-        """A multistep student: the consistency function at ``sample_steps`` grid levels from sigma_max."""
-        check_student_keys(student, self.name)
+        """A multistep student: the consistency function at ``sample_steps`` grid levels from sigma_max,
+        around a copy of the teacher whose output means ``student.parameterization``."""
+        check_student_keys(student, self.name, uses=("parameterization",))
         c = self.config
-        inner = guidance_conditioned_copy(teacher, c.guidance_embed_scale) if c.guided else trainable_copy(teacher)
+        if c.guided:
+            inner = set_parameterization(guidance_conditioned_copy(teacher, c.guidance_embed_scale), student.parameterization)
+        else:
+            inner = reparameterized_copy(teacher, student.parameterization)
         f = ConsistencyDenoiser(inner, float(self.sigmas[0]))
         return Student(f, multistep_sigmas(self.sigmas.tolist(), c.sample_steps), "multistep")
 

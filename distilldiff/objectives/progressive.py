@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..config import ObjectiveConfig, StudentConfig
 from ..samplers import teacher_grid
-from ..students import Student, trainable_copy
+from ..students import Student, reparameterized_copy
 from ..teachers.base import Denoiser
 from ..tensors import append_dims, mean_chw
 from .base import Batch, Objective, Phase, Stage, check_student_keys
@@ -112,9 +112,12 @@ class ProgressiveDistillation(Objective):
         return [float(s) for s in self.teacher_sigmas[::2]]
 
     def make_student(self, teacher: Denoiser, student: StudentConfig) -> Student:
-        """A K-step DDIM student whose denoiser starts as a copy of this stage's teacher."""
-        check_student_keys(student, self.name)
-        return Student(trainable_copy(teacher), self.student_sigmas, "ddim")
+        """A K-step DDIM student whose denoiser starts as a copy of this stage's teacher, its
+        network output re-interpreted as ``student.parameterization`` (Salimans & Ho 2022, sec. 4,
+        train x- or v-predicting students). A later stage's teacher is the previous stage's
+        student, which already carries that parameterization."""
+        check_student_keys(student, self.name, uses=("parameterization",))
+        return Student(reparameterized_copy(teacher, student.parameterization), self.student_sigmas, "ddim")
 
     def phases(self) -> list[Phase]:
         return [Phase("student", "student")]

@@ -121,7 +121,8 @@ class DistillDiffPipeline(DiffusionPipeline):
 
     Args:
         unet: ``UNet2DModel`` or :class:`GuidedUNet2DModel` (VP parameterisation).
-        scheduler: ``DDPMScheduler`` of the teacher (its ``alphas_cumprod`` and ``prediction_type``).
+        scheduler: ``DDPMScheduler`` with the teacher's noise schedule (``alphas_cumprod``) and the
+            student network's ``prediction_type`` (which may differ from the teacher's).
         sigmas: the student's decreasing noise levels, one per network evaluation.
         sampler: ``"ddim"`` (deterministic) or ``"multistep"`` (re-noise between steps).
         num_classes: number of classes of a class-conditional student, else ``None``.
