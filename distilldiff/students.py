@@ -203,7 +203,7 @@ def _with_gradients(den: Denoiser) -> Denoiser:
     return den
 
 
-def guidance_conditioned_copy(teacher: Denoiser, guidance_embed_scale: float = 100.0) -> Denoiser:
+def guidance_conditioned_copy(teacher: Denoiser, guidance_embed_scale: float = 100.0, guidance_embed_gain: float = 1.0) -> Denoiser:
     """A trainable copy of ``teacher`` that takes ``guidance_scale=w`` as an input (Meng et al. 2023, sec. 4.1).
 
     VP teachers get a :class:`~distilldiff.pipelines.GuidedUNet2DModel` (a zero-initialised w
@@ -215,7 +215,7 @@ def guidance_conditioned_copy(teacher: Denoiser, guidance_embed_scale: float = 1
 
     den = copy.deepcopy(teacher)
     if isinstance(den, VPDenoiser):
-        den.model = GuidedUNet2DModel.from_unet(den.model, guidance_embed_scale=guidance_embed_scale)
+        den.model = GuidedUNet2DModel.from_unet(den.model, guidance_embed_scale=guidance_embed_scale, guidance_embed_gain=guidance_embed_gain)
     elif not getattr(den, "guidance", False):
         raise ValueError(f"a guidance-conditioned student needs a network with a guidance input; {type(den).__name__} has none")
     return _with_gradients(den)

@@ -191,17 +191,20 @@ def test_progressive_stages_resume(tmp_path):
 
 
 def test_guidance_distillation_two_stages(tmp_path):
-    """Stage 1 (w-conditioned 16-step student), then stage 2 (progressive 16 -> 8 keeping w) from its folder."""
+    """Stage 1 (w-conditioned 16-step student with a v-prediction output), then stage 2 (progressive
+    16 -> 8 keeping w and the output) from its folder."""
     stage1 = tmp_path / "stage1"
-    r = run_cli("distill", "--config", "configs/mnist/guidance.yaml", "--output-dir", str(stage1), *TINY, "--set", "train.max_steps=1")
+    r = run_cli("distill", "--config", "configs/mnist/guidance.yaml", "--output-dir", str(stage1), *TINY, "--set", "train.max_steps=1",
+                "--set", "student.parameterization=v_prediction")
     assert r.returncode == 0, r.stderr
     meta = json.loads((stage1 / "student" / "distilldiff_student.json").read_text())
-    assert meta["guidance_scale"] == 2.0 and len(meta["sigmas"]) == 16
+    assert meta["guidance_scale"] == 2.0 and len(meta["sigmas"]) == 16 and meta["prediction_type"] == "v_prediction"
     r = run_cli("distill", "--config", "configs/mnist/guidance_stage2.yaml", "--output-dir", str(tmp_path / "stage2"), *TINY,
                 "--set", "train.max_steps=1", "--set", f"teacher.path={stage1}", "--set", "objective.end_steps=8")
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "stage2" / "student" / "distilldiff_student.json").read_text())
     assert meta["guidance_scale"] == 2.0 and len(meta["sigmas"]) == 8 and meta["objective"] == "progressive"
+    assert meta["prediction_type"] == "v_prediction"
     for w in ("0.5", "3.0"):
         r = run_cli("sample", "--model", str(tmp_path / "stage2"), "--num", "4", "--guidance-scale", w,
                     "--out", str(tmp_path / f"w{w}.png"), "--device", "cpu")

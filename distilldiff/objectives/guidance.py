@@ -16,13 +16,46 @@ from torch import Tensor, nn
 
 from ..config import ObjectiveConfig, StudentConfig
 from ..samplers import teacher_grid
-from ..students import Student, guidance_conditioned_copy
+from ..students import Student, guidance_conditioned_copy, set_parameterization
 from ..teachers.base import Denoiser
 from ..teachers.guidance import CFGDenoiser
 from ..teachers.vp import VPDenoiser
 from ..tensors import append_dims, mean_chw
 from .base import Batch, Objective, Phase, check_student_keys, edm_sigma, edm_weight
 from .guidance_weights import check_guidance_teacher, draw_w, w_cond
+
+
+#: loss weightings on the squared x0 error (docs/math.md, section 3.6)
+WEIGHTINGS = ("output", "snr", "snr_trunc", "edm")
+
+
+def loss_weight(kind: str, sigma: Tensor, sigma_data: float, prediction_type: str | None = None) -> Tensor:
+    """Per-sample weight ``lambda(sigma)`` on ``mean_d (D_student - D_target)^2``.
+
+    ``kind`` (one of :data:`WEIGHTINGS`):
+
+    * ``output``: the squared error of the network's own output, i.e. the loss the teacher was
+      trained with: ``1 / sigma^2`` for ``prediction_type`` ``epsilon`` (DDPM's L_simple),
+      ``(1 + sigma^2) / sigma^2`` for ``v_prediction``, 1 for ``sample``; EDM's weight for
+      denoisers without a ``prediction_type`` (EDM-preconditioned networks, whose raw output it
+      weighs by 1);
+    * ``snr``: ``1 / sigma^2`` (SNR in sigma space);
+    * ``snr_trunc``: ``max(1 / sigma^2, 1)`` (Salimans & Ho 2022, "truncated SNR");
+    * ``edm``: ``(sigma^2 + sd^2) / (sigma sd)^2`` (Karras et al. 2022).
+    """
+    if kind == "output":
+        kind = {"epsilon": "snr", "v_prediction": "snr_plus_one", "sample": "one"}.get(prediction_type, "edm")
+    if kind == "snr":
+        return 1 / sigma**2
+    if kind == "snr_plus_one":
+        return (1 + sigma**2) / sigma**2
+    if kind == "one":
+        return torch.ones_like(sigma)
+    if kind == "snr_trunc":
+        return (1 / sigma**2).clamp_min(1.0)
+    if kind == "edm":
+        return edm_weight(sigma, sigma_data)
+    raise ValueError(f"unknown weighting {kind!r}; expected one of {', '.join(WEIGHTINGS)}")
 
 
 @dataclass
@@ -37,7 +70,14 @@ class GuidanceConfig(ObjectiveConfig):
         p_mean, p_std: log-normal training noise levels for non-VP teachers (VP teachers: uniform
             over their training timesteps, "the teacher's own noise levels").
         sigma_min, sigma_max, rho: the Karras sampling grid of non-VP teachers.
-        guidance_embed_scale: w is multiplied by this before its sinusoidal embedding (VP students).
+        guidance_embed_scale: w is multiplied by this before its sinusoidal embedding (VP students;
+            at 1 every feature is smooth over w in [0, 4]).
+        guidance_embed_gain: the w embedding is multiplied by this (VP students): its zero-started
+            output layer then learns about this many times faster than the copied weights under
+            Adam. ``gain * train.lr`` of about 1e-3 suits a fresh layer.
+        weighting: loss weight on the squared x0 error (:func:`loss_weight`): ``output`` (the
+            network's own output error, the teacher's training loss: 1 / sigma^2 for epsilon
+            networks), ``snr``, ``snr_trunc`` or ``edm``.
     """
 
     name: ClassVar[str] = "guidance"
@@ -51,15 +91,21 @@ class GuidanceConfig(ObjectiveConfig):
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
-    guidance_embed_scale: float = 100.0
+    guidance_embed_scale: float = 1.0
+    guidance_embed_gain: float = 30.0
+    weighting: str = "output"
 
     def __post_init__(self):
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"objective.weighting: {self.weighting!r} is not one of {', '.join(WEIGHTINGS)}")
         if not 0 <= self.w_min < self.w_max:
             raise ValueError(f"objective.w_min/w_max must satisfy 0 <= w_min < w_max, got {self.w_min}/{self.w_max}")
         if not self.w_min <= self.default_w <= self.w_max:
             raise ValueError(f"objective.default_w={self.default_w} is outside [w_min, w_max] = [{self.w_min}, {self.w_max}]")
         if self.sample_steps < 1:
             raise ValueError(f"objective.sample_steps must be >= 1, got {self.sample_steps}")
+        if not (self.guidance_embed_scale > 0 and self.guidance_embed_gain > 0):
+            raise ValueError(f"objective.guidance_embed_scale/_gain must be > 0, got {self.guidance_embed_scale}/{self.guidance_embed_gain}")
 
 
 class GuidanceDistillation(Objective):
@@ -79,15 +125,23 @@ class GuidanceDistillation(Objective):
         self.sample_sigmas = sample_sigmas
         self.vp_sigmas = teacher.schedule.sigmas.clone() if isinstance(teacher, VPDenoiser) else None
         self.sigma_data = float(teacher.sigma_data)
+        #: what the student network outputs (a copy of the teacher's): sets the ``output`` weighting
+        self.prediction_type = getattr(teacher, "prediction_type", None)
 
     @classmethod
     def build(cls, config: GuidanceConfig, teacher: nn.Module) -> "GuidanceDistillation":
         return cls(config, teacher, teacher_grid(teacher, config.sample_steps, config.sigma_min, config.sigma_max, config.rho))
 
     def make_student(self, teacher: Denoiser, student: StudentConfig) -> Student:
-        """A ``sample_steps``-step DDIM student; VP teachers get a :class:`GuidedUNet2DModel` copy."""
-        check_student_keys(student, self.name)
-        return Student(guidance_conditioned_copy(teacher, self.config.guidance_embed_scale), self.sample_sigmas, "ddim")
+        """A ``sample_steps``-step DDIM student; VP teachers get a :class:`GuidedUNet2DModel` copy
+        whose output is read as ``student.parameterization`` (unset: the teacher's); the ``output``
+        weighting follows that choice."""
+        check_student_keys(student, self.name, uses=("parameterization",))
+        c = self.config
+        den = guidance_conditioned_copy(teacher, c.guidance_embed_scale, c.guidance_embed_gain)
+        den = set_parameterization(den, student.parameterization)
+        self.prediction_type = getattr(den, "prediction_type", None)
+        return Student(den, self.sample_sigmas, "ddim")
 
     def student_info(self) -> dict:
         return {"default_guidance_scale": self.config.default_w}
@@ -105,7 +159,8 @@ class GuidanceDistillation(Objective):
         return edm_sigma(n, self.config.p_mean, self.config.p_std, like)
 
     def loss(self, phase: Phase, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        """lambda(sigma) ||D_student(x_t, sigma, c, w) - D_w(x_t, sigma, c)||^2 (Meng et al. 2023, eq. 6; EDM weight)."""
+        """lambda(sigma) mean_d (D_student(x_t, sigma, c, w) - D_w(x_t, sigma, c))^2 (Meng et al. 2023, stage one;
+        lambda from ``objective.weighting``)."""
         x0, c = batch.real, self.config
         n = x0.shape[0]
         w = draw_w(n, c.w_min, c.w_max, x0)
@@ -114,5 +169,6 @@ class GuidanceDistillation(Objective):
         with torch.no_grad():
             target = CFGDenoiser(nets["teacher"], w)(x_t, sigma, **batch.cond)
         pred = nets["student"](x_t, sigma=sigma, guidance_scale=w, **batch.cond)
-        loss = (edm_weight(sigma, self.sigma_data) * mean_chw((pred - target) ** 2)).mean()
+        weight = loss_weight(c.weighting, sigma, self.sigma_data, self.prediction_type)
+        loss = (weight * mean_chw((pred - target) ** 2)).mean()
         return loss, {"loss": loss.detach()}

@@ -43,19 +43,61 @@ SAMPLERS = ("ddim", "multistep")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
+class GuidanceEmbedding(TimestepEmbedding):
+    """The guidance weight ``w`` as a vector to add to a network's conditioning embedding.
+
+    ``gain * MLP(sinusoidal_features(w * scale))``: the features are diffusers' timestep features
+    (frequencies 1 down to 1e-4), the MLP is diffusers' ``TimestepEmbedding`` (linear, SiLU, linear)
+    and its last layer starts at zero, so the output is 0 for every ``w`` at first.
+
+    ``scale`` sets how fast the features turn with ``w``: at ``scale = 1`` the fastest feature has a
+    period of 2 pi in ``w``, so every feature is smooth over a guidance range like [0, 4] (the target,
+    ``D_c + w (D_c - D_u)``, is affine in ``w``). ``gain`` multiplies the output at run time: under
+    Adam every weight moves by about the learning rate per step whatever its gradient's size, so the
+    zero-started output layer learns ``gain`` times faster than the weights copied from the teacher
+    (run-time weight scaling, as in the "equalized learning rate" of Karras et al. 2018).
+
+    Args:
+        out_dim: width of the embedding it is added to.
+        features: number of sinusoidal features of ``w``.
+        scale: ``w`` is multiplied by this before the sinusoidal features.
+        gain: the output is multiplied by this.
+    """
+
+    def __init__(self, out_dim: int, features: int = 64, scale: float = 1.0, gain: float = 1.0):
+        super().__init__(features, out_dim)
+        self.proj = Timesteps(features, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.scale = float(scale)
+        self.gain = float(gain)
+        nn.init.zeros_(self.linear_2.weight)
+        nn.init.zeros_(self.linear_2.bias)
+
+    def forward(self, w: Tensor) -> Tensor:
+        """``[B]`` guidance weights -> ``[B, out_dim]``."""
+        dtype = self.linear_1.weight.dtype
+        return self.gain * super().forward(self.proj(w.float() * self.scale).to(dtype))
+
+
 class GuidedUNet2DModel(ModelMixin, ConfigMixin):
     """A ``UNet2DModel`` that also takes the guidance scale ``w`` as an input (guidance distillation).
 
-    ``w`` is embedded like a timestep (sinusoidal features of ``w * guidance_embed_scale`` and an
-    MLP whose last layer starts at zero) and added to the class embedding, which the inner UNet
-    receives through ``class_embed_type="identity"``. At initialisation the model therefore equals
-    the class-conditional UNet it was built from, for every ``w``.
+    ``w`` is embedded like a timestep (:class:`GuidanceEmbedding`: sinusoidal features of
+    ``w * guidance_embed_scale``, an MLP whose last layer starts at zero, times
+    ``guidance_embed_gain``) and added to the class embedding, which the inner UNet receives through
+    ``class_embed_type="identity"``. At initialisation the model therefore equals the
+    class-conditional UNet it was built from, for every ``w``.
+
+    The defaults of ``guidance_embed_scale`` (100) and ``guidance_embed_gain`` (1) are those of
+    students saved before these options existed, so that their folders load unchanged; new
+    students get theirs from the objective (``objective.guidance_embed_scale`` / ``_gain``).
 
     Args:
         unet_config: config of the inner ``UNet2DModel`` (with ``class_embed_type="identity"``).
         num_class_embeds: size of the class-embedding table (``None``: unconditional).
         guidance_embed_dim: width of the sinusoidal features of ``w``.
         guidance_embed_scale: ``w`` is multiplied by this before the sinusoidal features.
+        guidance_embed_gain: the ``w`` embedding is multiplied by this (a learning-rate multiplier
+            for the zero-started layer under Adam).
     """
 
     @register_to_config
@@ -65,6 +107,7 @@ class GuidedUNet2DModel(ModelMixin, ConfigMixin):
         num_class_embeds: int | None = None,
         guidance_embed_dim: int = 64,
         guidance_embed_scale: float = 100.0,
+        guidance_embed_gain: float = 1.0,
     ):
         super().__init__()
         cfg = {k: v for k, v in unet_config.items() if not k.startswith("_")}
@@ -72,10 +115,7 @@ class GuidedUNet2DModel(ModelMixin, ConfigMixin):
         self.unet = UNet2DModel(**cfg)
         emb_dim = self.unet.time_embedding.linear_2.out_features
         self.class_embedding = nn.Embedding(num_class_embeds, emb_dim) if num_class_embeds else None
-        self.guidance_proj = Timesteps(guidance_embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
-        self.guidance_embedding = TimestepEmbedding(guidance_embed_dim, emb_dim)
-        nn.init.zeros_(self.guidance_embedding.linear_2.weight)
-        nn.init.zeros_(self.guidance_embedding.linear_2.bias)
+        self.guidance_embedding = GuidanceEmbedding(emb_dim, guidance_embed_dim, guidance_embed_scale, guidance_embed_gain)
 
     @classmethod
     def from_unet(cls, unet: UNet2DModel, **kwargs: Any) -> "GuidedUNet2DModel":
@@ -97,7 +137,7 @@ class GuidedUNet2DModel(ModelMixin, ConfigMixin):
     def forward(self, sample: Tensor, timestep: Tensor, class_labels: Tensor | None = None, guidance_scale: Tensor | float = 0.0, return_dict: bool = True):
         """``sample`` ``[B, C, H, W]``, ``timestep`` ``[B]``, ``class_labels`` ``[B]``, ``guidance_scale`` scalar or ``[B]``."""
         w = torch.as_tensor(guidance_scale, device=sample.device, dtype=torch.float32).reshape(-1).expand(sample.shape[0])
-        emb = self.guidance_embedding(self.guidance_proj(w * self.config.guidance_embed_scale).to(self.dtype))
+        emb = self.guidance_embedding(w)
         if self.class_embedding is not None:
             if class_labels is None:
                 raise ValueError("this model is class-conditional: pass class_labels")
