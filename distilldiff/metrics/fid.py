@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,13 +86,38 @@ def image_batches(source: ImageSource, num: int, batch_size: int = 250) -> Itera
     raise ValueError(f"the image source ran out after {done} of {num} images")
 
 
-def extract_features(source: ImageSource, num: int, extractor: InceptionFeatureExtractor, batch_size: int = 250, desc: str = "features") -> Tensor:
-    """``[num, 2048]`` float64 Inception features of ``num`` images from ``source``, with a progress bar."""
+#: :func:`extract_features` with ``report_eta`` prints its estimate of the time left at the end of
+#: the first batch that finishes at least this many seconds after the start (none for quick runs)
+ETA_AFTER_SECONDS = 5.0
+
+
+def extract_features(
+    source: ImageSource, num: int, extractor: InceptionFeatureExtractor, batch_size: int = 250, desc: str = "features", report_eta: bool = False
+) -> Tensor:
+    """``[num, 2048]`` float64 Inception features of ``num`` images from ``source``, with a progress bar.
+
+    The bar shows images/s and advances once per forward pass of ``extractor`` (its ``batch_size``
+    images; the features do not depend on how a batch of ``source`` is split). With ``report_eta``,
+    one line on stderr gives the measured speed and the minutes left once the first batches took
+    :data:`ETA_AFTER_SECONDS`.
+    """
     out = []
+    step = getattr(extractor, "batch_size", None) or batch_size
+    start, done, reported = time.perf_counter(), 0, not report_eta
     with tqdm(total=num, desc=desc, unit="img", dynamic_ncols=True) as bar:
         for batch in image_batches(source, num, batch_size):
-            out.append(extractor(batch))
-            bar.update(len(batch))
+            for i in range(0, len(batch), step):
+                part = batch[i : i + step]
+                out.append(extractor(part))
+                bar.update(len(part))
+                done += len(part)
+                elapsed = time.perf_counter() - start
+                if not reported and elapsed >= ETA_AFTER_SECONDS and done < num:
+                    rate = done / max(elapsed, 1e-9)
+                    minutes = (num - done) / rate / 60
+                    left = f"about {round(minutes)} min" if minutes >= 1 else "less than a minute"
+                    bar.write(f"{desc}: {rate:.1f} images/s, {left} left for the remaining {num - done} images", file=sys.stderr)
+                    reported = True
     return torch.cat(out)
 
 
@@ -154,7 +180,13 @@ def load_reference(ref: str | Path, extractor: InceptionFeatureExtractor) -> Ref
             stats.source = str(ref)
             return stats
         images = builtin_reference_images(str(ref))
-        stats = ReferenceStats.from_features(extract_features(images, len(images), extractor, desc=f"reference {ref}"), str(ref))
+        print(
+            f"distilldiff: building the FID reference statistics of {ref} ({len(images)} images through Inception-v3). "
+            f"This is a one-time build: the result is cached in {cached} and reused by every later run "
+            f"(set $DISTILLDIFF_CACHE to move the cache). A time estimate follows the first batches.",
+            file=sys.stderr, flush=True,
+        )
+        stats = ReferenceStats.from_features(extract_features(images, len(images), extractor, desc=f"reference {ref}", report_eta=True), str(ref))
         stats.save(cached)
         stats.source = str(ref)
         return stats

