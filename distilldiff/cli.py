@@ -12,6 +12,67 @@ def _add_train_args(p: argparse.ArgumentParser, config_required: bool) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable), e.g. --set train.max_steps=100")
     p.add_argument("--output-dir", help="run folder (default: output_dir from the config)")
     p.add_argument("--resume", metavar="latest|PATH", help="resume from the newest checkpoint of the run folder, or from PATH")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to train: auto (default: the GPU if there is one, else the CPU), cpu or cuda; sets train.cpu")
+    p.add_argument("--time-budget", type=float, metavar="MIN",
+                   help="stop after MIN minutes of training, with a checkpoint, a sample grid and an evaluation "
+                        "(sets train.time_budget_min; resuming continues the count)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (default: the cores available to this process, at most torch's own default)")
+
+
+def _train_overrides(args) -> list[str]:
+    """``--set`` overrides, then those of ``--device`` and ``--time-budget`` (which win)."""
+    overrides = list(args.overrides)
+    if args.device == "cpu":
+        overrides.append("train.cpu=true")
+    elif args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
+        overrides.append("train.cpu=false")
+    if args.time_budget is not None:
+        if not args.time_budget > 0:
+            raise ValueError(f"--time-budget must be > 0 minutes, got {args.time_budget}")
+        overrides.append(f"train.time_budget_min={args.time_budget}")
+    return overrides
+
+
+def _set_threads(threads: int | None) -> None:
+    """``torch.set_num_threads``: ``threads`` if given, else torch's default capped at the cores this
+    process may use (containers often report the host's cores and would oversubscribe)."""
+    import torch
+
+    from .data import available_cpus
+
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads or min(torch.get_num_threads(), available_cpus()))
+
+
+def _main_process() -> bool:
+    """Whether this is the first process of a run (``accelerate launch`` sets ``RANK``)."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _resume_hint(args, command: str, err) -> str:
+    """The one-line message for a run stopped by SIGINT/SIGTERM: what was saved and how to go on."""
+    out = args.output_dir or err.checkpoint.parent.parent
+    return (f"{err.signal_name} received: stopped after step {err.step}, checkpoint written to {err.checkpoint}; "
+            f"resume with: distilldiff {command} --output-dir {out} --resume latest")
+
+
+def _next_steps(run: Path, mnist: bool) -> str:
+    """What to run after a distillation finished (the FID line for students of MNIST teachers)."""
+    lines = ["next:", f"  distilldiff sample --model {run} --num 64 --out {run / 'grid.png'}"]
+    if mnist:
+        lines.append(f"  distilldiff fid --model {run} --num 5000   # FID-5k against MNIST, written to {run / 'fid-mnist5k-5000.json'}")
+    lines += [f"  distilldiff export --run {run} --out {run}-export   # a folder plain diffusers loads",
+              f"  tensorboard --logdir {run / 'logs'}"]
+    return "\n".join(lines)
 
 
 def _config_path(args) -> str:
@@ -28,18 +89,35 @@ def cmd_distill(args) -> None:
     from .config import DistillConfig, load_config
     from .distill import distill
 
-    cfg = load_config(DistillConfig, _config_path(args), args.overrides)
-    student = distill(cfg, resume=args.resume, output_dir=args.output_dir)
-    print(f"student written to {student}")
+    from .engine import TrainingInterrupted
+
+    cfg = load_config(DistillConfig, _config_path(args), _train_overrides(args))
+    _set_threads(args.threads)
+    try:
+        student = distill(cfg, resume=args.resume, output_dir=args.output_dir)
+    except TrainingInterrupted as e:
+        e.hint = _resume_hint(args, "distill", e)
+        raise
+    if _main_process():
+        print(f"student written to {student}")
+        print(_next_steps(student.parent, mnist="mnist" in str(cfg.teacher.path)))
 
 
 def cmd_teacher_train(args) -> None:
     from .config import TeacherTrainConfig, load_config
     from .teacher_training import train_teacher
 
-    cfg = load_config(TeacherTrainConfig, _config_path(args), args.overrides)
-    folder = train_teacher(cfg, resume=args.resume, output_dir=args.output_dir)
-    print(f"teacher pipeline written to {folder}")
+    from .engine import TrainingInterrupted
+
+    cfg = load_config(TeacherTrainConfig, _config_path(args), _train_overrides(args))
+    _set_threads(args.threads)
+    try:
+        folder = train_teacher(cfg, resume=args.resume, output_dir=args.output_dir)
+    except TrainingInterrupted as e:
+        e.hint = _resume_hint(args, "teacher train", e)
+        raise
+    if _main_process():
+        print(f"teacher pipeline written to {folder}")
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -126,6 +204,8 @@ def cmd_fid_ref(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distilldiff", description="Distil many-step diffusion models into one- or few-step generators.")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"raise errors with their traceback instead of printing one line (also {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("distill", help="train a student against a frozen teacher")
@@ -184,21 +264,95 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: set to 1 (or true/yes/on) for ``--debug``
+DEBUG_ENV = "DISTILLDIFF_DEBUG"
+
+
+def _debug(args) -> bool:
+    """``--debug`` was given or ``$DISTILLDIFF_DEBUG`` is set to a true value."""
+    import os
+
+    return bool(args.debug) or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _write_failure_line(e: Exception, args) -> str | None:
+    """One line for a write that failed for a reason the user can act on (disk full, quota exceeded,
+    read-only file system, permission denied), naming the path (a checkpoint folder rather than a
+    file in it, with the earlier checkpoint that is intact); ``None`` for any other error."""
+    import errno
+    import os
+
+    from .atomic import WriteError, write_failure
+    from .engine.run_folder import RunFolder, checkpoint_of, failed_checkpoint_note
+
+    if isinstance(e, WriteError):
+        return str(e)
+    dest = next((getattr(args, k) for k in ("output_dir", "out", "json") if getattr(args, k, None)), None)
+    code = write_failure(e, dest)
+    if code is None:
+        return None
+    path = getattr(e, "filename", None)
+    if path is None and dest is not None and getattr(args, "output_dir", None):  # a run: the checkpoint being saved
+        path = RunFolder(dest).checkpoint_in_progress()
+    path = path or dest
+    if path is None:
+        return f"cannot write the output: {os.strerror(code)} (run with --debug to see which file)"
+    if code == errno.EACCES:  # may also be a read: say no more than the system does
+        return f"{path}: {os.strerror(code)}"
+    checkpoint = checkpoint_of(path)
+    if checkpoint is not None:
+        return str(WriteError(checkpoint, code, failed_checkpoint_note(checkpoint)))
+    return str(WriteError(path, code))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; expected failures (bad config, files, values, a non-finite loss)
-    print one line and return 2, an interrupt returns 130."""
+    """Run the command line and return its exit code.
+
+    Exit codes:
+        0: success.
+        2: an expected error, printed as one line ``distilldiff: error: ...`` naming the file, key,
+           flag or value: a bad config, flag or value; a missing or damaged file; a non-finite loss;
+           a full disk, exceeded quota, read-only or forbidden destination (``cannot write PATH: ...``;
+           a failed checkpoint leaves the earlier ones intact). Bad usage is argparse's, also 2.
+        130: interrupted (SIGINT or SIGTERM; a training run stops after its step with a checkpoint).
+        1: an unexpected error, i.e. a bug: the traceback is printed.
+
+    With ``--debug`` (or ``DISTILLDIFF_DEBUG=1``) every error is raised with its traceback instead
+    (exit code 1 from the interpreter); an interrupt also prints where it stopped, and still returns 130.
+    """
     args = build_parser().parse_args(argv)
+    debug = _debug(args)
     from .config import ConfigError
     from .engine import NonFiniteError
 
     try:
         args.func(args)
     except (ConfigError, FileNotFoundError, FileExistsError, ValueError, NonFiniteError) as e:
+        if debug:
+            raise
         print(f"distilldiff: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("distilldiff: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a training run stopped by SIGINT/SIGTERM carries a resume hint
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"distilldiff: {getattr(e, 'hint', 'interrupted')}", file=sys.stderr)
         return 130
+    except Exception as e:
+        if debug:
+            raise
+        line = _write_failure_line(e, args)
+        if line is not None:
+            print(f"distilldiff: error: {line}", file=sys.stderr)
+            return 2
+        import traceback
+
+        traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"distilldiff: internal error: {type(e).__name__}{': ' + first if first else ''} "
+              "(a bug: please report it with the traceback above)", file=sys.stderr)
+        return 1
     return 0
 
 

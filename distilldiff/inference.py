@@ -104,7 +104,7 @@ def load_sampler(model: str, steps: int | None = None, guidance_scale: float | N
         return _load_student(path, dev, guidance_scale, steps)
     if path.is_dir() and (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{model}: run folder has no student yet (it is written at the first checkpoint)")
-    base = load_teacher(model).to(dev).eval()
+    base = load_teacher(model, what="--model").to(dev).eval()
     teacher = CFGDenoiser(base, guidance_scale) if guidance_scale else base
     steps = steps or 50
     if not isinstance(base, VPDenoiser):

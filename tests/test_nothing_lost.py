@@ -136,3 +136,105 @@ def test_state_json_is_written_atomically(tmp_path):
 
     RunFolder.write_state(tmp_path, {"step": 7})
     assert json.loads((tmp_path / "state.json").read_text()) == {"step": 7} and [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_replace_folder_without_an_atomic_swap_recovers_after_a_kill(tmp_path, monkeypatch):
+    """Where the system cannot swap two folders in one step, a kill between moving the old folder
+    aside and renaming the new one in leaves ``.NAME.old-*``: the next write of NAME puts it back
+    first (and clears partial ``.NAME.tmp-*`` folders), so a reader never finds NAME missing for long."""
+    from distilldiff import atomic
+
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    dest = tmp_path / "student"
+    replace_folder(dest, lambda d: (d.mkdir(), (d / "w").write_text("1")))
+    replace_folder(dest, lambda d: (d.mkdir(), (d / "w").write_text("2")))
+    assert (dest / "w").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["student"]
+    # the state a kill between the two renames leaves: dest moved aside, the new folder staged
+    (tmp_path / ".student.old-x").mkdir()
+    dest.rename(tmp_path / ".student.old-x" / "student")
+    (tmp_path / ".student.tmp-y" / "student").mkdir(parents=True)
+    atomic.recover_folder(dest)
+    assert (dest / "w").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["student"]
+
+
+def test_replace_folder_swaps_in_one_step_where_it_can(tmp_path):
+    from distilldiff import atomic
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").touch()
+    if not atomic._exchange(a, b):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) here")
+    assert [p.name for p in b.iterdir()] == ["x"] and not any(a.iterdir())
+
+
+def test_rotation_never_leaves_a_checkpoint_that_looks_complete(tmp_path):
+    """Rotation deletes state.json first (a deletion killed half-way leaves an incomplete folder,
+    never a damaged 'complete' one) and clears incomplete folders older than the newest complete one."""
+    from distilldiff.engine import RunFolder
+
+    folder = RunFolder(tmp_path)
+    for step in (1, 2, 3, 4):
+        folder.checkpoint(step).mkdir(parents=True)
+        if step != 2:  # step 2: a save (or a deletion) that was killed
+            RunFolder.write_state(folder.checkpoint(step), {"step": step})
+    folder.checkpoint(5).mkdir()  # a save in progress, newer than the newest complete one: kept
+    folder.rotate(2)
+    assert sorted(p.name for p in folder.checkpoints.iterdir()) == ["step-0000003", "step-0000004", "step-0000005"]
+
+
+def test_a_rewritten_checkpoint_is_incomplete_until_its_new_state_json(tmp_path):
+    """Resuming from an older checkpoint rewrites newer step folders: begin_checkpoint drops the old
+    state.json first, so that a save killed half-way is not taken for a complete checkpoint."""
+    from distilldiff.engine import RunFolder
+
+    folder = RunFolder(tmp_path)
+    folder.checkpoint(3).mkdir(parents=True)
+    RunFolder.write_state(folder.checkpoint(3), {"step": 3})
+    assert folder.begin_checkpoint(3) == folder.checkpoint(3) and folder.complete_checkpoints() == []
+    assert folder.begin_checkpoint(4) == folder.checkpoint(4)  # nothing there: nothing to do
+
+
+def test_state_json_on_a_full_disk_is_a_write_error_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    from distilldiff.atomic import WriteError
+    from distilldiff.engine import RunFolder
+
+    folder = RunFolder(tmp_path)
+    for step in (1, 2):
+        folder.checkpoint(step).mkdir(parents=True)
+    RunFolder.write_state(folder.checkpoint(1), {"step": 1})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("distilldiff.engine.run_folder.os.replace", full)
+    with pytest.raises(WriteError) as info:
+        RunFolder.write_state(folder.checkpoint(2), {"step": 2})
+    assert str(info.value) == (f"cannot write {folder.checkpoint(2)}: No space left on device "
+                               "(earlier checkpoints are intact; --resume latest continues from step-0000001)")
+    assert list(folder.checkpoint(2).iterdir()) == [] and folder.complete_checkpoints() == [folder.checkpoint(1)]
+
+
+def test_export_onto_a_full_disk_is_one_line_and_keeps_the_previous_export(runs, tmp_path, monkeypatch):
+    """safetensors reports a full disk as ``SafetensorError(... (os error 28))``: one line naming the
+    destination, exit code 2; the previous export is unchanged and no partial folder is left."""
+    from safetensors import SafetensorError
+
+    from distilldiff import export
+
+    out = tmp_path / "export"
+    assert cli("export", "--run", str(runs / "a"), "--out", str(out))[0] == 0
+    first = snapshot(out)
+
+    def full(student, folder, info):
+        folder.mkdir(parents=True)
+        (folder / "model_index.json").write_text("{")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(export, "save_student", full)
+    code, err = cli("export", "--run", str(runs / "a"), "--out", str(out), "--force")
+    assert code == 2 and err.strip() == f"distilldiff: error: cannot write {out}: No space left on device (the previous folder is unchanged)"
+    assert snapshot(out) == first and [p.name for p in tmp_path.iterdir()] == ["export"]

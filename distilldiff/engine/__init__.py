@@ -3,12 +3,13 @@
 (:class:`Schedule`) and the run folder's I/O (:class:`RunFolder`)."""
 
 from .ema import EMA
-from .engine import Engine, NonFiniteError, TrainState, trainable_parameters
+from .loss_plot import LossHistory, write_loss_plot
+from .engine import Engine, NonFiniteError, TrainingInterrupted, TrainState, trainable_parameters
 from .run_folder import CHECKPOINT_PREFIX, RunFolder
 from .schedule import Due, LogWindow, Schedule
 from .task import SampleFn, TrainTask
 
 __all__ = [
-    "EMA", "Engine", "NonFiniteError", "TrainState", "trainable_parameters", "CHECKPOINT_PREFIX", "RunFolder",
+    "EMA", "Engine", "LossHistory", "write_loss_plot", "NonFiniteError", "TrainingInterrupted", "TrainState", "trainable_parameters", "CHECKPOINT_PREFIX", "RunFolder",
     "Due", "LogWindow", "Schedule", "SampleFn", "TrainTask",
 ]

@@ -24,11 +24,14 @@ Sharding (plan for FSDP through accelerate, not enabled yet):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import shutil
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,15 +45,35 @@ from ..config import TrainConfig
 from ..images import save_grid
 from ..objectives.base import Batch, Phase
 from .ema import EMA
+from .loss_plot import LossHistory, write_loss_plot
 from .run_folder import RunFolder
 from .schedule import Due, LogWindow, Schedule
 from .task import TrainTask
 
 logger = logging.getLogger(__name__)
 
+#: the logged values up to a checkpoint's step, in the checkpoint (:class:`LossHistory` as JSON)
+HISTORY_FILE = "history.json"
+#: the time estimate is printed after this many steps of a run (the first step is slower: warm-up)
+ETA_AFTER_STEPS = 5
+
 
 class NonFiniteError(RuntimeError):
     """A loss or gradient became NaN/inf (message names the step, phase and network)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM after finishing its step and writing a checkpoint.
+
+    Attributes:
+        signal_name: ``SIGINT`` or ``SIGTERM``.
+        step: the step the checkpoint holds.
+        checkpoint: the checkpoint folder written (``--resume latest`` continues from it).
+    """
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path):
+        super().__init__(f"{signal_name} at step {step}; checkpoint {checkpoint}")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
 
 
 @dataclass
@@ -142,6 +165,12 @@ class Engine:
         self.state = TrainState()
         self._grid_noise: Tensor | None = None
         self._consecutive_scaler_skips = 0
+        #: the first SIGINT/SIGTERM received during training (``None``: none); read after each step
+        self._stop_signal: str | None = None
+        #: every logged value of the run (saved with each checkpoint, drawn next to the sample grids)
+        self.history = LossHistory()
+        #: the most recent logged averages (the end summary's final losses)
+        self.last_logs: dict[str, float] = {}
 
     @property
     def device(self) -> torch.device:
@@ -254,16 +283,20 @@ class Engine:
         (replaced atomically), then the counters that mark the checkpoint complete; finally the
         oldest checkpoints beyond ``train.keep_checkpoints`` are deleted."""
         acc, folder = self.accelerator, self.run_folder
-        path = folder.checkpoint(self.state.step)
-        acc.save_state(str(path))
-        if acc.is_main_process:
-            save_file(self.ema.state_dict(), str(path / "ema.safetensors"))
-            if self.targets:
-                targets = {f"{n}.{k}": v.detach().contiguous() for n in self.targets for k, v in self.frozen[n].state_dict().items()}
-                save_file(targets, str(path / "targets.safetensors"))
-            replace_folder(folder.student, lambda staged: self.task.save_fn(self.ema.module, staged, self._info()))
-            folder.write_state(path, self.state.__dict__)
-            folder.rotate(self.cfg.keep_checkpoints)
+        # a state.json left by an earlier run (resumed from an older checkpoint) goes first
+        path = folder.begin_checkpoint(self.state.step) if acc.is_main_process else folder.checkpoint(self.state.step)
+        acc.wait_for_everyone()
+        with folder.writing(path):  # a full disk or read-only folder: one line naming the checkpoint
+            acc.save_state(str(path))
+            if acc.is_main_process:
+                save_file(self.ema.state_dict(), str(path / "ema.safetensors"))
+                if self.targets:
+                    targets = {f"{n}.{k}": v.detach().contiguous() for n in self.targets for k, v in self.frozen[n].state_dict().items()}
+                    save_file(targets, str(path / "targets.safetensors"))
+                replace_folder(folder.student, lambda staged: self.task.save_fn(self.ema.module, staged, self._info()))
+                (path / HISTORY_FILE).write_text(json.dumps(self.history.state_dict()))
+                folder.write_state(path, self.state.__dict__)
+                folder.rotate(self.cfg.keep_checkpoints)
         acc.wait_for_everyone()
         return path
 
@@ -276,6 +309,11 @@ class Engine:
                 prefix = f"{n}."
                 self.frozen[n].load_state_dict({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
         self.state = TrainState(**self.run_folder.read_state(path))
+        if (path / HISTORY_FILE).is_file():  # checkpoints written before the loss plot have none
+            try:
+                self.history.load_state_dict(json.loads((path / HISTORY_FILE).read_text()))
+            except (ValueError, KeyError, TypeError) as e:  # only the plot needs it: say so and go on
+                logger.warning("%s is unreadable (%s): the loss plot restarts at step %d", path / HISTORY_FILE, e, self.state.step)
         if self.accelerator.is_main_process:
             self.run_folder.trim_eval_log(self.state.step)
 
@@ -297,6 +335,7 @@ class Engine:
                       "eval_seconds": round(time.time() - t0, 2)}
             self.run_folder.append_evaluation(record)
             acc.log({f"eval/{k}": v for k, v in results.items()}, step=self.state.step)
+            self.history.add(self.state.step, {f"eval/{k}": float(v) for k, v in results.items()})
             tqdm.write(f"eval at step {self.state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
         acc.wait_for_everyone()
         return results, time.time() - t0
@@ -318,12 +357,15 @@ class Engine:
         renoise = torch.Generator().manual_seed(self.cfg.seed + 1)
         images = self.task.sample_fn(self.ema.module, self._grid_noise.to(self.device), cond_fn(n, self.device), renoise)
         path = self.run_folder.sample_grid(self.state.step)
-        save_grid(images, path)
-        shutil.copyfile(path, path.with_name("latest.png"))
+        with self.run_folder.writing(path):
+            save_grid(images, path)
+            shutil.copyfile(path, path.with_name("latest.png"))
         if self.task.image_stats is not None:
             stats = self.task.image_stats(images)
             self.accelerator.log({f"samples/{k}": v for k, v in stats.items()}, step=self.state.step)
+            self.history.add(self.state.step, {f"samples/{k}": float(v) for k, v in stats.items()})
             tqdm.write(f"samples at step {self.state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
+        write_loss_plot(self.history, self.run_folder.loss_plot, title=str(self.output_dir))
         return path
 
     # -- the loop --------------------------------------------------------------------------------
@@ -362,10 +404,14 @@ class Engine:
         if due.log:
             logs = window.flush(self.cfg.batch_size)
             logs["nonfinite_skipped"] = self.state.nonfinite
+            self.last_logs = logs
+            self.history.add(step, logs)
             self.accelerator.log(logs, step=step)
             bar.set_postfix({k.split("/")[0] if k.endswith("/loss") else k: f"{v:.4g}" for k, v in logs.items() if k.endswith("/loss") or k == "img_per_s"})
         if due.sample:
+            t0 = time.time()
             self.write_samples()
+            window.exclude(time.time() - t0)  # nor is drawing grids and the loss plot
         if due.evaluate:
             window.exclude(self.evaluate()[1])  # evaluation time is not training speed
         if due.checkpoint:
@@ -384,21 +430,108 @@ class Engine:
         schedule = Schedule(cfg.max_steps, cfg.log_every, cfg.sample_every, cfg.checkpoint_every,
                             evaluator.every if evaluator is not None else None, self.state.step, resumed=checkpoint is not None)
         window = LogWindow()
+        acc.print(self.startup_line())
+        start_step, wall0 = self.state.step, time.time()
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not acc.is_local_main_process,
                    desc=self.task.objective.name, dynamic_ncols=True)
         budget = cfg.time_budget_min * 60 if cfg.time_budget_min is not None else math.inf
         # every process takes the same decision to stop, or DDP would hang at the next collective
         out_of_time = self._any(self.state.train_seconds >= budget)
-        try:
-            while self.state.step < cfg.max_steps and not out_of_time:
-                self.train_step(window)
-                bar.update(1)
-                out_of_time = self._any(self.state.train_seconds >= budget)
-                due = schedule.due(self.state.step, last=out_of_time or self.state.step == cfg.max_steps)
-                self._maintain(due, window, bar)
-                schedule.done(self.state.step, due)
-        finally:
-            bar.close()
+        stopped = False
+        with self._stop_on_signals():
+            try:
+                while self.state.step < cfg.max_steps and not out_of_time:
+                    self.train_step(window)
+                    bar.update(1)
+                    if self.state.step == start_step + ETA_AFTER_STEPS and self.state.step < cfg.max_steps:
+                        self._print_estimate(start_step, wall0)
+                    out_of_time = self._any(self.state.train_seconds >= budget)
+                    stopped = self._any(self._stop_signal is not None)
+                    due = schedule.due(self.state.step, last=out_of_time or self.state.step == cfg.max_steps)
+                    if stopped:  # finish the step's maintenance, and always checkpoint it
+                        due = replace(due, checkpoint=True)
+                    self._maintain(due, window, bar)
+                    schedule.done(self.state.step, due)
+                    if stopped:
+                        break
+            finally:
+                bar.close()
+        if stopped:
+            acc.end_training()
+            raise TrainingInterrupted(self._stop_signal or "SIGINT", self.state.step, self.run_folder.checkpoint(self.state.step))
         self._maintain(schedule.at_end(self.state.step), window, bar)
+        if window.steps:
+            self.last_logs = window.flush(cfg.batch_size)
         acc.end_training()
+        acc.print(self.summary(time.time() - wall0, self.state.step - start_step))
         return self.run_folder.student
+
+    # -- what the user sees ----------------------------------------------------------------------
+
+    def startup_line(self) -> str:
+        """One line before the first step: what runs where, and for how long."""
+        acc, cfg = self.accelerator, self.cfg
+        dtype = {"fp16": "float16 mixed", "bf16": "bfloat16 mixed"}.get(acc.mixed_precision, "float32")
+        where = f"{acc.device.type}" + (f":{acc.device.index}" if acc.device.index is not None else "")
+        n = torch.get_num_threads()
+        threads = f", {n} thread{'s' if n != 1 else ''}" if acc.device.type == "cpu" else ""
+        steps = f"steps {self.state.step}->{cfg.max_steps}" if self.state.step else f"{cfg.max_steps} steps"
+        budget = f", time budget {cfg.time_budget_min:g} min" if cfg.time_budget_min is not None else ""
+        return (f"{self.task.objective.name}: {where} ({dtype}{threads}, {acc.num_processes} process"
+                f"{'es' if acc.num_processes > 1 else ''}) -> {self.output_dir} | {steps}, batch {cfg.batch_size}"
+                f"{budget}, checkpoint every {cfg.checkpoint_every}, samples every {cfg.sample_every}"
+                f" | time estimate after {ETA_AFTER_STEPS} steps")
+
+    def _print_estimate(self, start_step: int, wall0: float) -> None:
+        """The expected time left at the speed of this invocation's first steps (maintenance included)."""
+        done = self.state.step - start_step
+        per_step = (time.time() - wall0) / done
+        left = self.cfg.max_steps - self.state.step
+        budget = ""
+        if self.cfg.time_budget_min is not None:
+            budget = f" (time budget: {max(0.0, self.cfg.time_budget_min - self.state.train_seconds / 60):.1f} min left)"
+        tqdm.write(f"{per_step:.2f} s/step over the first {done} steps: about {left * per_step / 60:.1f} min for the "
+                   f"remaining {left} steps{budget}")
+
+    def summary(self, wall_seconds: float, steps_run: int) -> str:
+        """The end-of-run summary: time, images, final losses and where everything is."""
+        folder = self.run_folder
+        losses = ", ".join(f"{k.split('/')[0]} {v:.4g}" for k, v in self.last_logs.items() if k.endswith("/loss"))
+        lines = [
+            f"done: step {self.state.step} ({steps_run} this run) in {wall_seconds / 60:.1f} min, "
+            f"{self.state.nimg:,} images seen, {self.state.train_seconds / 60:.1f} min of training in total",
+            f"  final losses: {losses or 'not logged'}",
+            f"  student:  {folder.student}",
+            f"  samples:  {folder.root / 'samples' / 'latest.png'} (losses: {folder.loss_plot})",
+            f"  logs:     {folder.logs} (tensorboard --logdir {folder.logs})",
+        ]
+        if self.task.evaluator is not None and folder.eval_log.is_file():
+            lines.append(f"  evaluations: {folder.eval_log}")
+        return "\n".join(lines)
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """While training, SIGINT and SIGTERM ask the loop to stop after the current step and write a
+        checkpoint; a second one stops at once (``KeyboardInterrupt``), which leaves every complete
+        checkpoint intact (a checkpoint is complete only once its ``state.json`` is renamed into place)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {s: signal.getsignal(s) for s in signals}
+
+        def ask_to_stop(signum, frame):
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signal.Signals(signum).name
+            if self.accelerator.is_local_main_process:
+                tqdm.write(f"{self._stop_signal} received: finishing step {self.state.step + 1} and writing a checkpoint "
+                           "(send it again to stop at once)")
+
+        for s in signals:
+            signal.signal(s, ask_to_stop)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..atomic import fsync_dir, fsync_tree, writing
 from ..config import dump_yaml
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,23 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
+def checkpoint_of(path: str | Path) -> Path | None:
+    """The checkpoint folder (``.../checkpoints/step-N``) that ``path`` is or lies in, else ``None``."""
+    for p in (Path(path), *Path(path).parents):
+        if p.name.startswith(CHECKPOINT_PREFIX) and p.parent.name == "checkpoints":
+            return p
+    return None
+
+
+def failed_checkpoint_note(checkpoint: Path) -> str:
+    """What is left after writing ``checkpoint`` failed: the newest complete earlier checkpoint,
+    from which ``--resume latest`` continues (the failed one has no ``state.json``)."""
+    earlier = [p for p in RunFolder(checkpoint.parent.parent).complete_checkpoints() if p.name < checkpoint.name]
+    if not earlier:
+        return "no earlier checkpoint"
+    return f"earlier checkpoints are intact; --resume latest continues from {earlier[-1].name}"
+
+
 class RunFolder:
     """Paths and file I/O of one training run (no training logic).
 
@@ -82,12 +102,51 @@ class RunFolder:
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"{CHECKPOINT_PREFIX}{step:07d}"
 
+    @property
+    def loss_plot(self) -> Path:
+        """Every logged value against the step, redrawn with each sample grid."""
+        return self.root / "samples" / "losses.png"
+
     def sample_grid(self, step: int) -> Path:
         return self.root / "samples" / f"{CHECKPOINT_PREFIX}{step:07d}.png"
 
     def write_config(self, config: Any) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        dump_yaml(config, self.config_file)
+        """Write ``config.yaml`` through a temporary file and a rename (a kill never leaves half a config)."""
+        tmp = self.root / f".{self.config_file.name}.tmp"
+        with writing(self.config_file):
+            self.root.mkdir(parents=True, exist_ok=True)
+            try:
+                dump_yaml(config, tmp)
+                os.replace(tmp, self.config_file)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+    @contextlib.contextmanager
+    def writing(self, path: str | Path) -> Iterator[None]:
+        """Around a write of ``path`` in this run (a checkpoint, a sample grid): a full disk, a
+        read-only or forbidden destination becomes one :class:`~distilldiff.atomic.WriteError` line
+        naming ``path``; for a checkpoint, the note says which earlier checkpoint is intact.
+
+        Example (the engine's checkpoint save)::
+
+            with self.run_folder.writing(path):
+                accelerator.save_state(str(path))
+                ...
+        """
+        checkpoint = checkpoint_of(path)
+        with writing(checkpoint or path, (lambda: failed_checkpoint_note(checkpoint)) if checkpoint else None):
+            yield
+
+    def begin_checkpoint(self, step: int) -> Path:
+        """The folder of the checkpoint of ``step``, made incomplete before it is (re)written: a
+        ``state.json`` left there by an earlier run (resumed from an older checkpoint) is removed
+        first, so that a save killed half-way never passes for a complete checkpoint."""
+        path = self.checkpoint(step)
+        with contextlib.suppress(FileNotFoundError):
+            (path / STATE_FILE).unlink()
+            fsync_dir(path)
+        return path
 
     # -- checkpoints -----------------------------------------------------------------------------
 
@@ -119,34 +178,57 @@ class RunFolder:
             raise ValueError(f"--resume {resume}: {problem}")
         return path
 
+    def checkpoint_in_progress(self) -> Path | None:
+        """The newest checkpoint folder if it has no ``state.json`` and is newer than every complete
+        one: the save in progress, or the one a failed or killed save left."""
+        folders = sorted(p for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir())
+        return folders[-1] if folders and not (folders[-1] / STATE_FILE).is_file() else None
+
     def has_finished(self, step: int) -> bool:
         """Whether the checkpoint of ``step`` is complete (a staged run's finished stage)."""
         return (self.checkpoint(step) / STATE_FILE).is_file()
 
     @staticmethod
     def write_state(checkpoint: Path, state: dict) -> None:
-        """Write the counters that complete a checkpoint (after everything else in it), through a
-        temporary file and a rename, so that ``state.json`` is never half-written."""
+        """Write the counters that complete a checkpoint (after everything else in it): the other
+        files are flushed to disk first, then ``state.json`` goes through a temporary file and a
+        rename, so that it is never half-written nor present before the files it vouches for."""
         tmp = checkpoint / f".{STATE_FILE}.tmp"
-        with open(tmp, "w") as f:
-            f.write(json.dumps(state, indent=2))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, checkpoint / STATE_FILE)
+        with writing(checkpoint, lambda: failed_checkpoint_note(checkpoint)):
+            try:
+                fsync_tree(checkpoint)
+                with open(tmp, "w") as f:
+                    f.write(json.dumps(state, indent=2))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, checkpoint / STATE_FILE)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            fsync_dir(checkpoint)
 
     @staticmethod
     def read_state(checkpoint: Path) -> dict:
         return json.loads((checkpoint / STATE_FILE).read_text())
 
     def rotate(self, keep: int) -> None:
-        """Delete all but the newest ``keep`` complete checkpoints."""
-        for p in self.complete_checkpoints()[:-keep]:
+        """Delete all but the newest ``keep`` complete checkpoints, and incomplete ones older than
+        the newest complete one (left by a save or a deletion that was killed). A checkpoint's
+        ``state.json`` goes first, so that a deletion killed half-way never leaves a checkpoint
+        that looks complete."""
+        complete = self.complete_checkpoints()
+        if not complete:
+            return
+        newest = complete[-1].name
+        stale = [p for p in self.checkpoints.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name < newest and p not in complete]
+        for p in complete[:-keep] + stale:
+            (p / STATE_FILE).unlink(missing_ok=True)
             shutil.rmtree(p)
 
     # -- evaluation log --------------------------------------------------------------------------
 
     def append_evaluation(self, record: dict) -> None:
-        with open(self.eval_log, "a") as f:
+        with writing(self.eval_log), open(self.eval_log, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def trim_eval_log(self, step: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -21,37 +22,94 @@ def builtin_teacher_path(name: str) -> Path:
     return Path(str(resources.files("distilldiff") / "assets" / BUILTIN_TEACHERS[name]))
 
 
-def resolve_teacher_path(path: str) -> str:
+#: one part of a Hugging Face Hub id: letters, digits, '-', '_', '.', not starting or ending with '-' or '.'
+_HUB_PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?"
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """Whether ``path`` has the form of a Hugging Face Hub model id, ``owner/name`` (the hub's rules:
+    letters, digits, ``-``, ``_``, ``.``; no ``--`` or ``..``; at most 96 characters)."""
+    return (len(path) <= 96 and re.fullmatch(f"{_HUB_PART}/{_HUB_PART}", path) is not None
+            and "--" not in path and ".." not in path)
+
+
+def resolve_teacher_path(path: str, what: str = "teacher.path") -> str:
     """Map ``builtin:NAME`` to the shipped folder; check that a local-looking path exists.
 
-    Anything that is neither an existing folder nor a plausible hub id (``org/name``) is an error.
+    Anything that is neither an existing folder nor a hub id (``owner/name``, :func:`looks_like_hub_id`,
+    whose ``owner`` is not a local folder) is a one-line ``FileNotFoundError`` naming ``what`` (the
+    config key or flag that gave the path) and the path.
     """
     if path.startswith("builtin:"):
         return str(builtin_teacher_path(path.split(":", 1)[1]))
     p = Path(path).expanduser()
     if p.exists():
         if not p.is_dir():
-            raise FileNotFoundError(f"teacher.path {path!r} is a file, expected a diffusers pipeline folder")
+            raise FileNotFoundError(f"{what} {path!r} is a file, expected a diffusers pipeline folder")
         return str(p)
-    # org/name is a hub id, unless "org" is a local folder (runs/nope is a mistyped run, not a repository)
-    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~")) and not Path(path.split("/")[0]).is_dir()
-    if not looks_like_hub_id:
-        raise FileNotFoundError(f"teacher.path {path!r}: no such folder (and not a hub id of the form org/name)")
+    # owner/name is a hub id, unless "owner" is a local folder (runs/nope is a mistyped run, not a repository)
+    if not looks_like_hub_id(path) or Path(path.split("/")[0]).is_dir():
+        raise FileNotFoundError(f"{what} {path!r}: no such folder (and not a hub id of the form owner/name)")
     return path
 
 
-def load_teacher(path: str, guidance_scale: float = 0.0, **overrides) -> Denoiser:
+def _check_hub_model(repo_id: str, what: str) -> bool:
+    """Check that hub model ``repo_id`` can be loaded before diffusers tries: its ``model_index.json``
+    is in the local cache, or one request to the hub (no retries) finds it. A model the hub cannot
+    give (offline, unreachable, missing, gated) is a one-line ``FileNotFoundError`` saying why.
+    Returns whether the hub is in offline mode (``HF_HUB_OFFLINE``), where diffusers must not try it."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    offline = bool(constants.is_offline_mode())
+    if isinstance(try_to_load_from_cache(repo_id, "model_index.json"), str):
+        return offline
+    where = f"{what} {repo_id!r}"
+    advice = "download it where the hub can be reached, or give a local pipeline folder"
+    if offline:
+        raise FileNotFoundError(f"{where}: the model is not in the local cache and offline mode is on (HF_HUB_OFFLINE=1); {advice}")
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, "model_index.json"))
+    except GatedRepoError:  # before RepositoryNotFoundError, its base
+        raise FileNotFoundError(f"{where}: the model is gated on the Hugging Face Hub; accept its terms and log in "
+                                "(hf auth login), or give a local pipeline folder") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{where}: no such folder, and no such model on the Hugging Face Hub "
+                                "(or it is private: log in with hf auth login)") from None
+    except EntryNotFoundError:
+        raise FileNotFoundError(f"{where}: not a diffusers pipeline (the hub model has no model_index.json)") from None
+    except HfHubHTTPError as e:
+        raise FileNotFoundError(f"{where}: the Hugging Face Hub answered with an error ({_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - no answer at all: DNS, refused connection, proxy, timeout
+        raise FileNotFoundError(f"{where}: the Hugging Face Hub could not be reached ({_first_line(e)}) and the model "
+                                f"is not in the local cache; {advice}") from None
+    return offline
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an error's message, without diffusers' pointer to a traceback it does not show."""
+    text = str(e).strip()
+    text = re.sub(r"\s*Please check out the root cause in the stack ?trace above\.?", "", text, flags=re.IGNORECASE)
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_teacher(path: str, guidance_scale: float = 0.0, *, what: str = "teacher.path", **overrides) -> Denoiser:
     """Load a diffusers teacher (folder, hub id or ``builtin:NAME``) as a denoiser.
 
     ``guidance_scale`` > 0 wraps it in :class:`CFGDenoiser`. ``overrides`` (``sigma_data``,
-    ``num_classes``, ``null_class``, ``prediction_type``) replace the folder's metadata.
+    ``num_classes``, ``null_class``, ``prediction_type``) replace the folder's metadata. ``what``
+    names where the path came from in error messages (``teacher.path``, ``--model``). A path that
+    is no folder and no hub id, or a hub model that cannot be fetched (offline, unreachable, not
+    cached, missing, gated), is a one-line ``FileNotFoundError``.
     """
-    resolved = resolve_teacher_path(path)
+    resolved = resolve_teacher_path(path, what)
+    kwargs = {k: v for k, v in overrides.items() if v is not None}
+    if not Path(resolved).exists() and _check_hub_model(resolved, what):
+        kwargs["local_files_only"] = True  # offline: diffusers would otherwise warn that it cannot connect
     try:
-        teacher = VPDenoiser.from_pretrained(resolved, **{k: v for k, v in overrides.items() if v is not None})
-    except (OSError, EnvironmentError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileNotFoundError(f"teacher.path {path!r}: could not load a diffusers pipeline ({first})") from None
+        teacher = VPDenoiser.from_pretrained(resolved, **kwargs)
+    except OSError as e:
+        raise FileNotFoundError(f"{what} {path!r}: could not load a diffusers pipeline ({_first_line(e)})") from None
     return CFGDenoiser(teacher, guidance_scale) if guidance_scale else teacher
 
 
@@ -64,6 +122,7 @@ __all__ = [
     "CFGDenoiser",
     "load_teacher",
     "resolve_teacher_path",
+    "looks_like_hub_id",
     "builtin_teacher_path",
     "ddim_timesteps",
 ]
