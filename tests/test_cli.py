@@ -29,6 +29,7 @@ def run_cli(*args):
     return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
+@pytest.mark.slow  # 37 s; covered by faster tests: CLI resume (test_interrupts), the entry point in a fresh process (test_exit_codes), sampling (below)
 def test_distill_checkpoint_resume_and_sample(tmp_path):
     run = tmp_path / "run"
     r = run_subprocess("distill", "--config", "configs/mnist/sid.yaml", "--output-dir", str(run), *TINY,

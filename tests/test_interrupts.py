@@ -46,12 +46,13 @@ def test_signal_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, sig)
     full.train()
 
     stopped = Engine(task(SignalAt(3, (sig,))), train_config(**cfg), tmp_path / "part")
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(TrainingInterrupted) as info:
         stopped.train()
     assert info.value.step == 3 and info.value.signal_name == signal.Signals(sig).name
     assert info.value.checkpoint == tmp_path / "part" / "checkpoints" / "step-0000003"
     assert RunFolder(tmp_path / "part").complete_checkpoints() == [info.value.checkpoint]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # restored
 
     resumed = Engine(task(Quadratic()), train_config(**cfg), tmp_path / "part")
     resumed.train(resume="latest")
@@ -113,6 +114,8 @@ def test_startup_line_end_summary_and_training_flags(tmp_path):
     assert "done: step 2 (2 this run)" in out and "4 images seen" in out
     assert "final losses: fake_score " in out and ", generator " in out
     assert f"samples:  {run / 'samples' / 'latest.png'}" in out and (run / "samples" / "latest.png").is_file()
+    assert "samples at step 2: near_black " in out  # background tracked with every grid
+    assert (run / "samples" / "losses.png").is_file()
     assert f"distilldiff export --run {run} --out {run}-export" in out
     assert f"tensorboard --logdir {run / 'logs'}" in out
     config = (run / "config.yaml").read_text()
