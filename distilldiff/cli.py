@@ -58,11 +58,11 @@ def _main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _resume_hint(args, command: str, err) -> str:
-    """The one-line message for a run stopped by SIGINT/SIGTERM: what was saved and how to go on."""
-    out = args.output_dir or err.checkpoint.parent.parent
+def _resume_hint(run, command: str, err) -> str:
+    """The one-line message for a run stopped by SIGINT/SIGTERM: what was saved and how to go on
+    (``run``: the run folder the user named, the top folder of a staged run)."""
     return (f"{err.signal_name} received: stopped after step {err.step}, checkpoint written to {err.checkpoint}; "
-            f"resume with: distilldiff {command} --output-dir {out} --resume latest")
+            f"resume with: distilldiff {command} --output-dir {run} --resume latest")
 
 
 def _next_steps(run: Path, mnist: bool) -> str:
@@ -85,37 +85,37 @@ def _config_path(args) -> str:
     raise ConfigError("--config is required (or --resume with --output-dir of an existing run)")
 
 
-def cmd_distill(args) -> None:
-    from .config import DistillConfig, load_config
-    from .distill import distill
-
+def _run_training(args, config_class, train_fn, command: str):
+    """Load the config (``--set`` and the training flags applied), set the threads and run
+    ``train_fn(cfg, resume=, output_dir=)``; an interrupted run's error gets its resume hint.
+    Returns the config and what ``train_fn`` returned."""
+    from .config import load_config
     from .engine import TrainingInterrupted
 
-    cfg = load_config(DistillConfig, _config_path(args), _train_overrides(args))
+    cfg = load_config(config_class, _config_path(args), _train_overrides(args))
     _set_threads(args.threads)
     try:
-        student = distill(cfg, resume=args.resume, output_dir=args.output_dir)
+        return cfg, train_fn(cfg, resume=args.resume, output_dir=args.output_dir)
     except TrainingInterrupted as e:
-        e.hint = _resume_hint(args, "distill", e)
+        e.hint = _resume_hint(args.output_dir or cfg.output_dir, command, e)
         raise
+
+
+def cmd_distill(args) -> None:
+    from .config import DistillConfig
+    from .distill import distill
+
+    cfg, student = _run_training(args, DistillConfig, distill, "distill")
     if _main_process():
         print(f"student written to {student}")
         print(_next_steps(student.parent, mnist="mnist" in str(cfg.teacher.path)))
 
 
 def cmd_teacher_train(args) -> None:
-    from .config import TeacherTrainConfig, load_config
+    from .config import TeacherTrainConfig
     from .teacher_training import train_teacher
 
-    from .engine import TrainingInterrupted
-
-    cfg = load_config(TeacherTrainConfig, _config_path(args), _train_overrides(args))
-    _set_threads(args.threads)
-    try:
-        folder = train_teacher(cfg, resume=args.resume, output_dir=args.output_dir)
-    except TrainingInterrupted as e:
-        e.hint = _resume_hint(args, "teacher train", e)
-        raise
+    _, folder = _run_training(args, TeacherTrainConfig, train_teacher, "teacher train")
     if _main_process():
         print(f"teacher pipeline written to {folder}")
 
