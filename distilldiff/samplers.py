@@ -26,13 +26,16 @@ def teacher_grid(teacher: Denoiser, num_steps: int, sigma_min: float, sigma_max:
     """A few-step student's decreasing noise levels on ``teacher``'s own terms.
 
     VP (diffusers) teachers: DDIM's "trailing" timesteps, which a stock ``DDIMScheduler``
-    reproduces and which nest when the step count halves. Others: the Karras grid over
-    ``[sigma_min, sigma_max]`` clipped to the teacher's range.
+    reproduces and which nest when the step count halves; also behind a wrapper (classifier-free
+    guidance). Others: the Karras grid over ``[sigma_min, sigma_max]`` clipped to the teacher's range.
     """
     from .teachers.vp import VPDenoiser
 
-    if isinstance(teacher, VPDenoiser):
-        return [float(s) for s in teacher.discrete_sigmas(num_steps, "trailing")]
+    base = teacher
+    while not isinstance(base, VPDenoiser) and isinstance(getattr(base, "inner", None), Denoiser):
+        base = base.inner
+    if isinstance(base, VPDenoiser):
+        return [float(s) for s in base.discrete_sigmas(num_steps, "trailing")]
     lo, hi = max(sigma_min, teacher.sigma_min), min(sigma_max, teacher.sigma_max)
     return [float(s) for s in karras_sigmas(num_steps, lo, hi, rho)]
 

@@ -35,3 +35,13 @@ def test_one_step_samplers_agree_and_multistep_renoises():
     two = multistep_sample(g, z, torch.tensor([2.5, 0.5], dtype=torch.float64), generator=gen)
     fresh = torch.randn(z.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     torch.testing.assert_close(two, g(g(2.5 * z, 2.5) + 0.5 * fresh, 0.5))
+
+
+def test_teacher_grid_of_a_guided_vp_teacher_is_its_timestep_grid():
+    """Classifier-free guidance does not change which grid a VP teacher's students use."""
+    from distilldiff.samplers import teacher_grid
+    from distilldiff.teachers import CFGDenoiser, load_teacher
+
+    teacher = load_teacher("builtin:mnist")
+    plain = teacher_grid(teacher, 4, 0.002, 80.0)
+    assert teacher_grid(CFGDenoiser(teacher, 1.0), 4, 0.002, 80.0) == plain == [float(s) for s in teacher.discrete_sigmas(4)]
