@@ -138,7 +138,7 @@ def cmd_sample(args) -> None:
     if Path(args.out).suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"--out {args.out}: expected an image file name ending in {', '.join(IMAGE_SUFFIXES)}")
     sampler = load_sampler(args.model, steps=args.steps, guidance_scale=args.guidance_scale, device=args.device)
-    out = sampler.save_grid(args.num, args.out, seed=args.seed, class_label=args.class_label)
+    out = sampler.save_grid(args.num, args.out, seed=args.seed, class_label=args.class_label, prompt=args.prompt)
     print(f"{args.num} samples ({sampler.description}) written to {out}")
 
 
@@ -219,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (teachers: DDIM steps, default 50; consistency students: any; other students: their own)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-label", type=int, default=None, help="class of every sample (default: cycle through classes)")
+    p.add_argument("--prompt", default=None, help="text-to-image models: the prompt of every sample (default: cycle through the prompts it was trained on)")
     p.add_argument("--guidance-scale", type=float, default=None, help="guidance weight w: classifier-free guidance for teachers (default none), the input w of guidance-distilled students (default: their own)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.set_defaults(func=cmd_sample)

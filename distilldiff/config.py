@@ -24,9 +24,13 @@ class TeacherConfig:
     """Which frozen model to distil.
 
     Attributes:
-        path: diffusers DDPM-family pixel pipeline: a local folder, a hub id, or ``builtin:mnist``
-            (the shipped teacher); a distilldiff student or run folder is a teacher too.
-        guidance_scale: classifier-free guidance weight w applied to the teacher (0: none).
+        path: diffusers DDPM-family pixel pipeline or Stable Diffusion (1.x/2.x, XL) text-to-image
+            pipeline: a local folder, a hub id, or ``builtin:mnist`` (the shipped teacher); a
+            distilldiff student or run folder is a teacher too.
+        guidance_scale: classifier-free guidance weight w applied to the teacher (0: none);
+            diffusers' ``guidance_scale`` g is ``w = g - 1``.
+        prompts: text-to-image teachers: the prompts training draws from, a text file (one per
+            line) or a folder of image + caption (``*.txt``) pairs.
         sigma_data, num_classes, null_class: override the teacher's metadata.
         dtype: precision the frozen teacher is kept in (``bfloat16``/``float16`` halve its memory;
             the student and critics are copied from it before the cast and train in float32).
@@ -34,6 +38,7 @@ class TeacherConfig:
 
     path: str
     guidance_scale: float = 0.0
+    prompts: str | None = None
     sigma_data: float | None = None
     num_classes: int | None = None
     null_class: int | None = None
@@ -53,7 +58,10 @@ class StudentConfig:
     section (consistency: ``sample_steps``) and reject the keys here that they do not use.
 
     Attributes:
-        init_sigma: the one-step generator's noise level; unset: :attr:`DEFAULT_INIT_SIGMA`.
+        init_sigma: the one-step generator's noise level; unset: :attr:`DEFAULT_INIT_SIGMA`
+            (text-to-image teachers: the noise level of timestep 625, SiD-LSG's ``t_init``).
+        init_timestep: instead of ``init_sigma``, a training timestep of a DDPM-family teacher
+            (e.g. 999 or 399 as in DMD2, 625 as in SiD-LSG).
         parameterization: what the student network's output represents: ``epsilon``,
             ``v_prediction`` or ``sample`` (diffusers' ``prediction_type``, written to the
             exported scheduler); unset: the teacher's. The weights are copied unchanged and only
@@ -67,9 +75,14 @@ class StudentConfig:
     DEFAULT_INIT_SIGMA: ClassVar[float] = 2.5
 
     init_sigma: float | None = None
+    init_timestep: int | None = None
     parameterization: str | None = None
 
     def __post_init__(self):
+        if self.init_sigma is not None and self.init_timestep is not None:
+            raise ConfigError("student.init_sigma and student.init_timestep both set; give one of them")
+        if self.init_timestep is not None and self.init_timestep < 0:
+            raise ConfigError(f"student.init_timestep: {self.init_timestep} is negative")
         if self.parameterization is not None and self.parameterization not in PARAMETERIZATIONS:
             choices = ", ".join(PARAMETERIZATIONS)
             raise ConfigError(f"student.parameterization: {self.parameterization!r} is not one of {choices} (or unset: the teacher's)")

@@ -18,11 +18,11 @@ from torch import nn
 from .atomic import replace_folder
 from .config import ConfigError, DistillConfig, TeacherConfig, to_dict
 from .engine import Engine, RunFolder, TrainTask
-from .export import STUDENT_INFO_FILE, load_student, save_student
+from .export import STUDENT_INFO_FILE, export_problem, load_student, save_student
 from .objectives import OBJECTIVES, Objective, Stage
 from .metrics.background import grid_stats
 from .students import draw_samples
-from .teachers import CFGDenoiser, Denoiser, load_teacher
+from .teachers import CFGDenoiser, Denoiser, LatentDenoiser, load_teacher
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,7 +57,8 @@ def build_teacher(cfg: TeacherConfig) -> RunTeacher:
     if (folder / STUDENT_INFO_FILE).is_file():
         base = load_student(folder)[0].denoiser
     else:
-        base = load_teacher(cfg.path, sigma_data=cfg.sigma_data, num_classes=cfg.num_classes, null_class=cfg.null_class)
+        base = load_teacher(cfg.path, sigma_data=cfg.sigma_data, num_classes=cfg.num_classes, null_class=cfg.null_class,
+                            prompts=cfg.prompts)
     return RunTeacher(CFGDenoiser(base, cfg.guidance_scale) if cfg.guidance_scale else base, base)
 
 
@@ -70,6 +71,9 @@ def build_data(cfg: DistillConfig, teacher: Denoiser):
     """Real-data batches for objectives that need them (``data: mnist5k``), checked against the teacher."""
     from .data import RandomBatches, mnist5k
 
+    if isinstance(teacher, LatentDenoiser):
+        raise ConfigError(f"objective '{cfg.objective.name}' needs real data with these settings, and real data for "
+                          "text-to-image teachers (images with captions, encoded to latents) is not supported yet")
     if cfg.data is None:
         raise ConfigError(f"objective '{cfg.objective.name}' needs real data: set 'data: mnist5k'")
     images, labels = mnist5k()
@@ -97,6 +101,9 @@ def build_distill_task(cfg: DistillConfig, objective: Objective | None = None, t
     base = teacher.base
     torch.manual_seed(cfg.train.seed)  # fresh layers (guidance embedding, discriminator) start from the seed
     student = objective.make_student(base, cfg.student)
+    problem = export_problem(student)
+    if problem is not None:  # every checkpoint writes the student: find out now, not after the first hour
+        raise ConfigError(problem)
     networks: dict[str, nn.Module] = {}
     for name, role in objective.networks.items():
         if role == "frozen":
@@ -133,7 +140,7 @@ def build_distill_task(cfg: DistillConfig, objective: Objective | None = None, t
         data_fn=data_fn,
         evaluator=evaluator,
         info={"teacher": cfg.teacher.path, "teacher_guidance_scale": cfg.teacher.guidance_scale, "objective": objective.name,
-              **objective.student_info()},
+              **({"prompts": cfg.teacher.prompts} if cfg.teacher.prompts else {}), **objective.student_info()},
     )
 
 

@@ -90,6 +90,13 @@ def _is_guided(den: VPDenoiser) -> bool:
 def sampling_call(info: dict, path: str = "PATH") -> str:
     """The exact Python call that samples an exported student (for READMEs and model cards)."""
     k = len(info["sigmas"])
+    if info["pipeline"] in TEXT_TO_IMAGE_PIPELINES:
+        return (
+            f"from diffusers import {info['pipeline']}\n"
+            f'pipe = {info["pipeline"]}.from_pretrained("{path}", use_safetensors=True)\n'
+            f'images = pipe(["a prompt"] * 4, num_inference_steps={k}, guidance_scale=1.0).images'
+            "  # guidance_scale 1: no classifier-free guidance (the student learned the teacher's guided output)"
+        )
     if info["pipeline"] == "DDIMPipeline":
         return (
             "from diffusers import DDIMPipeline\n"
@@ -110,6 +117,53 @@ def sampling_call(info: dict, path: str = "PATH") -> str:
     )
 
 
+#: stock text-to-image pipelines a latent student exports as
+TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def export_problem(student: Student) -> str | None:
+    """Why ``student`` cannot be written as a student folder (one line), or ``None``.
+
+    Pixel students always can (a stock ``DDIMPipeline`` or :class:`DistillDiffPipeline`). A latent
+    text-to-image student is written as the teacher's own stock pipeline class, whose DDIM
+    scheduler must land on the student's timesteps: a deterministic student on the teacher's
+    training timesteps (:func:`stock_ddim_scheduler`).
+    """
+    from .teachers.text import LatentDenoiser
+
+    den = student.denoiser
+    if not isinstance(den, LatentDenoiser) and not isinstance(getattr(den, "inner", None), LatentDenoiser):
+        return None
+    if not isinstance(den, LatentDenoiser) or student.sampler != "ddim":
+        return ("text-to-image students export as stock diffusers pipelines, which need a deterministic student "
+                "(one-step or DDIM); consistency (multistep) students of text-to-image teachers are not supported yet")
+    if stock_ddim_scheduler(student) is None:
+        t = den.sigma_to_timestep(torch.tensor(student.sigmas, dtype=torch.float64)).tolist()
+        return (f"student noise levels {[round(x, 4) for x in student.sigmas]} fall at timesteps {[round(x, 3) for x in t]} of the "
+                "teacher, not on a DDIM 'trailing' grid of its training timesteps: a text-to-image student exports as a stock "
+                "pipeline, which runs on those; set student.init_timestep (e.g. 625 or 999) instead of student.init_sigma")
+    return None
+
+
+def _save_text_to_image(student: Student, folder: Path) -> str:
+    """Write a latent student as the teacher's stock pipeline class with the student's UNet and a
+    DDIM scheduler landing on its timesteps; returns the pipeline class name."""
+    import inspect
+
+    den = student.denoiser
+    teacher_pipe = den.components.pipe
+    cls = type(teacher_pipe)
+    params = inspect.signature(cls.__init__).parameters
+    parts = {name: getattr(teacher_pipe, name, None) for name in teacher_pipe.components if name in params}
+    ddim = stock_ddim_scheduler(student)  # steps_offset 1: what SD pipelines expect; "trailing" spacing does not read it
+    parts.update(unet=den.model, scheduler=type(ddim).from_config({**ddim.config, "steps_offset": 1}))
+    settings = {k: v for k, v in teacher_pipe.config.items() if k in params and k not in parts and not k.startswith("_")}
+    if "requires_safety_checker" in params and parts.get("safety_checker") is None:
+        settings["requires_safety_checker"] = False
+    cls(**parts, **settings).save_pretrained(str(folder), safe_serialization=True)
+    return cls.__name__
+
+
 def save_student(student: Student, folder: str | Path, info: dict[str, Any] | None = None) -> Path:
     """Write ``student`` as a diffusers pipeline folder (see the module docstring); returns the folder.
 
@@ -120,6 +174,7 @@ def save_student(student: Student, folder: str | Path, info: dict[str, Any] | No
 
     from .pipelines import DistillDiffPipeline
 
+    problem = export_problem(student)
     den = student.denoiser
     boundary = None
     if isinstance(den, ConsistencyDenoiser):
@@ -133,7 +188,11 @@ def save_student(student: Student, folder: str | Path, info: dict[str, Any] | No
     if _is_guided(den) and guidance is None:
         guidance = 1.0
     ddim = stock_ddim_scheduler(student) if boundary is None else None
-    if ddim is not None:
+    if problem is not None:
+        raise ValueError(problem)
+    if hasattr(den, "components"):  # a latent text-to-image student: the teacher's own pipeline class
+        pipeline = _save_text_to_image(student, folder)
+    elif ddim is not None:
         DDIMPipeline(unet=den.model, scheduler=ddim).save_pretrained(str(folder), safe_serialization=True)
         pipeline = "DDIMPipeline"
     else:
@@ -184,6 +243,8 @@ def load_student(folder: str | Path) -> tuple[Student, dict]:
             raise ValueError(f"{meta_path}: unsupported student kind {meta.get('kind')!r}")
         meta.update(sigmas=[meta["init_sigma"]], sampler="ddim", teacher_guidance_scale=meta.pop("guidance_scale", None))
         meta["guidance_scale"] = None
+    if meta.get("pipeline") in TEXT_TO_IMAGE_PIPELINES:
+        return _load_text_to_image(folder, meta), meta
     unet_config = json.loads((folder / "unet" / "config.json").read_text())
     unet_cls = {"UNet2DModel": UNet2DModel, "GuidedUNet2DModel": GuidedUNet2DModel}.get(unet_config.get("_class_name"))
     if unet_cls is None:
@@ -205,6 +266,19 @@ def load_student(folder: str | Path) -> tuple[Student, dict]:
     return Student(den.eval(), meta["sigmas"], meta["sampler"]), meta
 
 
+def _load_text_to_image(folder: Path, meta: dict) -> Student:
+    from .teachers.text import LatentDenoiser, read_prompts
+    from .teachers.vp import load_pipeline
+
+    _load_model(None, folder / "unet")  # one-line errors for missing or corrupt weights
+    den = LatentDenoiser.from_pipeline(load_pipeline(folder), str(folder), sigma_data=meta["sigma_data"],
+                                       prediction_type=meta["prediction_type"])
+    prompts = meta.get("prompts")
+    if prompts and Path(prompts).exists():  # the prompts it was trained on draw its grids, where they still exist
+        den.set_prompts(read_prompts(prompts))
+    return Student(den.eval(), meta["sigmas"], meta["sampler"])
+
+
 def _load_model(cls, path: Path):
     """``cls.from_pretrained(path)`` from safetensors, with one-line errors for missing or corrupt weights."""
     weights = list(path.glob("*.safetensors"))
@@ -222,7 +296,7 @@ def _load_model(cls, path: Path):
     except (SafetensorError, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{path}: corrupted or unreadable safetensors weights ({first})") from None
-    return cls.from_pretrained(str(path), use_safetensors=True)
+    return None if cls is None else cls.from_pretrained(str(path), use_safetensors=True)
 
 
 def model_card(meta: dict, fid: dict | None = None, path: str = "PATH") -> str:
@@ -231,8 +305,9 @@ def model_card(meta: dict, fid: dict | None = None, path: str = "PATH") -> str:
     lines = [
         "---",
         "library_name: diffusers",
-        "tags: [distilldiff, diffusion-distillation, unconditional-image-generation]" if meta.get("num_classes") is None
-        else "tags: [distilldiff, diffusion-distillation, class-conditional-image-generation]",
+        "tags: [distilldiff, diffusion-distillation, " + ("text-to-image]" if meta["pipeline"] in TEXT_TO_IMAGE_PIPELINES
+                                                          else "unconditional-image-generation]" if meta.get("num_classes") is None
+                                                          else "class-conditional-image-generation]"),
         "---",
         "",
         f"# {k}-step student distilled with distilldiff",

@@ -14,7 +14,7 @@ from .export import STUDENT_INFO_FILE, load_student
 from .images import save_grid
 from .samplers import ddim_sample, multistep_sigmas
 from .students import Student
-from .teachers import CFGDenoiser, ClassLabels, Denoiser, VPDenoiser, load_teacher
+from .teachers import CFGDenoiser, ClassLabels, Denoiser, LatentDenoiser, VPDenoiser, load_teacher
 
 
 @dataclass
@@ -37,35 +37,42 @@ class Sampler:
     num_steps: int | None = None
 
     @torch.no_grad()
-    def sample(self, num: int, seed: int = 0, class_label: int | None = None, batch_size: int = 256) -> Tensor:
-        """``[num, C, H, W]`` samples on the CPU; classes cycle 0, 1, ... unless ``class_label`` is set."""
-        return torch.cat(list(self.batches(num, seed, class_label, batch_size)))
+    def sample(self, num: int, seed: int = 0, class_label: int | None = None, batch_size: int = 256, prompt: str | None = None) -> Tensor:
+        """``[num, C, H, W]`` images in [-1, 1] on the CPU; classes (prompts) cycle through the
+        model's set unless ``class_label`` (``prompt``) is given."""
+        return torch.cat(list(self.batches(num, seed, class_label, batch_size, prompt)))
 
     @torch.no_grad()
-    def batches(self, num: int, seed: int = 0, class_label: int | None = None, batch_size: int = 256):
-        """Yield ``num`` samples in CPU batches of ``batch_size`` (the same images as :meth:`sample`).
+    def batches(self, num: int, seed: int = 0, class_label: int | None = None, batch_size: int = 256, prompt: str | None = None):
+        """Yield ``num`` images in CPU batches of ``batch_size`` (the same images as :meth:`sample`).
 
         One CPU generator seeded with ``seed`` draws each batch's initial noise and then any noise
         the sampler needs (multistep students), in the order an exported pipeline draws them.
+        Latent samples are decoded to pixels.
         """
         g = torch.Generator().manual_seed(seed)
+        conditioning = self.denoiser.conditioning
+        if class_label is not None and not isinstance(conditioning, ClassLabels):
+            raise ValueError("--class-label given, but the model is not class-conditional")
+        if prompt is not None and not isinstance(self.denoiser, LatentDenoiser):
+            raise ValueError("--prompt given, but the model is not a text-to-image model")
+        prompt_cond = self.denoiser.prompt_cond([prompt], self.device) if prompt is not None else None
         for start in range(0, num, batch_size):
             n = min(batch_size, num - start)
             noise = torch.randn((n, *self.denoiser.sample_shape), generator=g).to(self.device)
-            conditioning = self.denoiser.conditioning
-            if class_label is None:
-                cond = conditioning.grid(n, self.device, start)
-            elif isinstance(conditioning, ClassLabels):
+            if prompt_cond is not None:
+                cond = conditioning.expand(prompt_cond, n, self.device)
+            elif class_label is not None:
                 cond = conditioning.of(class_label, n, self.device)
             else:
-                raise ValueError("--class-label given, but the model is not class-conditional")
+                cond = conditioning.grid(n, self.device, start)
             for key, value in self.extra_cond.items():
                 cond[key] = torch.full((n,), value, device=self.device)
-            yield self.draw(noise, cond, g).float().cpu()
+            yield self.denoiser.decode(self.draw(noise, cond, g)).float().cpu()
 
-    def save_grid(self, num: int, path: str | Path, seed: int = 0, class_label: int | None = None) -> Path:
+    def save_grid(self, num: int, path: str | Path, seed: int = 0, class_label: int | None = None, prompt: str | None = None) -> Path:
         """Sample ``num`` images and write them as one PNG grid."""
-        return save_grid(self.sample(num, seed, class_label), path)
+        return save_grid(self.sample(num, seed, class_label, prompt=prompt), path)
 
 
 def _load_student(folder: Path, device: torch.device, guidance_scale: float | None, steps: int | None) -> Sampler:

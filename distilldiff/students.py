@@ -70,6 +70,10 @@ class Student(nn.Module):
         """The parameters training updates: the denoiser's own choice (all, or an adapter's)."""
         return self.denoiser.trainable_parameters()
 
+    def decode(self, x: Tensor) -> Tensor:
+        """Images in [-1, 1] of the student's samples (latent students decode with the teacher's VAE)."""
+        return self.denoiser.decode(x)
+
     def forward(self, z: Tensor, generator: torch.Generator | None = None, *, sigma: Tensor | float | None = None, **cond: Any) -> Tensor:
         """Map standard-normal ``z`` ``[B, *sample_shape]`` to samples of the same shape.
 
@@ -86,8 +90,11 @@ class Student(nn.Module):
 def draw_samples(student: nn.Module, noise: Tensor, cond: dict, generator: torch.Generator | None = None) -> Tensor:
     """Images of ``student`` from ``noise`` ``[B, *sample_shape]`` with conditioning ``cond``;
     ``generator`` (CPU) draws the re-noising of multistep students. The sampling function of
-    sample grids and evaluations (:class:`distilldiff.engine.TrainTask`)."""
-    return student(noise, generator=generator, **cond)
+    sample grids and evaluations (:class:`distilldiff.engine.TrainTask`); latent students'
+    samples are decoded to pixels."""
+    samples = student(noise, generator=generator, **cond)
+    decode = getattr(student, "decode", None)
+    return decode(samples) if decode is not None else samples
 
 
 class OneStepGenerator(Student):
@@ -119,6 +126,26 @@ class OneStepGenerator(Student):
         """A generator whose denoiser is a trainable deep copy of ``teacher``, its network output
         re-interpreted as ``parameterization`` (``student.parameterization``; ``None``: the teacher's)."""
         return cls(reparameterized_copy(teacher, parameterization), init_sigma)
+
+
+def init_noise_level(teacher: Denoiser, student) -> float:
+    """The noise level of a one-step generator of ``teacher`` for the ``student`` section (a
+    :class:`~distilldiff.config.StudentConfig`): ``init_sigma``; or the noise level of training
+    timestep ``init_timestep`` (DDPM-family teachers); or, with neither set, the teacher's
+    ``default_init_timestep`` where it has one (text-to-image teachers, whose exported students
+    must sit on a timestep), else ``StudentConfig.DEFAULT_INIT_SIGMA``."""
+    from .config import ConfigError
+
+    t = student.init_timestep
+    if t is None and student.init_sigma is None:
+        t = getattr(teacher, "default_init_timestep", None)
+    if t is None:
+        return student.resolved_init_sigma
+    if not hasattr(teacher, "timestep_to_sigma"):
+        raise ConfigError(f"student.init_timestep: the teacher {type(teacher).__name__} has no training timesteps; use student.init_sigma")
+    if not 0 <= t < teacher.num_train_timesteps:
+        raise ConfigError(f"student.init_timestep: {t} is outside the teacher's timesteps 0..{teacher.num_train_timesteps - 1}")
+    return float(teacher.timestep_to_sigma(torch.tensor(float(t), dtype=torch.float64)))
 
 
 def trainable_copy(teacher: Denoiser) -> Denoiser:
@@ -253,6 +280,9 @@ class ConsistencyDenoiser(Denoiser):
 
     def prior_scale(self, sigma: Tensor) -> Tensor:
         return self.inner.prior_scale(sigma)
+
+    def decode(self, x: Tensor) -> Tensor:
+        return self.inner.decode(x)
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(c_skip, c_out, c_skip^E, c_out^E)`` for ``sigma`` of any shape."""

@@ -86,7 +86,8 @@ class ScoreWithHead(Denoiser):
     @torch.no_grad()
     def _feature_width(self) -> int:
         x = torch.zeros(1, *self.sample_shape)
-        cond = self.denoiser.conditioning.null(1, x.device) if self.num_classes else {}
+        conditioning = self.denoiser.conditioning  # any valid conditioning: only the width is read
+        cond = conditioning.null(1, x.device) if conditioning.has_null else conditioning.draw(1, x.device)
         self._features.clear()
         self.denoiser(x, torch.ones(1), **cond)
         width = self._features.pop().shape[1]

@@ -10,7 +10,8 @@ from .base import Denoiser
 from .conditioning import ClassLabels, Conditioning
 from .gmm import GaussianMixtureDenoiser
 from .guidance import CFGDenoiser
-from .vp import VPDenoiser, ddim_timesteps
+from .text import EmbeddingCache, LatentDenoiser, TextEmbeddings, is_text_to_image, read_prompts
+from .vp import VPDenoiser, ddim_timesteps, load_pipeline
 
 BUILTIN_TEACHERS = {"mnist": "mnist-teacher"}
 
@@ -93,8 +94,15 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def load_teacher(path: str, guidance_scale: float = 0.0, *, what: str = "teacher.path", **overrides) -> Denoiser:
+def load_teacher(path: str, guidance_scale: float = 0.0, *, what: str = "teacher.path", prompts: str | None = None,
+                 cache_embeddings: bool = True, **overrides) -> Denoiser:
     """Load a diffusers teacher (folder, hub id or ``builtin:NAME``) as a denoiser.
+
+    Pixel pipelines of the DDPM family become a :class:`VPDenoiser`; Stable Diffusion (1.x/2.x)
+    and SDXL pipelines a :class:`~distilldiff.teachers.text.LatentDenoiser` in their VAE's latent
+    space, whose training conditioning is drawn from ``prompts`` (a text file, one per line, or a
+    folder of image + caption pairs), their embeddings cached on disk unless ``cache_embeddings``
+    is false.
 
     ``guidance_scale`` > 0 wraps it in :class:`CFGDenoiser`. ``overrides`` (``sigma_data``,
     ``num_classes``, ``null_class``, ``prediction_type``) replace the folder's metadata. ``what``
@@ -106,10 +114,22 @@ def load_teacher(path: str, guidance_scale: float = 0.0, *, what: str = "teacher
     kwargs = {k: v for k, v in overrides.items() if v is not None}
     if not Path(resolved).exists() and _check_hub_model(resolved, what):
         kwargs["local_files_only"] = True  # offline: diffusers would otherwise warn that it cannot connect
+    overrides = {k: kwargs.pop(k) for k in ("sigma_data", "num_classes", "null_class", "prediction_type") if k in kwargs}
     try:
-        teacher = VPDenoiser.from_pretrained(resolved, **kwargs)
+        pipe = load_pipeline(resolved, **kwargs)
     except OSError as e:
         raise FileNotFoundError(f"{what} {path!r}: could not load a diffusers pipeline ({_first_line(e)})") from None
+    if is_text_to_image(pipe):
+        for key in ("num_classes", "null_class"):
+            if key in overrides:
+                raise ValueError(f"teacher.{key}: {path} is a text-to-image pipeline, conditioned on prompts, not class labels; remove the key")
+        teacher = LatentDenoiser.from_pipeline(pipe, path, **overrides)
+        if prompts is not None:
+            teacher.set_prompts(read_prompts(prompts), EmbeddingCache() if cache_embeddings else None)
+    else:
+        if prompts is not None:
+            raise ValueError(f"teacher.prompts: {path} is not a text-to-image pipeline (it takes no prompts); remove the key")
+        teacher = VPDenoiser.from_pipeline(pipe, resolved, **overrides)
     return CFGDenoiser(teacher, guidance_scale) if guidance_scale else teacher
 
 
@@ -118,6 +138,8 @@ __all__ = [
     "Conditioning",
     "ClassLabels",
     "VPDenoiser",
+    "LatentDenoiser",
+    "TextEmbeddings",
     "GaussianMixtureDenoiser",
     "CFGDenoiser",
     "load_teacher",

@@ -63,6 +63,10 @@ class Denoiser(nn.Module):
         """
         return sigma
 
+    def decode(self, x: Tensor) -> Tensor:
+        """Images in [-1, 1] of samples ``x`` (pixel models: ``x`` itself; latent models decode)."""
+        return x
+
     def score(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
         """grad_x log p_sigma(x) = (D(x, sigma) - x) / sigma^2."""
         s = append_dims(self.expand_sigma(sigma, x), x.ndim)

@@ -43,6 +43,9 @@ class CFGDenoiser(Denoiser):
     def prior_scale(self, sigma: Tensor) -> Tensor:
         return self.inner.prior_scale(sigma)
 
+    def decode(self, x: Tensor) -> Tensor:
+        return self.inner.decode(x)
+
     def denoise(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         n, conditioning = x.shape[0], self.conditioning
         own, other = conditioning.split(cond)

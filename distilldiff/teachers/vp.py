@@ -84,12 +84,18 @@ class VPDenoiser(Denoiser):
         t_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # 999 stays 999
         t = self.sigma_to_timestep(sigma.detach()).to(t_dtype)
         model_dtype = getattr(self.model, "dtype", x_t.dtype)
-        out = self.model(x_t.to(model_dtype) if isinstance(model_dtype, torch.dtype) else x_t, t, **cond)
+        model_dtype = model_dtype if isinstance(model_dtype, torch.dtype) else x_t.dtype
+        out = self.model(x_t.to(model_dtype), t, **self.network_kwargs(cond, model_dtype))
         out = getattr(out, "sample", out)
         if out.shape[1] == 2 * x.shape[1]:  # learned variance: keep the mean prediction
             out = out[:, : x.shape[1]]
         alpha_bar = 1 / (1 + s**2)
         return vp_x0_from_output(x_t, out.to(x.dtype), alpha_bar, self.prediction_type)
+
+    def network_kwargs(self, cond: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+        """The network's keyword arguments for conditioning ``cond`` (here: ``cond`` itself); ``dtype``
+        is the network's. Text-conditioned subclasses cast embeddings and group added conditions."""
+        return cond
 
     def discrete_sigmas(self, num_steps: int, spacing: str = "trailing", steps_offset: int = 0) -> Tensor:
         """Decreasing ``[num_steps]`` noise levels of diffusers' DDIM timestep spacing.
@@ -120,17 +126,22 @@ class VPDenoiser(Denoiser):
         ``sigma_data``, ``num_classes`` and ``null_class``; keyword arguments override it.
         Only safetensors weights are read.
         """
-        from diffusers import DiffusionPipeline
-        from diffusers.utils import logging as diffusers_logging
+        pipe = load_pipeline(path, **load_kwargs)
+        return cls.from_pipeline(pipe, path, sigma_data=sigma_data, num_classes=num_classes, null_class=null_class,
+                                 prediction_type=prediction_type)
 
-        quiet = diffusers_logging.is_progress_bar_enabled()
-        if quiet:  # loading a two-component pipeline takes no time worth a progress bar
-            diffusers_logging.disable_progress_bar()
-        try:
-            pipe = DiffusionPipeline.from_pretrained(str(path), use_safetensors=True, **load_kwargs)
-        finally:
-            if quiet:
-                diffusers_logging.enable_progress_bar()
+    @classmethod
+    def from_pipeline(
+        cls,
+        pipe,
+        path: str | os.PathLike,
+        *,
+        sigma_data: float | None = None,
+        num_classes: int | None = None,
+        null_class: int | None = None,
+        prediction_type: str | None = None,
+    ) -> "VPDenoiser":
+        """The denoiser of a loaded pixel pipeline ``pipe`` (loaded from ``path``); see :meth:`from_pretrained`."""
         unet = getattr(pipe, "unet", None)
         scheduler = getattr(pipe, "scheduler", None)
         if unet is None or scheduler is None or not hasattr(scheduler, "alphas_cumprod"):
@@ -161,6 +172,23 @@ class VPDenoiser(Denoiser):
         )
         denoiser.scheduler_config = dict(scheduler.config)
         return denoiser
+
+
+def load_pipeline(path: str | os.PathLike, **load_kwargs: Any):
+    """``DiffusionPipeline.from_pretrained(path)`` from safetensors, without progress bars (small pipelines load in no time)."""
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    from transformers.utils import logging as transformers_logging
+
+    bars = [m for m in (diffusers_logging, transformers_logging) if m.is_progress_bar_enabled()]
+    for m in bars:
+        m.disable_progress_bar()
+    try:
+        return DiffusionPipeline.from_pretrained(str(path), use_safetensors=True, **load_kwargs)
+    finally:
+        for m in bars:
+            m.enable_progress_bar()
 
 
 def _read_teacher_info(path: str | os.PathLike) -> dict:

@@ -1,0 +1,362 @@
+"""Latent text-to-image teachers of the Stable Diffusion family behind ``D(x, sigma, **cond)``.
+
+A :class:`LatentDenoiser` is a :class:`~distilldiff.teachers.VPDenoiser` whose samples are VAE
+latents (Rombach et al. 2022, sec. 3) and whose network is a diffusers ``UNet2DConditionModel``
+conditioned on text embeddings (SD 1.x/2.x) or on text embeddings, pooled embeddings and added
+time ids (SDXL, Podell et al. 2023, sec. 2.2). Everything else of the pipeline (VAE, text
+encoders, tokenizers) sits in :class:`PipelineComponents`: frozen, shared by every copy of the
+denoiser (a student or critic copies only the UNet), never part of a checkpoint.
+
+Prompts are encoded by the pipeline's own ``encode_prompt`` (the same embeddings diffusers
+computes for ``pipe(prompt)``, including the unconditional input of classifier-free guidance:
+the empty prompt's embedding, or zeros where an SDXL pipeline says
+``force_zeros_for_empty_prompt``), once, and cached on disk (:class:`EmbeddingCache`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .conditioning import Conditioning
+from .vp import VPDenoiser
+
+#: SiD-LSG's one-step generator timestep for Stable Diffusion (Zhou et al. 2024b), near the EDM default noise level
+DEFAULT_INIT_TIMESTEP = 625
+
+
+class TextEmbeddings(Conditioning):
+    """Text conditioning drawn from a fixed set of prompts whose embeddings were computed once.
+
+    Args:
+        prompts: the ``P`` prompts.
+        embeds: the keyword arguments of the denoiser for each prompt, each ``[P, ...]``:
+            ``encoder_hidden_states`` ``[P, L, D]`` and, for SDXL, ``text_embeds`` ``[P, D2]`` and
+            ``time_ids`` ``[P, 6]``.
+        null: the unconditional input, each entry ``[1, ...]`` (the empty prompt's embedding,
+            or zeros).
+    """
+
+    def __init__(self, prompts: Sequence[str], embeds: dict[str, Tensor], null: dict[str, Tensor]):
+        if sorted(embeds) != sorted(null):
+            raise ValueError(f"embeds and null have different keys: {sorted(embeds)} vs {sorted(null)}")
+        for k, v in embeds.items():
+            if v.shape[0] != len(prompts):
+                raise ValueError(f"embeds[{k!r}] has {v.shape[0]} rows for {len(prompts)} prompts")
+        self.prompts = list(prompts)
+        self.embeds = embeds
+        self.null_embeds = null
+        self.keys = tuple(embeds)
+
+    def __repr__(self) -> str:
+        return f"TextEmbeddings({len(self.prompts)} prompts, keys={self.keys})"
+
+    @property
+    def has_null(self) -> bool:
+        return True
+
+    def _rows(self, idx: Tensor, device) -> dict[str, Tensor]:
+        if not self.prompts:
+            raise ValueError("no prompts to draw from: give prompts (teacher.prompts in a config: a text file, one per line; "
+                             "--prompt for sample)")
+        return {k: v[idx].to(device) for k, v in self.embeds.items()}
+
+    def draw(self, n, device, generator=None):
+        """Prompts drawn uniformly."""
+        return self._rows(torch.randint(0, max(1, len(self.prompts)), (n,), generator=generator), device)
+
+    def grid(self, n, device, start=0):
+        """Prompts cycling through the set in order."""
+        return self._rows(torch.arange(start, start + n) % max(1, len(self.prompts)), device)
+
+    def indices(self, n: int, start: int = 0) -> list[int]:
+        """Which prompt each sample of :meth:`grid` shows."""
+        return [(start + i) % len(self.prompts) for i in range(n)] if self.prompts else []
+
+    def null(self, n, device):
+        return {k: v.to(device).expand(n, *v.shape[1:]) for k, v in self.null_embeds.items()}
+
+    def null_where(self, cond, mask):
+        out = dict(cond)
+        for k, v in self.null_embeds.items():
+            m = mask.reshape(-1, *([1] * (v.ndim - 1)))
+            out[k] = torch.where(m, v.to(cond[k].device, cond[k].dtype), cond[k])
+        return out
+
+    def expand(self, cond, n, device):
+        out = dict(cond)
+        for k in self.keys:
+            if k in cond:
+                v = torch.as_tensor(cond[k], device=device)
+                out[k] = v.expand(n, *v.shape[1:]) if v.shape[0] == 1 else v
+        return out
+
+
+class PipelineComponents:
+    """The frozen parts of a Stable Diffusion pipeline besides its UNet: VAE, text encoder(s), tokenizer(s).
+
+    Shared, not copied: ``copy.deepcopy`` of a denoiser that holds this object returns the same
+    object, and it is no ``nn.Module`` attribute of the denoiser (not trained, not moved with it,
+    not in its ``state_dict``). Its networks move to the device of the tensors they are given.
+
+    Args:
+        pipe: the loaded ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``.
+        source: where the pipeline came from (a folder or hub id), for messages.
+    """
+
+    def __init__(self, pipe, source: str = ""):
+        self.pipe = pipe
+        self.source = str(source)
+        self.is_xl = getattr(pipe, "text_encoder_2", None) is not None or type(pipe).__name__.startswith("StableDiffusionXL")
+        cfg = pipe.vae.config
+        self.scaling_factor = float(cfg.scaling_factor)
+        self.shift_factor = float(cfg.get("shift_factor", None) or 0.0)
+        self.vae_scale = 2 ** (len(cfg.block_out_channels) - 1)
+        for m in self.networks():
+            m.requires_grad_(False).eval()
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def networks(self) -> list[nn.Module]:
+        names = ("vae", "text_encoder", "text_encoder_2")
+        return [m for m in (getattr(self.pipe, n, None) for n in names) if isinstance(m, nn.Module)]
+
+    def _on(self, device, dtype=None) -> None:
+        for m in self.networks():
+            m.to(device)
+
+    @property
+    def pipeline_class(self) -> str:
+        return type(self.pipe).__name__
+
+    # -- prompts ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str], device: torch.device | str = "cpu", batch_size: int = 64) -> dict[str, Tensor]:
+        """The denoiser's conditioning for each prompt, ``{key: [P, ...]}`` on the CPU, as the
+        pipeline's own ``encode_prompt`` computes it for ``pipe(prompt)``."""
+        self._on(device)
+        parts = [self._encode(list(prompts[i:i + batch_size]), device)[0] for i in range(0, len(prompts), batch_size)]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+    @torch.no_grad()
+    def null_embedding(self, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+        """The unconditional input ``{key: [1, ...]}`` of classifier-free guidance (diffusers' own)."""
+        self._on(device)
+        return self._encode([""], device)[1]
+
+    def _encode(self, prompts: list[str], device) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        pipe = self.pipe
+        if not self.is_xl:
+            cond, uncond = pipe.encode_prompt(prompts, device, 1, True)
+            return {"encoder_hidden_states": cond.float().cpu()}, {"encoder_hidden_states": uncond[:1].float().cpu()}
+        cond, uncond, pooled, pooled_u = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                            do_classifier_free_guidance=True)
+        size = self.image_size
+        proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=torch.float32, text_encoder_projection_dim=proj)
+        n = cond.shape[0]
+        return ({"encoder_hidden_states": cond.float().cpu(), "text_embeds": pooled.float().cpu(), "time_ids": time_ids.repeat(n, 1)},
+                {"encoder_hidden_states": uncond[:1].float().cpu(), "text_embeds": pooled_u[:1].float().cpu(), "time_ids": time_ids})
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` in pixels of the pipeline's default output."""
+        s = self.pipe.unet.config.sample_size
+        h, w = (s, s) if isinstance(s, int) else tuple(s)
+        return h * self.vae_scale, w * self.vae_scale
+
+    def fingerprint(self) -> str:
+        """A hash of the text encoders' class, config and weights and of the tokenizers' vocabularies:
+        it changes whenever the embedding of some prompt could."""
+        h = hashlib.sha256()
+        h.update(self.pipeline_class.encode())
+        for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+            part = getattr(self.pipe, name, None)
+            if part is None:
+                continue
+            h.update(name.encode())
+            if isinstance(part, nn.Module):
+                h.update(type(part).__name__.encode())
+                h.update(part.config.to_json_string(use_diff=False).encode())
+                for key, t in sorted(part.state_dict().items()):
+                    h.update(key.encode())
+                    h.update(str(t.dtype).encode())
+                    h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            else:
+                h.update(type(part).__name__.encode())
+                h.update(json.dumps(sorted(part.get_vocab().items())).encode())
+                h.update(str(getattr(part, "model_max_length", "")).encode())
+        if self.is_xl:
+            h.update(json.dumps(self.image_size).encode())  # the time ids
+        return h.hexdigest()
+
+    # -- pixels ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Images ``[B, 3, H, W]`` in [-1, 1] of latents ``[B, C, h, w]``: ``vae.decode(z / scaling + shift)``."""
+        vae = self.pipe.vae
+        vae.to(latents.device)
+        z = latents.to(vae.dtype) / self.scaling_factor + self.shift_factor
+        return vae.decode(z).sample.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Latents of images in [-1, 1]: ``(vae.encode(x).sample() - shift) * scaling``."""
+        vae = self.pipe.vae
+        vae.to(images.device)
+        z = vae.encode(images.to(vae.dtype)).latent_dist.sample(generator)
+        return ((z - self.shift_factor) * self.scaling_factor).float()
+
+
+class LatentDenoiser(VPDenoiser):
+    """A Stable-Diffusion-family UNet in its VAE's latent space as ``D(z, sigma, **cond)``.
+
+    ``cond`` holds ``encoder_hidden_states`` (and ``text_embeds``, ``time_ids`` for SDXL, passed
+    to the UNet as ``added_cond_kwargs``). Samples are latents (``sample_shape`` ``(C, h, w)``);
+    :attr:`components` decodes them to pixels. The conditioning the training engine draws is
+    :attr:`conditioning`, a :class:`TextEmbeddings` set by :meth:`set_prompts`.
+
+    Args:
+        model: the ``UNet2DConditionModel``.
+        components: the pipeline's frozen VAE and text encoders.
+        alphas_cumprod, prediction_type, sample_shape, sigma_data: as :class:`VPDenoiser`.
+    """
+
+    ADDED_KEYS = ("text_embeds", "time_ids")
+
+    @property
+    def default_init_timestep(self) -> int:
+        """A one-step student's timestep when none is configured: SiD-LSG's 625 (clipped to the schedule)."""
+        return min(DEFAULT_INIT_TIMESTEP, self.num_train_timesteps - 1)
+
+    def __init__(self, model: nn.Module, components: PipelineComponents, alphas_cumprod: Tensor, prediction_type: str,
+                 sample_shape: tuple[int, ...], sigma_data: float = 1.0):
+        super().__init__(model, alphas_cumprod, prediction_type, sample_shape, sigma_data)
+        self.components = components
+        self._conditioning: TextEmbeddings | None = None
+
+    @property
+    def conditioning(self) -> TextEmbeddings:
+        if self._conditioning is None:  # the unconditional input only: enough for guidance and prompts given at sampling
+            self._conditioning = TextEmbeddings([], {k: v[:0] for k, v in self.components.null_embedding().items()},
+                                                self.components.null_embedding())
+        return self._conditioning
+
+    def set_prompts(self, prompts: Sequence[str], cache: "EmbeddingCache | None" = None) -> "LatentDenoiser":
+        """Draw training and grid conditioning from ``prompts`` (encoded once; through ``cache`` if given)."""
+        embeds = cache.get(self.components, prompts) if cache is not None else self.components.encode_prompts(prompts)
+        self._conditioning = TextEmbeddings(prompts, embeds, self.components.null_embedding())
+        return self
+
+    def prompt_cond(self, prompts: Sequence[str], device) -> dict[str, Tensor]:
+        """Conditioning for the given prompts (encoded now, not cached)."""
+        return {k: v.to(device) for k, v in self.components.encode_prompts(prompts).items()}
+
+    def network_kwargs(self, cond: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+        out = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
+        added = {k: out.pop(k) for k in self.ADDED_KEYS if k in out}
+        if added:
+            out["added_cond_kwargs"] = added
+        return out
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Images in [-1, 1] of latent samples."""
+        return self.components.decode(latents)
+
+    @classmethod
+    def from_pipeline(cls, pipe, source: str = "", *, sigma_data: float | None = None,
+                      prediction_type: str | None = None) -> "LatentDenoiser":
+        """The denoiser of a loaded ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline``."""
+        unet, scheduler = pipe.unet, pipe.scheduler
+        if not hasattr(scheduler, "alphas_cumprod"):
+            raise ValueError(f"{source}: the pipeline's scheduler {type(scheduler).__name__} is not of the DDPM family (no alphas_cumprod)")
+        components = PipelineComponents(pipe, source)
+        s = unet.config.sample_size
+        h, w = (s, s) if isinstance(s, int) else tuple(s)
+        den = cls(unet, components, scheduler.alphas_cumprod,
+                  prediction_type or scheduler.config.get("prediction_type", "epsilon"),
+                  (unet.config.in_channels, h, w), 1.0 if sigma_data is None else sigma_data)
+        den.scheduler_config = dict(scheduler.config)
+        return den
+
+
+def is_text_to_image(pipe) -> bool:
+    """Whether a loaded diffusers pipeline is a latent text-to-image pipeline this module handles."""
+    return all(getattr(pipe, n, None) is not None for n in ("unet", "vae", "text_encoder", "tokenizer"))
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """Prompts from a text file (one per line; blank lines skipped) or from a folder of image +
+    caption pairs (every ``*.txt`` caption file, in name order). One-line errors name the path."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = sorted(p.glob("*.txt"))
+        if not files:
+            raise FileNotFoundError(f"{path}: the folder has no caption files (*.txt)")
+        prompts = [f.read_text(encoding="utf-8").strip() for f in files]
+    elif p.is_file():
+        prompts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        raise FileNotFoundError(f"{path}: no such prompt file or caption folder")
+    if not prompts:
+        raise ValueError(f"{path}: no prompts in it")
+    return prompts
+
+
+class EmbeddingCache:
+    """Text embeddings stored once per (text encoder, prompt) as safetensors.
+
+    One file per encoder (:meth:`PipelineComponents.fingerprint`: its weights, config and
+    tokenizer), one entry per prompt (the prompt's SHA-256): a changed encoder reads another
+    file, a changed prompt another entry; prompts not yet in the file are encoded and the file
+    rewritten (to a temporary sibling, then renamed: an interrupted write leaves the old file).
+
+    Args:
+        folder: where the files live (default ``$DISTILLDIFF_CACHE/text-embeddings``, i.e.
+            ``~/.cache/distilldiff/text-embeddings``).
+    """
+
+    def __init__(self, folder: str | os.PathLike | None = None):
+        if folder is None:
+            from ..metrics.inception import cache_dir
+
+            folder = cache_dir() / "text-embeddings"
+        self.folder = Path(folder)
+        #: prompts encoded (not read from the cache) by the last :meth:`get`
+        self.last_encoded = 0
+
+    def path(self, components: PipelineComponents) -> Path:
+        return self.folder / f"{components.fingerprint()[:32]}.safetensors"
+
+    @staticmethod
+    def key(prompt: str) -> str:
+        return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+    def get(self, components: PipelineComponents, prompts: Sequence[str]) -> dict[str, Tensor]:
+        """``{key: [P, ...]}`` for ``prompts``, encoding only those not cached yet."""
+        from safetensors.torch import load_file, save_file
+
+        path = self.path(components)
+        stored = load_file(str(path)) if path.is_file() else {}
+        missing = sorted({p for p in prompts if f"{self.key(p)}/encoder_hidden_states" not in stored})
+        self.last_encoded = len(missing)
+        if missing:
+            new = components.encode_prompts(missing)
+            for i, prompt in enumerate(missing):
+                for k, v in new.items():
+                    stored[f"{self.key(prompt)}/{k}"] = v[i].contiguous()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            save_file(stored, str(tmp), metadata={"encoder": components.fingerprint(), "source": components.source})
+            os.replace(tmp, path)
+        names = sorted({k.split("/", 1)[1] for k in stored if k.startswith(self.key(prompts[0]) + "/")}) if prompts else []
+        return {n: torch.stack([stored[f"{self.key(p)}/{n}"] for p in prompts]) for n in names}

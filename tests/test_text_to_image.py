@@ -1,0 +1,280 @@
+"""Stable-Diffusion-family latent text-to-image teachers, on tiny random-weight pipelines built in-process.
+
+Nothing is downloaded: the pipelines, their CLIP tokenizer vocabulary and their weights are made
+here (tests/tiny_sd.py), saved to a folder and loaded through the same diffusers
+``from_pretrained`` code a hub id goes through.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distilldiff.config import ConfigError, DistillConfig, load_config
+from distilldiff.distill import build_distill_task, distill
+from distilldiff.inference import load_sampler
+from distilldiff.teachers import CFGDenoiser, LatentDenoiser, load_teacher
+from distilldiff.teachers.text import EmbeddingCache, read_prompts
+from tiny_sd import save_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+
+PROMPTS = ["a thick seven", "a thin one", "a slanted four", "a small two"]
+KINDS = ["sd", "sdxl"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """Saved tiny SD and SDXL pipelines (epsilon), an SD one with v-prediction, and a prompt file."""
+    root = tmp_path_factory.mktemp("t2i")
+    out = {
+        "sd": save_pipeline(tiny_sd_pipeline(root), root / "sd"),
+        "sd-v": save_pipeline(tiny_sd_pipeline(root, "v_prediction", seed=5), root / "sd-v"),
+        "sdxl": save_pipeline(tiny_sdxl_pipeline(root), root / "sdxl"),
+    }
+    (root / "prompts.txt").write_text("\n".join(PROMPTS[:2]) + "\n\n" + "\n".join(PROMPTS[2:]) + "\n")
+    out["prompts"] = root / "prompts.txt"
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILLDIFF_CACHE", str(tmp_path / "cache"))
+
+
+def _pipeline(folder: Path):
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(str(folder), use_safetensors=True)
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd-v", "sdxl"])
+def test_latent_denoiser_is_the_closed_form_conversion_of_the_unet(folders, kind):
+    """At a training timestep, D(x, sigma) is the scheduler's x0 of the UNet's output (float64)."""
+    teacher = load_teacher(str(folders[kind]), prompts=str(folders["prompts"])).to(torch.float64)
+    assert isinstance(teacher, LatentDenoiser) and teacher.sample_shape == (4, 8, 8)
+    assert teacher.prediction_type == ("v_prediction" if kind == "sd-v" else "epsilon")
+    cond = {k: v.double() for k, v in teacher.conditioning.grid(3, "cpu").items()}
+    t = torch.tensor([999, 625, 20])
+    a = teacher.alphas_cumprod[t]
+    sigma = ((1 - a) / a).sqrt()
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
+    x_t = x * a.sqrt().reshape(-1, 1, 1, 1)
+    kwargs = teacher.network_kwargs(cond, torch.float64)
+    out = teacher.model(x_t, t.double(), **kwargs).sample
+    ab = a.reshape(-1, 1, 1, 1)
+    if kind == "sd-v":
+        x0 = ab.sqrt() * x_t - (1 - ab).sqrt() * out
+    else:
+        x0 = (x_t - (1 - ab).sqrt() * out) / ab.sqrt()
+    torch.testing.assert_close(teacher(x, sigma, **cond), x0, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prompt_embeddings_and_unconditional_input_are_diffusers_own(folders, kind):
+    teacher = load_teacher(str(folders[kind]), prompts=str(folders["prompts"]))
+    pipe = _pipeline(folders[kind])
+    c = teacher.conditioning
+    assert c.prompts == PROMPTS
+    if kind == "sd":
+        emb, neg = pipe.encode_prompt(PROMPTS, "cpu", 1, True)
+        torch.testing.assert_close(c.embeds["encoder_hidden_states"], emb, rtol=0, atol=0)
+        torch.testing.assert_close(c.null(1, "cpu")["encoder_hidden_states"], neg[:1], rtol=0, atol=0)
+        assert neg.abs().max() > 0  # SD 1/2: the empty prompt's embedding
+    else:
+        emb, neg, pooled, neg_pooled = pipe.encode_prompt(PROMPTS, device="cpu")
+        torch.testing.assert_close(c.embeds["encoder_hidden_states"], emb, rtol=0, atol=0)
+        torch.testing.assert_close(c.embeds["text_embeds"], pooled, rtol=0, atol=0)
+        null = c.null(2, "cpu")
+        assert null["encoder_hidden_states"].abs().max() == 0 and null["text_embeds"].abs().max() == 0  # force_zeros
+        assert c.embeds["time_ids"][0].tolist() == [16, 16, 0, 0, 16, 16]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cfg_equals_diffusers_guidance_scale(folders, kind):
+    """Our CFG at w equals the pipeline's classifier-free guidance at guidance_scale = 1 + w
+    (two DDIM steps from the same latents, compared in latent space, in float64)."""
+    from diffusers import DDIMScheduler
+
+    w = 2.5
+    sampler = load_sampler(str(folders[kind]), steps=2, guidance_scale=w, device="cpu")
+    sampler.denoiser.to(torch.float64).components.pipe.to(torch.float64)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    cond = sampler.denoiser.prompt_cond([PROMPTS[0]] * 2, "cpu")
+    ours = sampler.draw(z, cond, torch.Generator())
+    pipe = _pipeline(folders[kind]).to(torch.float64)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True,
+                                                 clip_sample=False)
+    theirs = pipe([PROMPTS[0]] * 2, num_inference_steps=2, guidance_scale=1 + w, latents=z.clone(), output_type="latent").images
+    # diffusers' scheduler keeps alphas_cumprod in float32: agreement to ~1e-6, where a wrong convention is off by O(1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    unguided = load_sampler(str(folders[kind]), steps=2, device="cpu").draw(z, cond, torch.Generator())
+    assert (unguided - ours).abs().max() > 1e-3  # guidance changed something
+
+
+def test_embedding_cache_is_keyed_by_prompt_and_encoder(folders, tmp_path):
+    cache = EmbeddingCache(tmp_path / "emb")
+    teacher = load_teacher(str(folders["sd"]), cache_embeddings=False)
+    comps = teacher.components
+    first = cache.get(comps, PROMPTS)
+    assert cache.last_encoded == 4
+    again = cache.get(comps, PROMPTS)
+    assert cache.last_encoded == 0 and torch.equal(first["encoder_hidden_states"], again["encoder_hidden_states"])
+    cache.get(comps, PROMPTS + ["a large nine"])
+    assert cache.last_encoded == 1  # a new prompt: only it is encoded
+    reordered = cache.get(comps, PROMPTS[::-1])
+    assert cache.last_encoded == 0 and torch.equal(reordered["encoder_hidden_states"][0], first["encoder_hidden_states"][-1])
+    with torch.no_grad():  # a changed encoder: nothing cached applies
+        comps.pipe.text_encoder.final_layer_norm.bias.add_(0.5)
+    changed = cache.get(comps, PROMPTS)
+    assert cache.last_encoded == 4 and not torch.allclose(changed["encoder_hidden_states"], first["encoder_hidden_states"])
+    torch.testing.assert_close(changed["encoder_hidden_states"], comps.encode_prompts(PROMPTS)["encoder_hidden_states"])
+    assert len(list((tmp_path / "emb").glob("*.safetensors"))) == 2 and not list((tmp_path / "emb").glob(".*tmp"))
+
+
+def test_read_prompts_from_file_and_caption_folder(tmp_path, folders):
+    assert read_prompts(folders["prompts"]) == PROMPTS
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    for i, p in enumerate(PROMPTS):
+        (caps / f"{i:03d}.txt").write_text(p + "\n")
+        (caps / f"{i:03d}.png").write_bytes(b"")
+    assert read_prompts(caps) == PROMPTS
+    with pytest.raises(FileNotFoundError, match="nope.txt: no such prompt file"):
+        read_prompts(tmp_path / "nope.txt")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(ValueError, match="empty.txt: no prompts"):
+        read_prompts(tmp_path / "empty.txt")
+
+
+def _cfg(folders, kind: str, objective: dict, tmp_path: Path, **extra) -> DistillConfig:
+    data = {
+        "teacher": {"path": str(folders[kind]), "prompts": str(folders["prompts"]), "guidance_scale": 1.0},
+        "objective": objective,
+        "train": {"max_steps": 2, "batch_size": 2, "checkpoint_every": 2, "sample_every": 2, "num_sample_images": 4,
+                  "log_every": 1},
+        "output_dir": str(tmp_path / "run"),
+        **extra,
+    }
+    return load_config(DistillConfig, data=data)
+
+
+OBJECTIVES = {
+    "sid": {"name": "sid"},
+    "dmd": {"name": "fdistill", "divergence": "reverse_kl", "noise": "timesteps", "tmin": 20, "tmax": 980},
+    "fdistill-js": {"name": "fdistill", "divergence": "js"},
+}
+
+
+@pytest.mark.parametrize("kind,objective", [("sd", "sid"), ("sd", "dmd"), ("sdxl", "sid")])
+def test_data_free_objectives_train_on_text_to_image_teachers(folders, kind, objective, tmp_path):
+    """A few steps of each data-free objective: finite losses, a trained UNet, decoded RGB grids,
+    a student folder that is a stock pipeline of the teacher's class."""
+    cfg = _cfg(folders, kind, OBJECTIVES[objective], tmp_path)
+    student_dir = distill(cfg)
+    meta = json.loads((student_dir / "distilldiff_student.json").read_text())
+    assert meta["pipeline"] == ("StableDiffusionXLPipeline" if kind == "sdxl" else "StableDiffusionPipeline")
+    assert meta["timesteps"] == [625.0] and meta["prompts"] == str(folders["prompts"])
+    index = json.loads((student_dir / "model_index.json").read_text())
+    assert index["_class_name"] == meta["pipeline"]
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "run" / "samples" / "latest.png")
+    assert grid.mode == "RGB"
+    teacher_unet = _pipeline(folders[kind]).unet.state_dict()
+    student_unet = _pipeline(student_dir).unet.state_dict()
+    assert any(not torch.equal(teacher_unet[k], v) for k, v in student_unet.items())
+
+
+def test_student_default_and_configured_timesteps(folders, tmp_path):
+    task = build_distill_task(_cfg(folders, "sd", {"name": "sid"}, tmp_path))
+    teacher = task.networks["teacher"]
+    student = task.networks["generator"]
+    assert float(teacher.inner.sigma_to_timestep(torch.tensor(student.sigmas, dtype=torch.float64))[0]) == pytest.approx(625, abs=1e-9)
+    task = build_distill_task(_cfg(folders, "sd", {"name": "sid"}, tmp_path, student={"init_timestep": 999}))
+    assert task.networks["generator"].sigmas[0] == pytest.approx(teacher.sigma_max)
+    with pytest.raises(ConfigError, match=r"timesteps \[624\.\d+\].*student\.init_timestep"):
+        build_distill_task(_cfg(folders, "sd", {"name": "sid"}, tmp_path, student={"init_sigma": 2.5}))
+    with pytest.raises(ConfigError, match="init_timestep: 1000 is outside the teacher's timesteps 0..999"):
+        build_distill_task(_cfg(folders, "sd", {"name": "sid"}, tmp_path, student={"init_timestep": 1000}))
+    with pytest.raises(ConfigError, match="init_sigma and student.init_timestep both set"):
+        _cfg(folders, "sd", {"name": "sid"}, tmp_path, student={"init_timestep": 999, "init_sigma": 2.5})
+
+
+def test_unsupported_settings_are_one_line_errors(folders, tmp_path):
+    with pytest.raises(ConfigError, match="needs real data.*text-to-image teachers.*not supported yet"):
+        build_distill_task(_cfg(folders, "sd", {"name": "progressive", "start_steps": 4}, tmp_path))
+    with pytest.raises(ConfigError, match="consistency \\(multistep\\) students of text-to-image teachers are not supported yet"):
+        build_distill_task(_cfg(folders, "sd", {"name": "consistency"}, tmp_path))
+    with pytest.raises(ValueError, match="text-to-image pipeline, conditioned on prompts, not class labels"):
+        load_teacher(str(folders["sd"]), num_classes=10)
+    with pytest.raises(ValueError, match="teacher.prompts: builtin:mnist is not a text-to-image pipeline"):
+        load_teacher("builtin:mnist", prompts=str(folders["prompts"]))
+    sampler = load_sampler(str(folders["sd"]), steps=1, device="cpu")
+    with pytest.raises(ValueError, match="no prompts to draw from"):
+        sampler.sample(2)
+    with pytest.raises(ValueError, match="--prompt given, but the model is not a text-to-image model"):
+        load_sampler("builtin:mnist", steps=1, device="cpu").sample(2, prompt="a seven")
+
+
+PLAIN_DIFFUSERS = r"""
+import sys, torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+folder, kind, prompt, k, latents, out = sys.argv[1:]
+cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+pipe = cls.from_pretrained(folder, use_safetensors=True)
+z = torch.load(latents)
+images = pipe([prompt] * z.shape[0], num_inference_steps=int(k), guidance_scale=1.0, latents=z, output_type="pt").images
+torch.save(images, out)
+assert not any(m.startswith("distilldiff") for m in sys.modules), "plain diffusers must not import distilldiff"
+"""
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_runs_in_plain_diffusers_in_a_fresh_process(folders, kind, tmp_path):
+    """The exported student, called as its model card says, reproduces distilldiff's sampler within 1e-5."""
+    from distilldiff.export import export_run
+
+    cfg = _cfg(folders, kind, OBJECTIVES["sid"], tmp_path, student={"init_timestep": 999 if kind == "sd" else 625})
+    distill(cfg)
+    out = export_run(tmp_path / "run", tmp_path / "export")
+    card = (out / "README.md").read_text()
+    assert "num_inference_steps=1, guidance_scale=1.0" in card
+    prompt, seed, n = PROMPTS[2], 3, 3
+    ours = (load_sampler(str(out), device="cpu").sample(n, seed=seed, prompt=prompt) + 1) / 2
+    z = torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(seed))  # the sampler's noise
+    torch.save(z, tmp_path / "z.pt")
+    proc = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(out), kind, prompt, "1", str(tmp_path / "z.pt"),
+                           str(tmp_path / "theirs.pt")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = torch.load(tmp_path / "theirs.pt")
+    assert theirs.shape == ours.shape == (n, 3, 16, 16)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert (ours[0] - ours[1]).abs().max() > 1e-3  # different noise, different images
+
+
+def test_prompt_sampling_on_the_command_line(folders, tmp_path):
+    from distilldiff.cli import main
+
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(folders["sd"]), "--steps", "2", "--num", "4", "--prompt", "a thin one",
+                 "--guidance-scale", "2", "--out", str(out), "--device", "cpu"]) in (None, 0)
+    from PIL import Image
+
+    assert Image.open(out).mode == "RGB"
+
+
+def test_teacher_in_bfloat16_keeps_students_in_float32(folders, tmp_path):
+    cfg = _cfg(folders, "sd", OBJECTIVES["sid"], tmp_path)
+    cfg.teacher.dtype = "bfloat16"
+    task = build_distill_task(cfg)
+    assert next(task.networks["teacher"].inner.model.parameters()).dtype == torch.bfloat16
+    assert next(task.networks["generator"].denoiser.model.parameters()).dtype == torch.float32
+    z = torch.randn(2, 4, 8, 8)
+    cond = task.cond_fn(2, "cpu")
+    d = task.networks["teacher"](z, torch.full((2,), 2.0), **cond)
+    assert d.dtype == torch.float32 and torch.isfinite(d).all()
+    assert isinstance(task.networks["teacher"], CFGDenoiser)

@@ -1,0 +1,112 @@
+"""Tiny random-weight Stable Diffusion pipelines built in-process (as diffusers' own fast tests do).
+
+Nothing is downloaded: the CLIP tokenizer reads a vocabulary and BPE merges written here.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+#: words the tiny tokenizer knows whole (anything else falls back to single characters)
+WORDS = ["a", "an", "the", "digit", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+         "thick", "thin", "slanted", "upright", "small", "large", "handwritten", "photo", "of", "cat", "dog"]
+
+
+def write_clip_tokenizer(folder: Path) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` of a small byte-level CLIP BPE vocabulary to ``folder``."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(string.ascii_lowercase + string.digits + ".,!?'-")
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
+    for tok in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(tok, len(vocab))
+    merges = []
+    for word in WORDS:  # merge left to right: w-o -> wo, wo-r -> wor, ..., last piece carries </w>
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for nxt in pieces[1:]:
+            merge = f"{current} {nxt}"
+            if merge not in merges:
+                merges.append(merge)
+            current += nxt
+            vocab.setdefault(current, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def _tokenizer(tmp: Path):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp / "tokenizer-src")))
+
+
+def _text_encoder(vocab_size: int, hidden: int = 16, projection: int | None = None, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=hidden, intermediate_size=24,
+                         num_attention_heads=2, num_hidden_layers=2, vocab_size=vocab_size, max_position_embeddings=16,
+                         projection_dim=projection or hidden, hidden_act="gelu")
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def _vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         sample_size=16).eval()
+
+
+def tiny_sd_pipeline(tmp: Path, prediction_type: str = "epsilon", seed: int = 0):
+    """A random-weight ``StableDiffusionPipeline``: 16x16 RGB images, 4x8x8 latents, 16-d text embeddings."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    tokenizer = _tokenizer(tmp)
+    text_encoder = _text_encoder(len(tokenizer), seed=seed)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                                norm_num_groups=4, attention_head_dim=2).eval()
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    return StableDiffusionPipeline(vae=_vae(seed + 2), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def tiny_sdxl_pipeline(tmp: Path, prediction_type: str = "epsilon", seed: int = 0, force_zeros: bool = True):
+    """A random-weight ``StableDiffusionXLPipeline``: two text encoders (the second with a projection:
+    pooled embeddings), added time ids, 16x16 RGB images, 4x8x8 latents."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    tokenizer = _tokenizer(tmp)
+    enc1 = _text_encoder(len(tokenizer), hidden=16, seed=seed)
+    enc2 = _text_encoder(len(tokenizer), hidden=16, projection=8, seed=seed + 3)
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(block_out_channels=(8, 16), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=4, attention_head_dim=2, addition_embed_type="text_time",
+                                addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4,
+                                transformer_layers_per_block=1).eval()
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       prediction_type=prediction_type, timestep_spacing="leading", steps_offset=1)
+    return StableDiffusionXLPipeline(vae=_vae(seed + 2), text_encoder=enc1, text_encoder_2=enc2, tokenizer=tokenizer,
+                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=force_zeros)
+
+
+def save_pipeline(pipe, folder: Path) -> Path:
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
