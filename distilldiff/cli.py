@@ -112,10 +112,15 @@ def cmd_distill(args) -> None:
 
 
 def cmd_teacher_train(args) -> None:
-    from .config import TeacherTrainConfig
-    from .teacher_training import train_teacher
+    from .config import TeacherTrainConfig, TextToImageTeacherConfig, load_yaml
 
-    _, folder = _run_training(args, TeacherTrainConfig, train_teacher, "teacher train")
+    if "unet" in (load_yaml(_config_path(args)) or {}):  # a text-to-image teacher (configs/mnist/t2i_teacher.yaml)
+        from .text_teacher import train_text_to_image_teacher as train
+        config_class = TextToImageTeacherConfig
+    else:
+        from .teacher_training import train_teacher as train
+        config_class = TeacherTrainConfig
+    _, folder = _run_training(args, config_class, train, "teacher train")
     if _main_process():
         print(f"teacher pipeline written to {folder}")
 

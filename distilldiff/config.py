@@ -69,6 +69,10 @@ class StudentConfig:
             not start equal to it (``distilldiff.students.start_gap`` measures by how much). An
             epsilon output multiplies the network's errors by sigma in x0; v and sample do not
             (docs/math.md, section 2.6). VP (diffusers) teachers only.
+        lora_rank, lora_alpha: train a LoRA adapter (Hu et al. 2022; through peft) of this rank on
+            the attention projections of the student's copy of the teacher instead of all its
+            weights (networks with diffusers' adapter support, e.g. ``UNet2DConditionModel``);
+            ``lora_alpha`` defaults to the rank (scale 1).
     """
 
     #: SiD's value for EDM-style teachers (Zhou et al. 2024, sec. 5)
@@ -77,8 +81,14 @@ class StudentConfig:
     init_sigma: float | None = None
     init_timestep: int | None = None
     parameterization: str | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
 
     def __post_init__(self):
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ConfigError(f"student.lora_rank: {self.lora_rank} must be >= 1")
+        if self.lora_alpha is not None and self.lora_rank is None:
+            raise ConfigError("student.lora_alpha is set but student.lora_rank is not; set the rank to train a LoRA student")
         if self.init_sigma is not None and self.init_timestep is not None:
             raise ConfigError("student.init_sigma and student.init_timestep both set; give one of them")
         if self.init_timestep is not None and self.init_timestep < 0:
@@ -223,7 +233,8 @@ class DistillConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    data: Literal["mnist5k"] | None = None
+    #: real data for objectives that need it: ``mnist5k``, or (text-to-image teachers) a folder of image + caption pairs
+    data: str | None = None
     output_dir: str = "runs/distill"
 
 
@@ -274,6 +285,55 @@ class TeacherTrainConfig:
     sigma_data: float = 0.5
     sample_steps: int = 50
     output_dir: str = "runs/teacher"
+
+
+@dataclass
+class TextToImageTeacherConfig:
+    """Training a small Stable-Diffusion-style text-to-image teacher on captioned digits:
+    ``distilldiff teacher train --config FILE`` with a ``unet:`` section.
+
+    Two runs of the training engine: an ``AutoencoderKL`` learns to reconstruct the digits
+    (``vae_train``, in ``OUTPUT/vae``), then a ``UNet2DConditionModel`` learns to denoise their
+    latents conditioned on the captions' embeddings (``train``, in ``OUTPUT/unet``) under a
+    frozen, randomly initialised ``CLIPTextModel``. ``OUTPUT/student`` is the finished
+    ``StableDiffusionPipeline`` folder.
+
+    Attributes:
+        vae: keyword arguments of diffusers' ``AutoencoderKL`` (``in_channels`` 1: grey digits).
+        text_encoder: keyword arguments of transformers' ``CLIPTextConfig`` (the vocabulary size,
+            special tokens and ``max_position_embeddings`` come from the tokenizer).
+        unet: keyword arguments of diffusers' ``UNet2DConditionModel``.
+        dataset: ``mnist5k`` with the captions of :mod:`distilldiff.captions`, padded to
+            ``image_size`` with background.
+        image_size: side of the padded images (28 -> 32: the VAE halves it per down block).
+        max_tokens: the tokenizer's ``model_max_length``.
+        kl_weight: weight of the VAE's KL term (Rombach et al. 2022 use a small one).
+        scheduler: the DDPM schedule of the UNet (default: Stable Diffusion's).
+        objective: the denoising objective (caption dropout for classifier-free guidance).
+        vae_train, train: engine settings of the two runs.
+        sample_steps: DDIM steps of the sample grids.
+    """
+
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    unet: dict[str, Any]
+    dataset: Literal["mnist5k"] = "mnist5k"
+    image_size: int = 32
+    max_tokens: int = 16
+    kl_weight: float = 1e-6
+    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    objective: DenoisingConfig = field(default_factory=DenoisingConfig)
+    vae_train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample_steps: int = 50
+    output_dir: str = "runs/mnist-t2i-teacher"
+
+    def __post_init__(self):
+        if self.image_size < 28:
+            raise ConfigError(f"image_size: {self.image_size} is smaller than the 28x28 digits")
+        if self.kl_weight < 0:
+            raise ConfigError(f"kl_weight must be >= 0, got {self.kl_weight}")
 
 
 # --- loading ----------------------------------------------------------------------------------

@@ -31,15 +31,71 @@ class RandomBatches:
 
     Uses the global torch RNG, whose state accelerate checkpoints, so a resumed run continues
     the same stream.
+
+    Args:
+        images: ``[N, ...]`` samples (images or latents).
+        labels: ``[N]`` class labels, returned as ``class_labels``.
+        cond: other per-sample conditioning rows, each ``[N, ...]`` (e.g. text embeddings).
     """
 
-    def __init__(self, images: Tensor, labels: Tensor | None = None):
-        self.images, self.labels = images, labels
+    def __init__(self, images: Tensor, labels: Tensor | None = None, cond: dict[str, Tensor] | None = None):
+        self.images, self.labels, self.cond = images, labels, cond or {}
 
     def __call__(self, n: int, device) -> tuple[Tensor, dict]:
         idx = torch.randint(0, self.images.shape[0], (n,))
         cond = {} if self.labels is None else {"class_labels": self.labels[idx].to(device)}
+        cond.update({k: v[idx].to(device) for k, v in self.cond.items()})
         return self.images[idx].to(device), cond
+
+
+def padded_digits(image_size: int) -> tuple[Tensor, Tensor]:
+    """The MNIST-5k digits ``[5000, 1, S, S]`` in [-1, 1], padded with background (-1) to
+    ``image_size`` S >= 28, and their labels."""
+    images, labels = mnist5k()
+    pad = image_size - images.shape[-1]
+    if pad < 0:
+        raise ValueError(f"image size {image_size} is smaller than the 28x28 digits")
+    lo = pad // 2
+    return torch.nn.functional.pad(images, (lo, pad - lo, lo, pad - lo), value=-1.0), labels
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def read_captioned_images(folder: str | os.PathLike, size: tuple[int, int], channels: int) -> tuple[Tensor, list[str]]:
+    """Images with captions from a folder of ``NAME.png`` (or .jpg, .jpeg, .webp, .bmp) + ``NAME.txt`` pairs.
+
+    Each image is resized so that its shorter side fits ``size`` (bicubic), centre-cropped to
+    ``size`` ``(H, W)`` and converted to ``channels`` (1: grey, 3: RGB), as diffusers' training
+    examples prepare their data. Returns ``[N, channels, H, W]`` in [-1, 1] and the N captions,
+    in name order. An image without a caption file, or a folder without pairs, is a one-line error.
+    """
+    from PIL import Image
+
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder of images and captions")
+    files = sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in it")
+    h, w = size
+    images, captions = [], []
+    for f in files:
+        caption_file = f.with_suffix(".txt")
+        if not caption_file.is_file():
+            raise FileNotFoundError(f"{f}: no caption file {caption_file.name} next to it")
+        captions.append(caption_file.read_text(encoding="utf-8").strip())
+        try:
+            img = Image.open(f).convert("L" if channels == 1 else "RGB")
+        except OSError as e:
+            raise ValueError(f"{f}: not a readable image ({e})") from None
+        scale = max(h / img.height, w / img.width)
+        img = img.resize((max(w, round(img.width * scale)), max(h, round(img.height * scale))), Image.BICUBIC)
+        left, top = (img.width - w) // 2, (img.height - h) // 2
+        img = img.crop((left, top, left + w, top + h))
+        x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(h, w, -1).permute(2, 0, 1)
+        images.append(x.float() / 127.5 - 1)
+    return torch.stack(images), captions
 
 
 def available_cpus() -> int:

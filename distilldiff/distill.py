@@ -68,18 +68,54 @@ def build_objective(cfg: DistillConfig, teacher: RunTeacher) -> Objective:
 
 
 def build_data(cfg: DistillConfig, teacher: Denoiser):
-    """Real-data batches for objectives that need them (``data: mnist5k``), checked against the teacher."""
+    """Real-data batches for objectives that need them (``data: mnist5k``, or for text-to-image
+    teachers a folder of image + caption pairs), checked against the teacher."""
     from .data import RandomBatches, mnist5k
 
     if isinstance(teacher, LatentDenoiser):
-        raise ConfigError(f"objective '{cfg.objective.name}' needs real data with these settings, and real data for "
-                          "text-to-image teachers (images with captions, encoded to latents) is not supported yet")
+        return text_image_data(cfg, teacher)
     if cfg.data is None:
         raise ConfigError(f"objective '{cfg.objective.name}' needs real data: set 'data: mnist5k'")
+    if cfg.data != "mnist5k":
+        raise ConfigError(f"data: {cfg.data!r}: pixel teachers take 'mnist5k' (folders of images with captions are for text-to-image teachers)")
     images, labels = mnist5k()
     if tuple(images.shape[1:]) != tuple(teacher.sample_shape):
         raise ConfigError(f"data: {cfg.data} images have shape {tuple(images.shape[1:])}, the teacher's samples {tuple(teacher.sample_shape)}")
     return RandomBatches(images, labels if teacher.num_classes is not None else None)
+
+
+def text_image_data(cfg: DistillConfig, teacher: LatentDenoiser):
+    """Batches of real latents and their captions' embeddings for a text-to-image teacher.
+
+    ``data`` is a folder of image + caption pairs (resized and centre-cropped to the teacher's
+    image size), or ``mnist5k`` for a teacher of digits (the 5,000 digits padded to its image
+    size, with the captions of :mod:`distilldiff.captions`). Latents and embeddings are computed
+    once and cached (:class:`~distilldiff.teachers.text.LatentCache`, ``EmbeddingCache``).
+    """
+    from .data import RandomBatches, padded_digits, read_captioned_images
+    from .teachers.text import EmbeddingCache, LatentCache
+
+    if cfg.data is None:
+        raise ConfigError(f"objective '{cfg.objective.name}' needs real data: set 'data:' to a folder of image + caption "
+                          "pairs (NAME.png + NAME.txt)")
+    comps = teacher.components
+    channels = comps.pipe.vae.config.in_channels
+    if cfg.data == "mnist5k":
+        from .captions import mnist5k_captions
+
+        h, w = comps.image_size
+        if channels != 1 or h != w or h < 28:
+            raise ConfigError(f"data: mnist5k needs a teacher of grey square images of at least 28 pixels; {cfg.teacher.path} "
+                              f"makes {channels}x{h}x{w}")
+        images, captions = padded_digits(h)[0], mnist5k_captions()
+    else:
+        images, captions = read_captioned_images(cfg.data, comps.image_size, channels)
+    latents = LatentCache().get(comps, images)
+    prompts = sorted(set(captions))
+    embeds = EmbeddingCache().get(comps, prompts)
+    index = {p: i for i, p in enumerate(prompts)}
+    rows = torch.tensor([index[c] for c in captions])
+    return RandomBatches(latents, cond={k: v[rows] for k, v in embeds.items()})
 
 
 def resolved_config(cfg: DistillConfig) -> dict:

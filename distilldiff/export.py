@@ -17,6 +17,7 @@ copies a run's student to a clean folder with a model card that records its meas
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -90,6 +91,15 @@ def _is_guided(den: VPDenoiser) -> bool:
 def sampling_call(info: dict, path: str = "PATH") -> str:
     """The exact Python call that samples an exported student (for READMEs and model cards)."""
     k = len(info["sigmas"])
+    if info["pipeline"] in TEXT_TO_IMAGE_PIPELINES and info.get("lora") and info.get("teacher"):
+        return (
+            f"from diffusers import DDIMScheduler, {info['pipeline']}\n"
+            f"# the merged student: {info['pipeline']}.from_pretrained(\"{path}\"); or the teacher with this LoRA:\n"
+            f'pipe = {info["pipeline"]}.from_pretrained("{info["teacher"]}", use_safetensors=True)\n'
+            f'pipe.load_lora_weights("{path}/{info["lora"]["folder"]}")\n'
+            f'pipe.scheduler = DDIMScheduler.from_pretrained("{path}", subfolder="scheduler")  # the student\'s timestep(s)\n'
+            f'images = pipe(["a prompt"] * 4, num_inference_steps={k}, guidance_scale=1.0).images'
+        )
     if info["pipeline"] in TEXT_TO_IMAGE_PIPELINES:
         return (
             f"from diffusers import {info['pipeline']}\n"
@@ -116,6 +126,9 @@ def sampling_call(info: dict, path: str = "PATH") -> str:
         f"images = pipe({', '.join(args)}).images  # {k} network evaluation(s)"
     )
 
+
+#: where a LoRA student's adapter is written inside its folder (``pipe.load_lora_weights(FOLDER / LORA_FOLDER)``)
+LORA_FOLDER = "lora"
 
 #: stock text-to-image pipelines a latent student exports as
 TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -145,6 +158,13 @@ def export_problem(student: Student) -> str | None:
     return None
 
 
+def _lora_info(den) -> dict | None:
+    cfg = (getattr(getattr(den, "model", None), "peft_config", None) or {}).get("default")
+    if cfg is None:
+        return None
+    return {"rank": cfg.r, "alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules), "folder": LORA_FOLDER}
+
+
 def _save_text_to_image(student: Student, folder: Path) -> str:
     """Write a latent student as the teacher's stock pipeline class with the student's UNet and a
     DDIM scheduler landing on its timesteps; returns the pipeline class name."""
@@ -156,7 +176,17 @@ def _save_text_to_image(student: Student, folder: Path) -> str:
     params = inspect.signature(cls.__init__).parameters
     parts = {name: getattr(teacher_pipe, name, None) for name in teacher_pipe.components if name in params}
     ddim = stock_ddim_scheduler(student)  # steps_offset 1: what SD pipelines expect; "trailing" spacing does not read it
-    parts.update(unet=den.model, scheduler=type(ddim).from_config({**ddim.config, "steps_offset": 1}))
+    unet = den.model
+    if getattr(unet, "peft_config", None):  # a LoRA student: the adapter on its own, then merged weights for the pipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        cls.save_lora_weights(str(folder / LORA_FOLDER), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+                              safe_serialization=True)
+        unet = copy.deepcopy(unet)
+        unet.fuse_lora()
+        unet.unload_lora()
+    parts.update(unet=unet, scheduler=type(ddim).from_config({**ddim.config, "steps_offset": 1}))
     settings = {k: v for k, v in teacher_pipe.config.items() if k in params and k not in parts and not k.startswith("_")}
     if "requires_safety_checker" in params and parts.get("safety_checker") is None:
         settings["requires_safety_checker"] = False
@@ -220,6 +250,7 @@ def save_student(student: Student, folder: str | Path, info: dict[str, Any] | No
         "null_class": den.null_class,
         "guidance_scale": guidance,
         "consistency_boundary": boundary,
+        "lora": _lora_info(den),
         **{k: v for k, v in (info or {}).items() if k != "default_guidance_scale"},
     }
     (folder / STUDENT_INFO_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -329,6 +360,10 @@ def model_card(meta: dict, fid: dict | None = None, path: str = "PATH") -> str:
         lines.append(f"| classes | {meta['num_classes']} (`class_labels`) |")
     if meta.get("guidance_scale") is not None:
         lines.append(f"| guidance scale input | yes (default w={meta['guidance_scale']}) |")
+    if meta.get("lora"):
+        lora = meta["lora"]
+        lines.append(f"| LoRA | rank {lora['rank']}, alpha {lora['alpha']:g} on {', '.join(lora['target_modules'])}; "
+                     f"the adapter alone in `{lora['folder']}/`, merged into `unet/` |")
     if fid:
         lines.append(f"| FID | {fid['fid']:.2f} (N={fid['num']}, reference {fid['reference']}, {fid.get('weights', '')}) |")
     else:
@@ -390,11 +425,14 @@ def export_run(run: str | Path, out: str | Path, force: bool = False) -> Path:
 
     def write(folder: Path) -> None:
         save_student(student, folder, info)
+        meta_out = json.loads((folder / STUDENT_INFO_FILE).read_text())
+        if meta.get("lora") and (src / LORA_FOLDER).is_dir():  # the loaded student is merged: carry its adapter over
+            shutil.copytree(src / LORA_FOLDER, folder / LORA_FOLDER)
+            meta_out["lora"] = meta["lora"]
         if fid is not None:
-            meta_out = json.loads((folder / STUDENT_INFO_FILE).read_text())
             meta_out["fid"] = {k: fid.get(k) for k in ("fid", "num", "reference", "weights")}
-            (folder / STUDENT_INFO_FILE).write_text(json.dumps(meta_out, indent=2) + "\n")
-            (folder / "README.md").write_text(model_card(meta_out, fid, path=folder.name))
+        (folder / STUDENT_INFO_FILE).write_text(json.dumps(meta_out, indent=2) + "\n")
+        (folder / "README.md").write_text(model_card(meta_out, fid, path=folder.name))
 
     return replace_folder(out, write)  # a replaced export stays in place until the new one is complete
 
@@ -418,5 +456,5 @@ def _check_destination(out: Path, run: Path, src: Path) -> None:
 
 _DERIVED_KEYS = {
     "format", "pipeline", "sampler", "sigmas", "timesteps", "prediction_type", "sigma_data",
-    "num_classes", "null_class", "guidance_scale", "kind", "init_sigma", "fid", "consistency_boundary",
+    "num_classes", "null_class", "guidance_scale", "kind", "init_sigma", "fid", "consistency_boundary", "lora",
 }

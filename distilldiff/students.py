@@ -122,10 +122,10 @@ class OneStepGenerator(Student):
         return self.sigmas[0]
 
     @classmethod
-    def from_teacher(cls, teacher: Denoiser, init_sigma: float, parameterization: str | None = None) -> "OneStepGenerator":
-        """A generator whose denoiser is a trainable deep copy of ``teacher``, its network output
-        re-interpreted as ``parameterization`` (``student.parameterization``; ``None``: the teacher's)."""
-        return cls(reparameterized_copy(teacher, parameterization), init_sigma)
+    def from_teacher(cls, teacher: Denoiser, init_sigma: float, student=None) -> "OneStepGenerator":
+        """A generator whose denoiser is the trainable copy of ``teacher`` that the ``student``
+        section asks for (:func:`student_copy`; ``None``: a plain copy)."""
+        return cls(student_copy(teacher, student) if student is not None else trainable_copy(teacher), init_sigma)
 
 
 def init_noise_level(teacher: Denoiser, student) -> float:
@@ -162,6 +162,44 @@ def reparameterized_copy(teacher: Denoiser, parameterization: str | None) -> Den
     the value is the teacher's own, the copy starts away from the teacher (:func:`start_gap`).
     """
     return set_parameterization(trainable_copy(teacher), parameterization)
+
+
+#: the layers a LoRA student adapts: the attention projections (diffusers' LoRA training scripts)
+LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def student_copy(teacher: Denoiser, student) -> Denoiser:
+    """The trainable copy of ``teacher`` that the ``student`` section (a
+    :class:`~distilldiff.config.StudentConfig`) asks for: output re-read as ``parameterization``
+    (:func:`reparameterized_copy`), and with ``lora_rank`` set, a LoRA adapter as the only
+    trainable weights (:func:`add_lora`)."""
+    den = reparameterized_copy(teacher, student.parameterization)
+    if student.lora_rank is not None:
+        add_lora(den, student.lora_rank, student.lora_alpha)
+    return den
+
+
+def add_lora(den: Denoiser, rank: int, alpha: float | None = None) -> Denoiser:
+    """Give ``den``'s network a LoRA adapter (Hu et al. 2022, eq. 3: ``W + (alpha / r) B A``) on
+    :data:`LORA_TARGET_MODULES` through peft (diffusers' ``add_adapter``), freeze every other
+    weight, and make the adapter its trainable parameters (in place; returns ``den``). B starts at
+    zero (peft's initialisation), so the copy starts equal to the teacher. A network that already
+    has an adapter (a later stage of progressive distillation, whose teacher is the previous
+    stage's LoRA student) keeps training that one, so the adapter stays relative to the original
+    teacher's weights."""
+    from peft import LoraConfig
+
+    model = getattr(den, "model", None)
+    if model is None or not hasattr(model, "add_adapter"):
+        raise ValueError(f"student.lora_rank: the student's network ({type(model or den).__name__}) has no adapter support; "
+                         "LoRA students need a diffusers network with peft adapters, e.g. UNet2DConditionModel")
+    model.requires_grad_(False)
+    if not getattr(model, "peft_config", None):
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian",
+                                     target_modules=list(LORA_TARGET_MODULES)))
+    for p in den.trainable_parameters():
+        p.requires_grad_(True)
+    return den
 
 
 def set_parameterization(den: Denoiser, parameterization: str | None) -> Denoiser:

@@ -117,7 +117,7 @@ def test_objectives_accept_the_key():
     f = cd.make_student(net, cfg).denoiser
     assert isinstance(f, ConsistencyDenoiser) and f.inner.prediction_type == "v_prediction"
     assert cd.make_target(cd.make_student(net, cfg)).inner.prediction_type == "v_prediction"
-    assert OneStepGenerator.from_teacher(net, 1.0, "sample").denoiser.prediction_type == "sample"
+    assert OneStepGenerator.from_teacher(net, 1.0, StudentConfig(parameterization="sample")).denoiser.prediction_type == "sample"
     assert net.prediction_type == "epsilon"  # the teacher is untouched
 
 

@@ -204,9 +204,70 @@ def test_student_default_and_configured_timesteps(folders, tmp_path):
         _cfg(folders, "sd", {"name": "sid"}, tmp_path, student={"init_timestep": 999, "init_sigma": 2.5})
 
 
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory) -> Path:
+    """A folder of 12 RGB images (20x24, to be resized and cropped to 16x16) with captions."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("captioned")
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        pixels = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / f"img{i:02d}.png")
+        (root / f"img{i:02d}.txt").write_text(PROMPTS[i % 4] + "\n")
+    return root
+
+
+REAL_DATA_OBJECTIVES = {
+    "progressive": {"name": "progressive", "start_steps": 4},
+    "dmd2": {"name": "fdistill", "divergence": "reverse_kl", "gan_weight": 0.01, "noise": "timesteps", "tmin": 20, "tmax": 980},
+    "sida": {"name": "sid", "adv_weight": 0.01},
+}
+
+
+@pytest.mark.parametrize("objective", list(REAL_DATA_OBJECTIVES))
+def test_real_data_objectives_on_text_to_image_teachers(folders, captioned, objective, tmp_path):
+    """Objectives that need real images train on an image + caption folder, encoded to latents once."""
+    from distilldiff.teachers.text import LatentCache
+
+    cfg = _cfg(folders, "sd", REAL_DATA_OBJECTIVES[objective], tmp_path, data=str(captioned))
+    student_dir = distill(cfg)
+    meta = json.loads((student_dir / "distilldiff_student.json").read_text())
+    assert meta["pipeline"] == "StableDiffusionPipeline" and len(meta["sigmas"]) == 1
+    cache = LatentCache()
+    teacher = load_teacher(str(folders["sd"]))
+    from distilldiff.data import read_captioned_images
+
+    images, captions = read_captioned_images(captioned, (16, 16), 3)
+    latents = cache.get(teacher.components, images)
+    assert cache.last_encoded == 0 and latents.shape == (12, 4, 8, 8)  # the run cached every image
+    torch.testing.assert_close(latents[:2], teacher.components.encode(images[:2]))
+
+
+def test_captioned_image_folders(captioned, tmp_path):
+    from distilldiff.data import read_captioned_images
+
+    images, captions = read_captioned_images(captioned, (16, 16), 3)
+    assert images.shape == (12, 3, 16, 16) and images.min() >= -1 and images.max() <= 1 and captions[:2] == PROMPTS[:2]
+    grey, _ = read_captioned_images(captioned, (8, 8), 1)
+    assert grey.shape == (12, 1, 8, 8)
+    (tmp_path / "a.png").write_bytes((captioned / "img00.png").read_bytes())
+    with pytest.raises(FileNotFoundError, match="a.png: no caption file a.txt"):
+        read_captioned_images(tmp_path, (16, 16), 3)
+    with pytest.raises(FileNotFoundError, match="no images"):
+        read_captioned_images(_empty(tmp_path), (16, 16), 3)
+
+
+def _empty(tmp_path: Path) -> Path:
+    (tmp_path / "empty").mkdir(exist_ok=True)
+    return tmp_path / "empty"
+
+
 def test_unsupported_settings_are_one_line_errors(folders, tmp_path):
-    with pytest.raises(ConfigError, match="needs real data.*text-to-image teachers.*not supported yet"):
+    with pytest.raises(ConfigError, match="needs real data: set 'data:' to a folder of image \\+ caption pairs"):
         build_distill_task(_cfg(folders, "sd", {"name": "progressive", "start_steps": 4}, tmp_path))
+    with pytest.raises(ConfigError, match="data: mnist5k needs a teacher of grey square images"):
+        build_distill_task(_cfg(folders, "sd", {"name": "progressive", "start_steps": 4}, tmp_path, data="mnist5k"))
     with pytest.raises(ConfigError, match="consistency \\(multistep\\) students of text-to-image teachers are not supported yet"):
         build_distill_task(_cfg(folders, "sd", {"name": "consistency"}, tmp_path))
     with pytest.raises(ValueError, match="text-to-image pipeline, conditioned on prompts, not class labels"):
@@ -278,3 +339,62 @@ def test_teacher_in_bfloat16_keeps_students_in_float32(folders, tmp_path):
     d = task.networks["teacher"](z, torch.full((2,), 2.0), **cond)
     assert d.dtype == torch.float32 and torch.isfinite(d).all()
     assert isinstance(task.networks["teacher"], CFGDenoiser)
+
+
+PLAIN_DIFFUSERS_LORA = r"""
+import sys, torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+teacher, student, prompt, latents, out = sys.argv[1:]
+pipe = StableDiffusionPipeline.from_pretrained(teacher, use_safetensors=True)
+pipe.load_lora_weights(student + "/lora")
+pipe.scheduler = DDIMScheduler.from_pretrained(student, subfolder="scheduler")
+z = torch.load(latents)
+torch.save(pipe([prompt] * z.shape[0], num_inference_steps=1, guidance_scale=1.0, latents=z, output_type="pt").images, out)
+assert not any(m.startswith("distilldiff") for m in sys.modules)
+"""
+
+
+def test_lora_student_trains_only_its_adapter_and_exports_both_ways(folders, tmp_path):
+    """student.lora_rank: only the LoRA weights change (the copied base weights stay bitwise the
+    teacher's); the export holds the merged UNet and the adapter alone, and plain diffusers gives
+    the same images from either (the teacher's pipeline with load_lora_weights)."""
+    from distilldiff.engine import Engine
+    from distilldiff.export import export_run
+
+    cfg = _cfg(folders, "sd", OBJECTIVES["sid"], tmp_path, student={"lora_rank": 4, "init_timestep": 999})
+    task = build_distill_task(cfg)
+    unet = task.networks["generator"].denoiser.model
+    trainable = {id(p) for p in task.networks["generator"].trainable_parameters()}
+    named = dict(unet.named_parameters())
+    assert trainable == {id(p) for n, p in named.items() if "lora_" in n} and len(trainable) > 0
+    before = {n: p.detach().clone() for n, p in named.items()}
+    Engine(task, cfg.train, tmp_path / "run").run(cfg)
+    teacher_unet = _pipeline(folders["sd"]).unet.state_dict()
+    changed = [n for n, p in unet.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and all("lora_" in n for n in changed)
+    for n, p in unet.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, teacher_unet[n.replace(".base_layer", "")]), n
+    out = export_run(tmp_path / "run", tmp_path / "export")
+    meta = json.loads((out / "distilldiff_student.json").read_text())
+    assert meta["lora"]["rank"] == 4 and (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert "load_lora_weights" in (out / "README.md").read_text()
+    prompt, n = PROMPTS[1], 2
+    ours = (load_sampler(str(out), device="cpu").sample(n, seed=1, prompt=prompt) + 1) / 2
+    z = torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    torch.save(z, tmp_path / "z.pt")
+    for script, args in ((PLAIN_DIFFUSERS, [str(out), "sd", prompt, "1"]), (PLAIN_DIFFUSERS_LORA, [str(folders["sd"]), str(out), prompt])):
+        proc = subprocess.run([sys.executable, "-c", script, *args, str(tmp_path / "z.pt"), str(tmp_path / "theirs.pt")],
+                              capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        torch.testing.assert_close(torch.load(tmp_path / "theirs.pt"), ours, rtol=0, atol=1e-5)
+
+
+def test_lora_keys_are_refused_where_they_cannot_apply(folders, tmp_path):
+    from distilldiff.config import DistillConfig, load_config
+
+    with pytest.raises(ConfigError, match="lora_alpha is set but student.lora_rank is not"):
+        _cfg(folders, "sd", OBJECTIVES["sid"], tmp_path, student={"lora_alpha": 8})
+    mnist = load_config(DistillConfig, Path(__file__).resolve().parents[1] / "configs/mnist/sid.yaml", ["student.lora_rank=4"])
+    with pytest.raises(ValueError, match="has no adapter support"):
+        build_distill_task(mnist)

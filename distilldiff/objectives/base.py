@@ -107,7 +107,7 @@ class Objective(abc.ABC):
         teacher with its output read as ``student.parameterization`` (SiD, f-distill). Objectives
         that build other students override this and reject the keys of ``student`` they do not
         use (:func:`check_student_keys`)."""
-        return OneStepGenerator.from_teacher(teacher, init_noise_level(teacher, student), student.parameterization)
+        return OneStepGenerator.from_teacher(teacher, init_noise_level(teacher, student), student)
 
     def make_critic(self, name: str, teacher: Denoiser) -> nn.Module:
         """A ``"critic"`` network; default: a trainable copy of the teacher (a fake score).

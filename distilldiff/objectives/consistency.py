@@ -10,9 +10,9 @@ from typing import ClassVar, Literal, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..config import ObjectiveConfig, StudentConfig
+from ..config import ConfigError, ObjectiveConfig, StudentConfig
 from ..samplers import karras_sigmas, multistep_sigmas
-from ..students import ConsistencyDenoiser, Student, guidance_conditioned_copy, reparameterized_copy, set_parameterization
+from ..students import ConsistencyDenoiser, Student, guidance_conditioned_copy, set_parameterization, student_copy
 from ..teachers.base import Denoiser
 from ..teachers.guidance import CFGDenoiser
 from ..tensors import append_dims, mean_chw
@@ -111,12 +111,15 @@ class ConsistencyDistillation(Objective):
     def make_student(self, teacher: Denoiser, student: StudentConfig) -> Student:
         """A multistep student: the consistency function at ``sample_steps`` grid levels from sigma_max,
         around a copy of the teacher whose output means ``student.parameterization``."""
-        check_student_keys(student, self.name, uses=("parameterization",))
+        check_student_keys(student, self.name, uses=("parameterization", "lora_rank", "lora_alpha"))
         c = self.config
         if c.guided:
+            if student.lora_rank is not None:
+                raise ConfigError("student.lora_rank: a guidance-conditioned consistency student (w_min/w_max) trains its whole "
+                                  "network (a new w embedding); remove the LoRA keys")
             inner = set_parameterization(guidance_conditioned_copy(teacher, c.guidance_embed_scale), student.parameterization)
         else:
-            inner = reparameterized_copy(teacher, student.parameterization)
+            inner = student_copy(teacher, student)
         f = ConsistencyDenoiser(inner, float(self.sigmas[0]))
         return Student(f, multistep_sigmas(self.sigmas.tolist(), c.sample_steps), "multistep")
 

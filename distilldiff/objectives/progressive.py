@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..config import ObjectiveConfig, StudentConfig
 from ..samplers import teacher_grid
-from ..students import Student, reparameterized_copy
+from ..students import Student, student_copy
 from ..teachers.base import Denoiser
 from ..tensors import append_dims, mean_chw
 from .base import Batch, Objective, Phase, Stage, check_student_keys
@@ -116,8 +116,8 @@ class ProgressiveDistillation(Objective):
         network output re-interpreted as ``student.parameterization`` (Salimans & Ho 2022, sec. 4,
         train x- or v-predicting students). A later stage's teacher is the previous stage's
         student, which already carries that parameterization."""
-        check_student_keys(student, self.name, uses=("parameterization",))
-        return Student(reparameterized_copy(teacher, student.parameterization), self.student_sigmas, "ddim")
+        check_student_keys(student, self.name, uses=("parameterization", "lora_rank", "lora_alpha"))
+        return Student(student_copy(teacher, student), self.student_sigmas, "ddim")
 
     def phases(self) -> list[Phase]:
         return [Phase("student", "student")]

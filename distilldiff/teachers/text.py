@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -184,12 +184,7 @@ class PipelineComponents:
                 continue
             h.update(name.encode())
             if isinstance(part, nn.Module):
-                h.update(type(part).__name__.encode())
-                h.update(part.config.to_json_string(use_diff=False).encode())
-                for key, t in sorted(part.state_dict().items()):
-                    h.update(key.encode())
-                    h.update(str(t.dtype).encode())
-                    h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+                _hash_module(h, part)
             else:
                 h.update(type(part).__name__.encode())
                 h.update(json.dumps(sorted(part.get_vocab().items())).encode())
@@ -209,12 +204,34 @@ class PipelineComponents:
         return vae.decode(z).sample.float().clamp(-1, 1)
 
     @torch.no_grad()
-    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Latents of images in [-1, 1]: ``(vae.encode(x).sample() - shift) * scaling``."""
+    def encode(self, images: Tensor) -> Tensor:
+        """Latents of images in [-1, 1]: ``(mean of vae.encode(x) - shift) * scaling`` (the
+        posterior's mean: deterministic, so it can be cached; its spread is tiny next to the
+        noise that diffusion adds)."""
         vae = self.pipe.vae
         vae.to(images.device)
-        z = vae.encode(images.to(vae.dtype)).latent_dist.sample(generator)
+        z = vae.encode(images.to(vae.dtype)).latent_dist.mode()
         return ((z - self.shift_factor) * self.scaling_factor).float()
+
+    def vae_fingerprint(self) -> str:
+        """A hash of the autoencoder's class, config and weights and of the latent scaling."""
+        h = hashlib.sha256()
+        _hash_module(h, self.pipe.vae)
+        h.update(f"{self.scaling_factor}/{self.shift_factor}".encode())
+        return h.hexdigest()
+
+
+def _hash_module(h, module: nn.Module) -> None:
+    """Feed a network's class, config and weights to hash ``h``."""
+    h.update(type(module).__name__.encode())
+    config = getattr(module, "config", None)
+    if config is not None:
+        h.update((config.to_json_string(use_diff=False) if hasattr(config, "to_json_string")
+                  else json.dumps(dict(config), sort_keys=True, default=str)).encode())
+    for key, t in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
 
 class LatentDenoiser(VPDenoiser):
@@ -295,8 +312,14 @@ def is_text_to_image(pipe) -> bool:
 
 
 def read_prompts(path: str | os.PathLike) -> list[str]:
-    """Prompts from a text file (one per line; blank lines skipped) or from a folder of image +
-    caption pairs (every ``*.txt`` caption file, in name order). One-line errors name the path."""
+    """Prompts from a text file (one per line; blank lines skipped), from a folder of image +
+    caption pairs (every ``*.txt`` caption file, in name order), or ``mnist5k``: the captions of
+    the 5,000 embedded digits (:func:`distilldiff.captions.mnist5k_captions`, each distinct one
+    once). One-line errors name the path."""
+    if str(path) == "mnist5k":
+        from ..captions import mnist5k_captions
+
+        return sorted(set(mnist5k_captions()))
     p = Path(path).expanduser()
     if p.is_dir():
         files = sorted(p.glob("*.txt"))
@@ -312,13 +335,57 @@ def read_prompts(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
+class KeyedTensorStore:
+    """Tensor rows stored by key in one safetensors file (``KEY/NAME`` entries).
+
+    :meth:`get` returns the rows of the keys asked for, computing (and storing) only those the
+    file lacks; the file is rewritten to a temporary sibling and renamed, so an interrupted write
+    leaves the previous file intact.
+    """
+
+    def __init__(self, path: str | os.PathLike, metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.metadata = metadata or {}
+
+    def get(self, keys: Sequence[str], compute: Callable[[list[int]], dict[str, Tensor]]) -> tuple[dict[str, Tensor], int]:
+        """``({name: [len(keys), ...]}, number of rows computed)``; ``compute(positions)`` returns
+        ``{name: [len(positions), ...]}`` for the rows at those positions of ``keys``."""
+        from safetensors.torch import load_file, save_file
+
+        stored = load_file(str(self.path)) if self.path.is_file() else {}
+        have = {k.split("/", 1)[0] for k in stored}
+        missing, seen = [], set()
+        for i, key in enumerate(keys):
+            if key not in have and key not in seen:
+                missing.append(i)
+                seen.add(key)
+        if missing:
+            new = compute(missing)
+            for j, i in enumerate(missing):
+                for name, v in new.items():
+                    stored[f"{keys[i]}/{name}"] = v[j].contiguous()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            save_file(stored, str(tmp), metadata=self.metadata)
+            os.replace(tmp, self.path)
+        if not keys:
+            return {}, 0
+        names = sorted(k.split("/", 1)[1] for k in stored if k.startswith(keys[0] + "/"))
+        return {n: torch.stack([stored[f"{key}/{n}"] for key in keys]) for n in names}, len(missing)
+
+
+def _default_cache(name: str) -> Path:
+    from ..metrics.inception import cache_dir
+
+    return cache_dir() / name
+
+
 class EmbeddingCache:
     """Text embeddings stored once per (text encoder, prompt) as safetensors.
 
     One file per encoder (:meth:`PipelineComponents.fingerprint`: its weights, config and
     tokenizer), one entry per prompt (the prompt's SHA-256): a changed encoder reads another
-    file, a changed prompt another entry; prompts not yet in the file are encoded and the file
-    rewritten (to a temporary sibling, then renamed: an interrupted write leaves the old file).
+    file, a changed prompt another entry (:class:`KeyedTensorStore`).
 
     Args:
         folder: where the files live (default ``$DISTILLDIFF_CACHE/text-embeddings``, i.e.
@@ -326,11 +393,7 @@ class EmbeddingCache:
     """
 
     def __init__(self, folder: str | os.PathLike | None = None):
-        if folder is None:
-            from ..metrics.inception import cache_dir
-
-            folder = cache_dir() / "text-embeddings"
-        self.folder = Path(folder)
+        self.folder = Path(folder) if folder is not None else _default_cache("text-embeddings")
         #: prompts encoded (not read from the cache) by the last :meth:`get`
         self.last_encoded = 0
 
@@ -343,20 +406,36 @@ class EmbeddingCache:
 
     def get(self, components: PipelineComponents, prompts: Sequence[str]) -> dict[str, Tensor]:
         """``{key: [P, ...]}`` for ``prompts``, encoding only those not cached yet."""
-        from safetensors.torch import load_file, save_file
+        store = KeyedTensorStore(self.path(components), {"encoder": components.fingerprint(), "source": components.source})
+        rows, self.last_encoded = store.get([self.key(p) for p in prompts],
+                                            lambda idx: components.encode_prompts([prompts[i] for i in idx]))
+        return rows
 
-        path = self.path(components)
-        stored = load_file(str(path)) if path.is_file() else {}
-        missing = sorted({p for p in prompts if f"{self.key(p)}/encoder_hidden_states" not in stored})
-        self.last_encoded = len(missing)
-        if missing:
-            new = components.encode_prompts(missing)
-            for i, prompt in enumerate(missing):
-                for k, v in new.items():
-                    stored[f"{self.key(prompt)}/{k}"] = v[i].contiguous()
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            save_file(stored, str(tmp), metadata={"encoder": components.fingerprint(), "source": components.source})
-            os.replace(tmp, path)
-        names = sorted({k.split("/", 1)[1] for k in stored if k.startswith(self.key(prompts[0]) + "/")}) if prompts else []
-        return {n: torch.stack([stored[f"{self.key(p)}/{n}"] for p in prompts]) for n in names}
+
+class LatentCache:
+    """VAE latents of images stored once per (autoencoder, image) as safetensors: one file per
+    autoencoder (:meth:`PipelineComponents.vae_fingerprint`), one entry per image (the SHA-256
+    of its pixels).
+
+    Args:
+        folder: where the files live (default ``$DISTILLDIFF_CACHE/latents``).
+    """
+
+    def __init__(self, folder: str | os.PathLike | None = None):
+        self.folder = Path(folder) if folder is not None else _default_cache("latents")
+        #: images encoded (not read from the cache) by the last :meth:`get`
+        self.last_encoded = 0
+
+    def get(self, components: PipelineComponents, images: Tensor, batch_size: int = 256) -> Tensor:
+        """Scaled latents ``[N, C, h, w]`` of ``images`` ``[N, C, H, W]`` in [-1, 1] (:meth:`PipelineComponents.encode`)."""
+        fingerprint = components.vae_fingerprint()
+        store = KeyedTensorStore(self.folder / f"{fingerprint[:32]}.safetensors", {"vae": fingerprint, "source": components.source})
+        images = images.float().contiguous()
+        keys = [hashlib.sha256(x.numpy().tobytes()).hexdigest() for x in images]
+
+        def encode(idx: list[int]) -> dict[str, Tensor]:
+            x = images[idx]
+            return {"latents": torch.cat([components.encode(x[i:i + batch_size]).cpu() for i in range(0, len(x), batch_size)])}
+
+        rows, self.last_encoded = store.get(keys, encode)
+        return rows["latents"]

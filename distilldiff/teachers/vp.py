@@ -92,6 +92,12 @@ class VPDenoiser(Denoiser):
         alpha_bar = 1 / (1 + s**2)
         return vp_x0_from_output(x_t, out.to(x.dtype), alpha_bar, self.prediction_type)
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """All parameters, or only the LoRA adapter's where the network has one (``student.lora_rank``)."""
+        if getattr(self.model, "peft_config", None):
+            return [p for n, p in self.model.named_parameters() if "lora_" in n]
+        return list(self.parameters())
+
     def network_kwargs(self, cond: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
         """The network's keyword arguments for conditioning ``cond`` (here: ``cond`` itself); ``dtype``
         is the network's. Text-conditioned subclasses cast embeddings and group added conditions."""
