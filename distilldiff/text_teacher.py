@@ -177,8 +177,9 @@ def build_unet_task(cfg: TextToImageTeacherConfig, vae_folder: Path, work: Path)
     def sample_fn(model: nn.Module, noise: Tensor, c: dict, generator=None) -> Tensor:
         return model.decode(ddim_sample(model, noise, sigmas, **c))
 
-    def grid_cond(n: int, device) -> dict:  # the captions of the first n digits, in dataset order
-        return {k: v[:n].to(device) for k, v in cond.items()}
+    def grid_cond(n: int, device) -> dict:  # the captions of n digits spread evenly over the (class-sorted) set
+        idx = torch.arange(n) * (len(captions) // max(1, n)) % len(captions)
+        return {k: v[idx].to(device) for k, v in cond.items()}
 
     return TrainTask(
         objective=objective,

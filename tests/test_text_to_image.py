@@ -398,3 +398,21 @@ def test_lora_keys_are_refused_where_they_cannot_apply(folders, tmp_path):
     mnist = load_config(DistillConfig, Path(__file__).resolve().parents[1] / "configs/mnist/sid.yaml", ["student.lora_rank=4"])
     with pytest.raises(ValueError, match="has no adapter support"):
         build_distill_task(mnist)
+
+
+def test_gradient_checkpointing_gives_the_same_update(folders, tmp_path):
+    """train.gradient_checkpointing changes memory, not the math: two SiD steps end with the same weights."""
+    from safetensors.torch import load_file
+
+    runs = []
+    for flag in (False, True):
+        cfg = _cfg(folders, "sd", OBJECTIVES["sid"], tmp_path / str(flag), train={"max_steps": 2, "batch_size": 2,
+                   "checkpoint_every": 2, "sample_every": 2, "num_sample_images": 2, "gradient_checkpointing": flag})
+        runs.append(load_file(str(distill(cfg) / "unet" / "diffusion_pytorch_model.safetensors")))
+    assert runs[0].keys() == runs[1].keys()
+    for k in runs[0]:
+        torch.testing.assert_close(runs[0][k], runs[1][k], rtol=1e-4, atol=1e-6)
+    from distilldiff.engine.engine import enable_gradient_checkpointing
+
+    with pytest.raises(ValueError, match="gradient_checkpointing: the network 'critic' \\(Linear\\) has no sub-network"):
+        enable_gradient_checkpointing(torch.nn.Linear(2, 2), "critic")

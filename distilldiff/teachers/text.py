@@ -128,7 +128,7 @@ class PipelineComponents:
         names = ("vae", "text_encoder", "text_encoder_2")
         return [m for m in (getattr(self.pipe, n, None) for n in names) if isinstance(m, nn.Module)]
 
-    def _on(self, device, dtype=None) -> None:
+    def _on(self, device) -> None:
         for m in self.networks():
             m.to(device)
 
@@ -264,8 +264,8 @@ class LatentDenoiser(VPDenoiser):
     @property
     def conditioning(self) -> TextEmbeddings:
         if self._conditioning is None:  # the unconditional input only: enough for guidance and prompts given at sampling
-            self._conditioning = TextEmbeddings([], {k: v[:0] for k, v in self.components.null_embedding().items()},
-                                                self.components.null_embedding())
+            null = self.components.null_embedding()
+            self._conditioning = TextEmbeddings([], {k: v[:0] for k, v in null.items()}, null)
         return self._conditioning
 
     def set_prompts(self, prompts: Sequence[str], cache: "EmbeddingCache | None" = None) -> "LatentDenoiser":
