@@ -11,9 +11,9 @@ from .conditioning import ClassLabels, Conditioning
 from .gmm import GaussianMixtureDenoiser
 from .guidance import CFGDenoiser
 from .text import EmbeddingCache, LatentDenoiser, TextEmbeddings, is_text_to_image, read_prompts
-from .vp import VPDenoiser, ddim_timesteps, load_pipeline
+from .vp import VPDenoiser, _read_teacher_info, ddim_timesteps, load_pipeline
 
-BUILTIN_TEACHERS = {"mnist": "mnist-teacher"}
+BUILTIN_TEACHERS = {"mnist": "mnist-teacher", "mnist-t2i": "mnist-t2i-teacher"}
 
 
 def builtin_teacher_path(name: str) -> Path:
@@ -124,6 +124,9 @@ def load_teacher(path: str, guidance_scale: float = 0.0, *, what: str = "teacher
             if key in overrides:
                 raise ValueError(f"teacher.{key}: {path} is a text-to-image pipeline, conditioned on prompts, not class labels; remove the key")
         teacher = LatentDenoiser.from_pipeline(pipe, path, **overrides)
+        default = _read_teacher_info(resolved).get("prompts") if Path(resolved).is_dir() else None
+        if prompts is None and default is not None:  # the folder names its own prompts (e.g. builtin:mnist-t2i's captions)
+            prompts = str(Path(resolved) / default)
         if prompts is not None:
             teacher.set_prompts(read_prompts(prompts), EmbeddingCache() if cache_embeddings else None)
     else:
