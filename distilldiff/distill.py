@@ -8,16 +8,15 @@ stages on the one :class:`~distilldiff.engine.Engine`. It knows no objective by 
 from __future__ import annotations
 
 import copy
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .atomic import replace_folder
 from .config import ConfigError, DistillConfig, TeacherConfig, to_dict
-from .engine import Engine, RunFolder, TrainTask
+from .engine import Engine, TrainTask
+from .engine.stages import StagedRun
 from .export import STUDENT_INFO_FILE, export_problem, load_student, save_student
 from .objectives import OBJECTIVES, Objective, Stage
 from .metrics.background import grid_stats
@@ -93,7 +92,7 @@ def text_image_data(cfg: DistillConfig, teacher: LatentDenoiser):
     once and cached (:class:`~distilldiff.teachers.text.LatentCache`, ``EmbeddingCache``).
     """
     from .data import RandomBatches, padded_digits, read_captioned_images
-    from .teachers.text import EmbeddingCache, LatentCache
+    from .teachers.text import EmbeddingCache, LatentCache, embeddings_of
 
     if cfg.data is None:
         raise ConfigError(f"objective '{cfg.objective.name}' needs real data: set 'data:' to a folder of image + caption "
@@ -113,9 +112,7 @@ def text_image_data(cfg: DistillConfig, teacher: LatentDenoiser):
     latents = LatentCache().get(comps, images)
     prompts = sorted(set(captions))
     embeds = EmbeddingCache().get(comps, prompts)
-    index = {p: i for i, p in enumerate(prompts)}
-    rows = torch.tensor([index[c] for c in captions])
-    return RandomBatches(latents, cond={k: v[rows] for k, v in embeds.items()})
+    return RandomBatches(latents, cond=embeddings_of(captions, prompts, embeds))
 
 
 def resolved_config(cfg: DistillConfig) -> dict:
@@ -204,19 +201,14 @@ def distill_stages(cfg: DistillConfig, stages: list[Stage], teacher: RunTeacher,
 
     Resuming skips finished stages (their student is reloaded) and resumes the unfinished one.
     """
-    folders = [RunFolder(out / stage.folder) for stage in stages]
-    if resume not in (None, "latest"):
-        raise ConfigError(f"objective '{cfg.objective.name}' trains in {len(stages)} stages and resumes with --resume latest (stage by stage)")
-    if resume is None and any(any(f.checkpoints.glob("step-*")) for f in folders):
-        raise FileExistsError(f"{out} holds stages of an earlier run; pass --resume latest to continue it or choose another --output-dir")
+    run = StagedRun(out, [stage.folder for stage in stages], resume, f"objective '{cfg.objective.name}'")
     resolved = resolved_config(cfg)
-    RunFolder(out).write_config(resolved)
+    run.write_config(resolved)
     current = teacher
-    for stage, folder in zip(stages, folders):
-        if folder.has_finished(cfg.train.max_steps):
-            current = RunTeacher.unguided(load_student(folder.student)[0].denoiser)
+    for stage in stages:
+        if run.finished(stage.folder, cfg.train):
+            current = RunTeacher.unguided(load_student(run.folders[stage.folder].student)[0].denoiser)
             continue
-        engine = Engine(build_distill_task(cfg, stage.objective, current), cfg.train, folder.root)
-        engine.run(resolved, "latest" if folder.complete_checkpoints() else None)
+        engine = run.run(stage.folder, build_distill_task(cfg, stage.objective, current), cfg.train, resolved)
         current = RunTeacher.unguided(copy.deepcopy(engine.ema.module.denoiser).eval().requires_grad_(False))
-    return replace_folder(out / "student", lambda staged: shutil.copytree(folders[-1].student, staged))
+    return run.publish(stages[-1].folder)

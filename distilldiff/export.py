@@ -165,17 +165,11 @@ def _lora_info(den) -> dict | None:
     return {"rank": cfg.r, "alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules), "folder": LORA_FOLDER}
 
 
-def _save_text_to_image(student: Student, folder: Path) -> str:
-    """Write a latent student as the teacher's stock pipeline class with the student's UNet and a
-    DDIM scheduler landing on its timesteps; returns the pipeline class name."""
-    import inspect
-
+def _save_text_to_image(student: Student, folder: Path, ddim) -> str:
+    """Write a latent student as the teacher's stock pipeline class with the student's UNet and
+    ``ddim``, the DDIM scheduler landing on its timesteps; returns the pipeline class name."""
     den = student.denoiser
-    teacher_pipe = den.components.pipe
-    cls = type(teacher_pipe)
-    params = inspect.signature(cls.__init__).parameters
-    parts = {name: getattr(teacher_pipe, name, None) for name in teacher_pipe.components if name in params}
-    ddim = stock_ddim_scheduler(student)  # steps_offset 1: what SD pipelines expect; "trailing" spacing does not read it
+    cls = type(den.components.pipe)
     unet = den.model
     if getattr(unet, "peft_config", None):  # a LoRA student: the adapter on its own, then merged weights for the pipeline
         from diffusers.utils import convert_state_dict_to_diffusers
@@ -186,11 +180,9 @@ def _save_text_to_image(student: Student, folder: Path) -> str:
         unet = copy.deepcopy(unet)
         unet.fuse_lora()
         unet.unload_lora()
-    parts.update(unet=unet, scheduler=type(ddim).from_config({**ddim.config, "steps_offset": 1}))
-    settings = {k: v for k, v in teacher_pipe.config.items() if k in params and k not in parts and not k.startswith("_")}
-    if "requires_safety_checker" in params and parts.get("safety_checker") is None:
-        settings["requires_safety_checker"] = False
-    cls(**parts, **settings).save_pretrained(str(folder), safe_serialization=True)
+    # steps_offset 1: what SD pipelines expect; "trailing" spacing does not read it
+    pipe = den.components.pipeline(unet=unet, scheduler=type(ddim).from_config({**ddim.config, "steps_offset": 1}))
+    pipe.save_pretrained(str(folder), safe_serialization=True)
     return cls.__name__
 
 
@@ -221,7 +213,7 @@ def save_student(student: Student, folder: str | Path, info: dict[str, Any] | No
     if problem is not None:
         raise ValueError(problem)
     if hasattr(den, "components"):  # a latent text-to-image student: the teacher's own pipeline class
-        pipeline = _save_text_to_image(student, folder)
+        pipeline = _save_text_to_image(student, folder, ddim)
     elif ddim is not None:
         DDIMPipeline(unet=den.model, scheduler=ddim).save_pretrained(str(folder), safe_serialization=True)
         pipeline = "DDIMPipeline"
@@ -301,7 +293,7 @@ def _load_text_to_image(folder: Path, meta: dict) -> Student:
     from .teachers.text import LatentDenoiser, read_prompts
     from .teachers.vp import load_pipeline
 
-    _load_model(None, folder / "unet")  # one-line errors for missing or corrupt weights
+    _check_weights(folder / "unet")
     den = LatentDenoiser.from_pipeline(load_pipeline(folder), str(folder), sigma_data=meta["sigma_data"],
                                        prediction_type=meta["prediction_type"])
     prompts = meta.get("prompts")
@@ -312,6 +304,12 @@ def _load_text_to_image(folder: Path, meta: dict) -> Student:
 
 def _load_model(cls, path: Path):
     """``cls.from_pretrained(path)`` from safetensors, with one-line errors for missing or corrupt weights."""
+    _check_weights(path)
+    return cls.from_pretrained(str(path), use_safetensors=True)
+
+
+def _check_weights(path: Path) -> None:
+    """One-line errors for a model folder without safetensors weights or with unreadable ones."""
     weights = list(path.glob("*.safetensors"))
     if not weights:
         pickled = [p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
@@ -327,7 +325,6 @@ def _load_model(cls, path: Path):
     except (SafetensorError, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{path}: corrupted or unreadable safetensors weights ({first})") from None
-    return None if cls is None else cls.from_pretrained(str(path), use_safetensors=True)
 
 
 def model_card(meta: dict, fid: dict | None = None, path: str = "PATH") -> str:

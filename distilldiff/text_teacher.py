@@ -11,7 +11,6 @@ with :class:`~distilldiff.objectives.denoising.DenoisingObjective`.
 from __future__ import annotations
 
 import json
-import shutil
 import string
 from pathlib import Path
 from typing import Sequence
@@ -19,10 +18,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .atomic import replace_folder
 from .config import TextToImageTeacherConfig, to_dict
 from .data import RandomBatches, padded_digits
-from .engine import Engine, RunFolder, TrainTask
+from .engine import TrainTask
+from .engine.stages import StagedRun
 from .metrics.background import grid_stats
 from .objectives.autoencoder import ReconstructionObjective
 from .objectives.denoising import DenoisingObjective
@@ -144,9 +143,7 @@ def build_pipeline(cfg: TextToImageTeacherConfig, vae: nn.Module, tokenizer_dir:
 def save_text_to_image_teacher(denoiser, folder: Path, info: dict) -> None:
     """Write the teacher (``denoiser``: the :class:`~distilldiff.teachers.text.LatentDenoiser` being
     trained, whose UNet may be the EMA copy) as a ``StableDiffusionPipeline`` folder."""
-    pipe = denoiser.components.pipe
-    type(pipe)(**{**pipe.components, "unet": denoiser.model}, requires_safety_checker=False).save_pretrained(
-        str(folder), safe_serialization=True)
+    denoiser.components.pipeline(unet=denoiser.model).save_pretrained(str(folder), safe_serialization=True)
     meta = {"sigma_data": denoiser.sigma_data, "training": info}
     (Path(folder) / TEACHER_INFO_FILE).write_text(json.dumps(meta, indent=2))
 
@@ -157,7 +154,7 @@ def build_unet_task(cfg: TextToImageTeacherConfig, vae_folder: Path, work: Path)
     from diffusers import AutoencoderKL
 
     from .captions import caption_vocabulary, mnist5k_captions
-    from .teachers.text import LatentDenoiser
+    from .teachers.text import LatentDenoiser, embeddings_of
 
     vae = AutoencoderKL.from_pretrained(str(vae_folder), use_safetensors=True)
     images, _ = padded_digits(cfg.image_size)
@@ -168,9 +165,7 @@ def build_unet_task(cfg: TextToImageTeacherConfig, vae_folder: Path, work: Path)
     teacher = LatentDenoiser.from_pipeline(pipe, "mnist5k")
     captions = mnist5k_captions()
     teacher.set_prompts(sorted(set(captions)))
-    index = {p: i for i, p in enumerate(teacher.conditioning.prompts)}
-    rows = torch.tensor([index[c] for c in captions])
-    cond = {k: v[rows] for k, v in teacher.conditioning.embeds.items()}
+    cond = embeddings_of(captions, teacher.conditioning.prompts, teacher.conditioning.embeds)
     objective = DenoisingObjective(cfg.objective, teacher.schedule.sigmas, teacher.prediction_type, teacher.conditioning)
     sigmas = teacher.discrete_sigmas(cfg.sample_steps, "trailing")
 
@@ -199,21 +194,10 @@ def train_text_to_image_teacher(cfg: TextToImageTeacherConfig, resume: str | Non
     """Train the autoencoder (``OUT/vae``), then the UNet (``OUT/unet``); returns ``OUT/student``,
     the ``StableDiffusionPipeline`` folder. ``resume="latest"`` skips a finished autoencoder run
     and resumes the unfinished one; resuming without it refuses a folder that holds a run."""
-    from .config import ConfigError
-
-    out = Path(output_dir or cfg.output_dir)
-    folders = {"vae": RunFolder(out / "vae"), "unet": RunFolder(out / "unet")}
-    if resume not in (None, "latest"):
-        raise ConfigError("the text-to-image teacher trains in two runs and resumes with --resume latest")
-    if resume is None and any(any(f.checkpoints.glob("step-*")) for f in folders.values()):
-        raise FileExistsError(f"{out} holds an earlier run; pass --resume latest to continue it or choose another --output-dir")
+    run = StagedRun(Path(output_dir or cfg.output_dir), ["vae", "unet"], resume, "the text-to-image teacher")
     resolved = to_dict(cfg)
-    RunFolder(out).write_config(resolved)
-    vae_folder = folders["vae"]
-    if not vae_folder.has_finished(cfg.vae_train.max_steps):
-        engine = Engine(build_vae_task(cfg), cfg.vae_train, vae_folder.root)
-        engine.run(resolved, "latest" if vae_folder.complete_checkpoints() else None)
-    unet_folder = folders["unet"]
-    engine = Engine(build_unet_task(cfg, vae_folder.student, out), cfg.train, unet_folder.root)
-    engine.run(resolved, "latest" if unet_folder.complete_checkpoints() else None)
-    return replace_folder(out / "student", lambda staged: shutil.copytree(unet_folder.student, staged))
+    run.write_config(resolved)
+    if not run.finished("vae", cfg.vae_train):
+        run.run("vae", build_vae_task(cfg), cfg.vae_train, resolved)
+    run.run("unet", build_unet_task(cfg, run.folders["vae"].student, run.out), cfg.train, resolved)
+    return run.publish("unet")

@@ -5,47 +5,21 @@ Nothing is downloaded: the CLIP tokenizer reads a vocabulary and BPE merges writ
 
 from __future__ import annotations
 
-import json
-import string
 from pathlib import Path
 
 import torch
+
+from distilldiff.text_teacher import write_word_tokenizer
 
 #: words the tiny tokenizer knows whole (anything else falls back to single characters)
 WORDS = ["a", "an", "the", "digit", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
          "thick", "thin", "slanted", "upright", "small", "large", "handwritten", "photo", "of", "cat", "dog"]
 
 
-def write_clip_tokenizer(folder: Path) -> Path:
-    """Write ``vocab.json`` and ``merges.txt`` of a small byte-level CLIP BPE vocabulary to ``folder``."""
-    from transformers import CLIPTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list(string.ascii_lowercase + string.digits + ".,!?'-")
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "!": 1, "<|endoftext|>": 2}
-    for tok in chars + [c + "</w>" for c in chars]:
-        vocab.setdefault(tok, len(vocab))
-    merges = []
-    for word in WORDS:  # merge left to right: w-o -> wo, wo-r -> wor, ..., last piece carries </w>
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        current = pieces[0]
-        for nxt in pieces[1:]:
-            merge = f"{current} {nxt}"
-            if merge not in merges:
-                merges.append(merge)
-            current += nxt
-            vocab.setdefault(current, len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
-    tok.save_pretrained(str(folder))
-    return folder
-
-
 def _tokenizer(tmp: Path):
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(tmp / "tokenizer-src")))
+    return CLIPTokenizer.from_pretrained(str(write_word_tokenizer(tmp / "tokenizer-src", WORDS)))
 
 
 def _text_encoder(vocab_size: int, hidden: int = 16, projection: int | None = None, seed: int = 0):

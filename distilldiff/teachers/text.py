@@ -31,6 +31,14 @@ from .vp import VPDenoiser
 DEFAULT_INIT_TIMESTEP = 625
 
 
+def embeddings_of(wanted: Sequence[str], prompts: Sequence[str], embeds: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The rows of ``embeds`` (``{key: [P, ...]}``, one row per entry of ``prompts``) for each
+    prompt of ``wanted`` (each must be among ``prompts``): ``{key: [len(wanted), ...]}``."""
+    index = {p: i for i, p in enumerate(prompts)}
+    rows = torch.tensor([index[p] for p in wanted], dtype=torch.long)
+    return {k: v[rows] for k, v in embeds.items()}
+
+
 class TextEmbeddings(Conditioning):
     """Text conditioning drawn from a fixed set of prompts whose embeddings were computed once.
 
@@ -135,6 +143,20 @@ class PipelineComponents:
     @property
     def pipeline_class(self) -> str:
         return type(self.pipe).__name__
+
+    def pipeline(self, **replace: Any):
+        """A pipeline of the same class sharing every component and setting, with ``replace`` (e.g.
+        ``unet=``, ``scheduler=``) swapped in; no safety checker is required (none is loaded)."""
+        import inspect
+
+        cls = type(self.pipe)
+        params = inspect.signature(cls.__init__).parameters
+        parts = {name: getattr(self.pipe, name, None) for name in self.pipe.components if name in params}
+        parts.update(replace)
+        settings = {k: v for k, v in self.pipe.config.items() if k in params and k not in parts and not k.startswith("_")}
+        if "requires_safety_checker" in params and parts.get("safety_checker") is None:
+            settings["requires_safety_checker"] = False
+        return cls(**parts, **settings)
 
     # -- prompts ---------------------------------------------------------------------------------
 
