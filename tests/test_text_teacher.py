@@ -128,3 +128,14 @@ def test_shipped_mini_text_to_image_teacher_follows_its_prompts():
     images = sampler.sample(64, seed=0)
     assert images.shape == (64, 1, 32, 32)
     assert prompt_accuracy(images, prompts[:64]) > 0.9
+
+
+def test_teacher_train_command_reads_a_text_to_image_config(tmp_path):
+    """`distilldiff teacher train` takes a config with a unet: section as a text-to-image teacher: its
+    own keys are validated (one line, exit 2), not rejected as unknown keys of a pixel teacher."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-m", "distilldiff.cli", "teacher", "train", "--config", str(CONFIG),
+                        "--set", "image_size=24", "--output-dir", str(tmp_path / "t")], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"distilldiff: error: {CONFIG}: image_size: 24 is smaller than the 28x28 digits"]
+    assert not (tmp_path / "t").exists()
