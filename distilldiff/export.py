@@ -18,6 +18,7 @@ copies a run's student to a clean folder with a model card that records its meas
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from .atomic import replace_folder
-from .students import ConsistencyDenoiser, Student
+from .students import ConsistencyDenoiser, LCMConsistencyDenoiser, Student
 from .teachers.vp import VPDenoiser, ddim_timesteps
 
 STUDENT_INFO_FILE = "distilldiff_student.json"
@@ -45,8 +46,9 @@ def _teacher_scheduler_config(den: VPDenoiser) -> dict:
     a student whose output was re-parameterised (``student.parameterization``) is written with its own."""
     from diffusers import DDPMScheduler
 
-    if den.scheduler_config is not None:
-        cfg = {k: v for k, v in den.scheduler_config.items() if not k.startswith("_")}
+    if den.scheduler_config is not None:  # the schedule's keys only (a student folder may hold an LCMScheduler config)
+        keys = inspect.signature(DDPMScheduler.__init__).parameters
+        cfg = {k: v for k, v in den.scheduler_config.items() if k in keys}
     else:  # an in-process denoiser: recover the betas from alphas_cumprod
         a = den.alphas_cumprod
         betas = 1 - a / torch.cat([a.new_ones(1), a[:-1]])
@@ -55,17 +57,19 @@ def _teacher_scheduler_config(den: VPDenoiser) -> dict:
     return dict(DDPMScheduler.from_config(cfg).config)
 
 
-def stock_ddim_scheduler(student: Student):
+def stock_ddim_scheduler(student: Student, conditional: bool = False):
     """A ``DDIMScheduler`` whose ``num_inference_steps=K`` call lands on the student's timesteps, or ``None``.
 
-    Only unconditional, deterministic students whose noise levels sit exactly on the teacher's
-    timesteps fit: the grid must be DDIM's ``"trailing"`` spacing of the schedule truncated at the
-    student's first timestep (``num_train_timesteps = t_0 + 1``).
+    Only deterministic students whose noise levels sit exactly on the teacher's timesteps fit: the
+    grid must be DDIM's ``"trailing"`` spacing of the schedule truncated at the student's first
+    timestep (``num_train_timesteps = t_0 + 1``). Unless ``conditional`` (a text-to-image
+    pipeline, which feeds prompts and the guidance weight itself), the student must also be
+    unconditional and take no guidance weight (a stock ``DDIMPipeline``).
     """
     from diffusers import DDIMScheduler, DDPMScheduler
 
     den = student.denoiser
-    if student.sampler != "ddim" or den.num_classes is not None or _is_guided(den):
+    if student.sampler != "ddim" or (not conditional and (den.num_classes is not None or _is_guided(den))):
         return None
     t = den.sigma_to_timestep(torch.tensor(student.sigmas, dtype=torch.float64))
     ti = t.round()
@@ -82,31 +86,52 @@ def stock_ddim_scheduler(student: Student):
     return DDIMScheduler.from_config(cfg)
 
 
-def _is_guided(den: VPDenoiser) -> bool:
-    from .pipelines import GuidedUNet2DModel
+def stock_lcm_scheduler(student: Student):
+    """An ``LCMScheduler`` whose ``num_inference_steps=K`` call reproduces a multistep student of
+    :class:`~distilldiff.students.LCMConsistencyDenoiser` (its timesteps, boundary scalings and
+    re-noising), or ``None``: the teacher's noise schedule with ``original_inference_steps`` = the
+    student's N and its ``timestep_scaling``."""
+    from diffusers import LCMScheduler
 
-    return isinstance(den.model, GuidedUNet2DModel)
+    den = student.denoiser
+    if not isinstance(den, LCMConsistencyDenoiser) or student.sampler != "multistep":
+        return None
+    want = den.sample_sigmas(len(student.sigmas))
+    if any(abs(a - b) > 1e-9 * b for a, b in zip(student.sigmas, want)):
+        return None
+    cfg = _teacher_scheduler_config(den.inner)
+    cfg.update(original_inference_steps=den.num_scales, timestep_scaling=den.timestep_scaling, clip_sample=False, thresholding=False)
+    return LCMScheduler.from_config(cfg)
+
+
+def _is_guided(den: VPDenoiser) -> bool:
+    return den.takes_guidance_scale
 
 
 def sampling_call(info: dict, path: str = "PATH") -> str:
     """The exact Python call that samples an exported student (for READMEs and model cards)."""
     k = len(info["sigmas"])
-    if info["pipeline"] in TEXT_TO_IMAGE_PIPELINES and info.get("lora") and info.get("teacher"):
-        return (
-            f"from diffusers import DDIMScheduler, {info['pipeline']}\n"
-            f"# the merged student: {info['pipeline']}.from_pretrained(\"{path}\"); or the teacher with this LoRA:\n"
-            f'pipe = {info["pipeline"]}.from_pretrained("{info["teacher"]}", use_safetensors=True)\n'
-            f'pipe.load_lora_weights("{path}/{info["lora"]["folder"]}")\n'
-            f'pipe.scheduler = DDIMScheduler.from_pretrained("{path}", subfolder="scheduler")  # the student\'s timestep(s)\n'
-            f'images = pipe(["a prompt"] * 4, num_inference_steps={k}, guidance_scale=1.0).images'
-        )
     if info["pipeline"] in TEXT_TO_IMAGE_PIPELINES:
-        return (
-            f"from diffusers import {info['pipeline']}\n"
-            f'pipe = {info["pipeline"]}.from_pretrained("{path}", use_safetensors=True)\n'
-            f'images = pipe(["a prompt"] * 4, num_inference_steps={k}, guidance_scale=1.0).images'
-            "  # guidance_scale 1: no classifier-free guidance (the student learned the teacher's guided output)"
-        )
+        w = info.get("guidance_scale")
+        if w is not None:  # the student's guidance input: diffusers feeds w = guidance_scale - 1
+            call = (f'images = pipe(["a prompt"] * 4, num_inference_steps={k}, guidance_scale={1 + w:g}).images'
+                    f"  # the student's guidance input w = guidance_scale - 1 = {w:g} (any w it was trained on)")
+        else:
+            call = (f'images = pipe(["a prompt"] * 4, num_inference_steps={k}, guidance_scale=1.0).images'
+                    "  # guidance_scale 1: no classifier-free guidance (the student learned the teacher's guided output)")
+        if info.get("sampler") == "multistep":
+            call += f"\n# {k} LCMScheduler step(s); pass generator=torch.Generator().manual_seed(...) to fix the re-noising too"
+        if info.get("lora") and info.get("teacher"):
+            scheduler = info.get("scheduler") or "DDIMScheduler"
+            return (
+                f"from diffusers import {scheduler}, {info['pipeline']}\n"
+                f"# the merged student: {info['pipeline']}.from_pretrained(\"{path}\"); or the teacher with this LoRA:\n"
+                f'pipe = {info["pipeline"]}.from_pretrained("{info["teacher"]}", use_safetensors=True)\n'
+                f'pipe.load_lora_weights("{path}/{info["lora"]["folder"]}")\n'
+                f'pipe.scheduler = {scheduler}.from_pretrained("{path}", subfolder="scheduler")  # the student\'s timestep(s)\n'
+                + call
+            )
+        return f"from diffusers import {info['pipeline']}\n" f'pipe = {info["pipeline"]}.from_pretrained("{path}", use_safetensors=True)\n' + call
     if info["pipeline"] == "DDIMPipeline":
         return (
             "from diffusers import DDIMPipeline\n"
@@ -137,20 +162,29 @@ TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline
 def export_problem(student: Student) -> str | None:
     """Why ``student`` cannot be written as a student folder (one line), or ``None``.
 
-    Pixel students always can (a stock ``DDIMPipeline`` or :class:`DistillDiffPipeline`). A latent
-    text-to-image student is written as the teacher's own stock pipeline class, whose DDIM
-    scheduler must land on the student's timesteps: a deterministic student on the teacher's
-    training timesteps (:func:`stock_ddim_scheduler`).
+    Pixel students always can (a stock ``DDIMPipeline`` or :class:`DistillDiffPipeline`), except
+    consistency students of LCM's parameterisation (``schedule: lcm``). A latent text-to-image
+    student is written as the teacher's own stock pipeline class, whose scheduler must reproduce
+    it: a deterministic student on a DDIM "trailing" grid of the teacher's training timesteps
+    (:func:`stock_ddim_scheduler`), or a multistep LCM student (:func:`stock_lcm_scheduler`).
     """
     from .teachers.text import LatentDenoiser
 
     den = student.denoiser
-    if not isinstance(den, LatentDenoiser) and not isinstance(getattr(den, "inner", None), LatentDenoiser):
+    base = den.inner if isinstance(den, ConsistencyDenoiser) else den
+    if not isinstance(base, LatentDenoiser):
+        if isinstance(den, LCMConsistencyDenoiser):
+            return ("objective.schedule: lcm students export as stock text-to-image pipelines with an LCMScheduler; "
+                    "students of pixel teachers use schedule: karras")
         return None
-    if not isinstance(den, LatentDenoiser) or student.sampler != "ddim":
-        return ("text-to-image students export as stock diffusers pipelines, which need a deterministic student "
-                "(one-step or DDIM); consistency (multistep) students of text-to-image teachers are not supported yet")
-    if stock_ddim_scheduler(student) is None:
+    if isinstance(den, LCMConsistencyDenoiser):
+        if stock_lcm_scheduler(student) is None:
+            return f"student noise levels {student.sigmas} are not the timesteps LCMScheduler picks for {student.num_steps} step(s)"
+        return None
+    if isinstance(den, ConsistencyDenoiser) or student.sampler != "ddim":
+        return ("consistency (multistep) students of text-to-image teachers export as stock pipelines with an LCMScheduler: "
+                "set objective.schedule: lcm")
+    if stock_ddim_scheduler(student, conditional=True) is None:
         t = den.sigma_to_timestep(torch.tensor(student.sigmas, dtype=torch.float64)).tolist()
         return (f"student noise levels {[round(x, 4) for x in student.sigmas]} fall at timesteps {[round(x, 3) for x in t]} of the "
                 "teacher, not on a DDIM 'trailing' grid of its training timesteps: a text-to-image student exports as a stock "
@@ -165,9 +199,9 @@ def _lora_info(den) -> dict | None:
     return {"rank": cfg.r, "alpha": cfg.lora_alpha, "target_modules": sorted(cfg.target_modules), "folder": LORA_FOLDER}
 
 
-def _save_text_to_image(student: Student, folder: Path, ddim) -> str:
+def _save_text_to_image(student: Student, folder: Path, scheduler) -> str:
     """Write a latent student as the teacher's stock pipeline class with the student's UNet and
-    ``ddim``, the DDIM scheduler landing on its timesteps; returns the pipeline class name."""
+    ``scheduler``, the one that reproduces it; returns the pipeline class name."""
     den = student.denoiser
     cls = type(den.components.pipe)
     unet = den.model
@@ -180,8 +214,7 @@ def _save_text_to_image(student: Student, folder: Path, ddim) -> str:
         unet = copy.deepcopy(unet)
         unet.fuse_lora()
         unet.unload_lora()
-    # steps_offset 1: what SD pipelines expect; "trailing" spacing does not read it
-    pipe = den.components.pipeline(unet=unet, scheduler=type(ddim).from_config({**ddim.config, "steps_offset": 1}))
+    pipe = den.components.pipeline(unet=unet, scheduler=scheduler)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return cls.__name__
 
@@ -197,9 +230,15 @@ def save_student(student: Student, folder: str | Path, info: dict[str, Any] | No
     from .pipelines import DistillDiffPipeline
 
     problem = export_problem(student)
+    if problem is not None:
+        raise ValueError(problem)
     den = student.denoiser
-    boundary = None
-    if isinstance(den, ConsistencyDenoiser):
+    boundary = lcm = None
+    lcm_scheduler = stock_lcm_scheduler(student)
+    if lcm_scheduler is not None:  # the scheduler applies LCM's boundary scalings
+        lcm, den = {"num_scales": den.num_scales, "timestep_scaling": den.timestep_scaling}, den.inner
+        student = Student(den, student.sigmas, student.sampler)
+    elif isinstance(den, ConsistencyDenoiser):
         boundary, den = [den.boundary_sigma, den.sigma_data], den.inner
         student = Student(den, student.sigmas, student.sampler)  # same network; the pipeline applies the boundary
     if not isinstance(den, VPDenoiser):
@@ -210,10 +249,12 @@ def save_student(student: Student, folder: str | Path, info: dict[str, Any] | No
     if _is_guided(den) and guidance is None:
         guidance = 1.0
     ddim = stock_ddim_scheduler(student) if boundary is None else None
-    if problem is not None:
-        raise ValueError(problem)
+    scheduler_class = None
     if hasattr(den, "components"):  # a latent text-to-image student: the teacher's own pipeline class
-        pipeline = _save_text_to_image(student, folder, ddim)
+        if lcm_scheduler is None:  # steps_offset 1: what SD pipelines expect; "trailing" spacing does not read it
+            ddim = stock_ddim_scheduler(student, conditional=True)
+        scheduler = lcm_scheduler or type(ddim).from_config({**ddim.config, "steps_offset": 1})
+        pipeline, scheduler_class = _save_text_to_image(student, folder, scheduler), type(scheduler).__name__
     elif ddim is not None:
         DDIMPipeline(unet=den.model, scheduler=ddim).save_pretrained(str(folder), safe_serialization=True)
         pipeline = "DDIMPipeline"
@@ -242,6 +283,8 @@ def save_student(student: Student, folder: str | Path, info: dict[str, Any] | No
         "null_class": den.null_class,
         "guidance_scale": guidance,
         "consistency_boundary": boundary,
+        "lcm": lcm,
+        "scheduler": scheduler_class,
         "lora": _lora_info(den),
         **{k: v for k, v in (info or {}).items() if k != "default_guidance_scale"},
     }
@@ -299,6 +342,8 @@ def _load_text_to_image(folder: Path, meta: dict) -> Student:
     prompts = meta.get("prompts")
     if prompts and Path(prompts).exists():  # the prompts it was trained on draw its grids, where they still exist
         den.set_prompts(read_prompts(prompts))
+    if meta.get("lcm"):
+        den = LCMConsistencyDenoiser(den, **meta["lcm"])
     return Student(den.eval(), meta["sigmas"], meta["sampler"])
 
 
@@ -454,4 +499,5 @@ def _check_destination(out: Path, run: Path, src: Path) -> None:
 _DERIVED_KEYS = {
     "format", "pipeline", "sampler", "sigmas", "timesteps", "prediction_type", "sigma_data",
     "num_classes", "null_class", "guidance_scale", "kind", "init_sigma", "fid", "consistency_boundary", "lora",
+    "lcm", "scheduler",
 }

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .export import STUDENT_INFO_FILE, load_student
 from .images import save_grid
-from .samplers import ddim_sample, multistep_sigmas
+from .samplers import ddim_sample, multistep_sigmas, vp_base
 from .students import Student
 from .teachers import CFGDenoiser, ClassLabels, Denoiser, LatentDenoiser, VPDenoiser, load_teacher
 
@@ -54,9 +54,10 @@ class Sampler:
         conditioning = self.denoiser.conditioning
         if class_label is not None and not isinstance(conditioning, ClassLabels):
             raise ValueError("--class-label given, but the model is not class-conditional")
-        if prompt is not None and not isinstance(self.denoiser, LatentDenoiser):
+        latent = vp_base(self.denoiser)  # through wrappers (consistency parameterisations)
+        if prompt is not None and not isinstance(latent, LatentDenoiser):
             raise ValueError("--prompt given, but the model is not a text-to-image model")
-        prompt_cond = self.denoiser.prompt_cond([prompt], self.device) if prompt is not None else None
+        prompt_cond = latent.prompt_cond([prompt], self.device) if prompt is not None else None
         for start in range(0, num, batch_size):
             n = min(batch_size, num - start)
             noise = torch.randn((n, *self.denoiser.sample_shape), generator=g).to(self.device)
@@ -81,7 +82,9 @@ def _load_student(folder: Path, device: torch.device, guidance_scale: float | No
         if "consistency_grid" not in meta:
             raise ValueError(f"{folder}: this student samples in {student.num_steps} step(s), got --steps {steps} "
                              "(only consistency students choose their steps at sampling time)")
-        student = Student(student.denoiser, multistep_sigmas(meta["consistency_grid"], steps), student.sampler)
+        sigmas = (student.denoiser.sample_sigmas(steps) if hasattr(student.denoiser, "sample_sigmas")  # LCM: LCMScheduler's
+                  else multistep_sigmas(meta["consistency_grid"], steps))
+        student = Student(student.denoiser, sigmas, student.sampler)
     student = student.to(device)
     extra = {}
     if meta.get("guidance_scale") is not None:

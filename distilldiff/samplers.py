@@ -22,6 +22,17 @@ def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float
     return (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
+def vp_base(teacher: Denoiser):
+    """The discrete-time (diffusers VP) denoiser inside ``teacher``, looking through wrappers such
+    as classifier-free guidance; ``None`` if there is none."""
+    from .teachers.vp import VPDenoiser
+
+    base = teacher
+    while not isinstance(base, VPDenoiser) and isinstance(getattr(base, "inner", None), Denoiser):
+        base = base.inner
+    return base if isinstance(base, VPDenoiser) else None
+
+
 def teacher_grid(teacher: Denoiser, num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
     """A few-step student's decreasing noise levels on ``teacher``'s own terms.
 
@@ -29,12 +40,8 @@ def teacher_grid(teacher: Denoiser, num_steps: int, sigma_min: float, sigma_max:
     reproduces and which nest when the step count halves; also behind a wrapper (classifier-free
     guidance). Others: the Karras grid over ``[sigma_min, sigma_max]`` clipped to the teacher's range.
     """
-    from .teachers.vp import VPDenoiser
-
-    base = teacher
-    while not isinstance(base, VPDenoiser) and isinstance(getattr(base, "inner", None), Denoiser):
-        base = base.inner
-    if isinstance(base, VPDenoiser):
+    base = vp_base(teacher)
+    if base is not None:
         return [float(s) for s in base.discrete_sigmas(num_steps, "trailing")]
     lo, hi = max(sigma_min, teacher.sigma_min), min(sigma_max, teacher.sigma_max)
     return [float(s) for s in karras_sigmas(num_steps, lo, hi, rho)]
@@ -49,6 +56,28 @@ def multistep_sigmas(grid: Sequence[float], steps: int) -> list[float]:
         raise ValueError(f"consistency sampling takes 1 to {n - 1} steps on a grid of {n} noise levels, got {steps}")
     idx = torch.linspace(n - 1, 0, steps + 1).round().long()[:-1]
     return [float(grid[i]) for i in idx]
+
+
+def lcm_grid_timesteps(num_train_timesteps: int, num_scales: int) -> list[int]:
+    """The increasing training timesteps of latent consistency distillation (Luo et al. 2023, sec. 4.3,
+    skipping-step k = T // N): ``[0, k - 1, 2k - 1, ..., N k - 1]``, the boundary t = 0 first."""
+    if not 1 <= num_scales <= num_train_timesteps:
+        raise ValueError(f"num_scales must be in [1, {num_train_timesteps}] (the teacher's timesteps), got {num_scales}")
+    k = num_train_timesteps // num_scales
+    return [0] + [j * k - 1 for j in range(1, num_scales + 1)]
+
+
+def lcm_sample_timesteps(num_train_timesteps: int, num_scales: int, steps: int) -> list[int]:
+    """Decreasing timesteps of ``steps``-step LCM sampling: ``steps`` of the ``num_scales`` skip-step
+    timesteps, from the last one down, evenly spaced in index, as diffusers'
+    ``LCMScheduler.set_timesteps(steps, original_inference_steps=num_scales)`` chooses them (the
+    indices are the floors of numpy's float64 ``linspace``, rounding included, so that the two agree)."""
+    import numpy as np
+
+    if not 1 <= steps <= num_scales:
+        raise ValueError(f"LCM sampling takes 1 to {num_scales} steps (objective.num_scales), got {steps}")
+    origin = lcm_grid_timesteps(num_train_timesteps, num_scales)[1:][::-1]
+    return [origin[int(i)] for i in np.floor(np.linspace(0, num_scales, num=steps, endpoint=False))]
 
 
 def sample_loop(

@@ -271,16 +271,16 @@ def _with_gradients(den: Denoiser) -> Denoiser:
 def guidance_conditioned_copy(teacher: Denoiser, guidance_embed_scale: float = 100.0, guidance_embed_gain: float = 1.0) -> Denoiser:
     """A trainable copy of ``teacher`` that takes ``guidance_scale=w`` as an input (Meng et al. 2023, sec. 4.1).
 
-    VP teachers get a :class:`~distilldiff.pipelines.GuidedUNet2DModel` (a zero-initialised w
-    embedding added to the class embedding, so the copy equals the teacher at every w at first);
-    other denoisers must already have a guidance input (``guidance = True``).
+    VP teachers get a zero-initialised w input, so the copy equals the teacher at every w at first
+    (:meth:`VPDenoiser.add_guidance_input`: a :class:`~distilldiff.pipelines.GuidedUNet2DModel`
+    for pixel networks, diffusers' ``time_cond_proj_dim`` for text-to-image UNets); other
+    denoisers must already have a guidance input (``guidance = True``).
     """
-    from .pipelines import GuidedUNet2DModel
     from .teachers.vp import VPDenoiser
 
     den = copy.deepcopy(teacher)
     if isinstance(den, VPDenoiser):
-        den.model = GuidedUNet2DModel.from_unet(den.model, guidance_embed_scale=guidance_embed_scale, guidance_embed_gain=guidance_embed_gain)
+        den.add_guidance_input(guidance_embed_scale, guidance_embed_gain)
     elif not getattr(den, "guidance", False):
         raise ValueError(f"a guidance-conditioned student needs a network with a guidance input; {type(den).__name__} has none")
     return _with_gradients(den)
@@ -335,3 +335,49 @@ class ConsistencyDenoiser(Denoiser):
         c_skip, c_out, e_skip, e_out = (append_dims(c, x.ndim) for c in self.scalings(sigma))
         d = self.inner(x, sigma, **cond)
         return c_skip * x + (c_out / e_out) * (d - e_skip * x)
+
+
+class LCMConsistencyDenoiser(ConsistencyDenoiser):
+    """Latent consistency models' parameterisation on a discrete-time (VP) denoiser (Luo et al. 2023,
+    eq. 6 with the boundary scalings of their code, which diffusers' ``LCMScheduler`` applies):
+
+    ``f(x, sigma) = c_skip(t) x_t + c_out(t) D(x, sigma)``, with ``x_t = x / sqrt(1 + sigma^2)`` the
+    VP-scaled input, ``t`` the training timestep of ``sigma``, ``c_skip = sd^2 / ((s t)^2 + sd^2)``
+    and ``c_out = s t / sqrt((s t)^2 + sd^2)``, ``sd = 0.5``, ``s = timestep_scaling``. So
+    ``f(x, sigma(0)) = x_t`` and ``f ~ D`` a few timesteps above 0. A multistep student of this
+    denoiser on LCM's timesteps is what a stock ``LCMScheduler`` samples.
+
+    Args:
+        inner: the wrapped denoiser (a copy of the teacher) with discrete ``sigma_to_timestep``.
+        num_scales: N of the skip-step timesteps it is trained on (``LCMScheduler``'s
+            ``original_inference_steps``; :func:`~distilldiff.samplers.lcm_grid_timesteps`).
+        timestep_scaling: ``s`` (10 in LCM and diffusers).
+    """
+
+    #: sigma_data of LCM's boundary scalings (fixed in LCM's code and diffusers' LCMScheduler)
+    BOUNDARY_SIGMA_DATA = 0.5
+
+    def __init__(self, inner: Denoiser, num_scales: int, timestep_scaling: float = 10.0):
+        if not hasattr(inner, "sigma_to_timestep"):
+            raise ValueError(f"LCM's parameterisation needs a discrete-time (diffusers VP) denoiser, got {type(inner).__name__}")
+        super().__init__(inner, inner.sigma_min)
+        self.num_scales = int(num_scales)
+        self.timestep_scaling = float(timestep_scaling)
+
+    def sample_sigmas(self, steps: int) -> list[float]:
+        """Decreasing noise levels of ``steps``-step sampling: the timesteps ``LCMScheduler`` picks."""
+        from .samplers import lcm_sample_timesteps
+
+        timesteps = lcm_sample_timesteps(self.inner.num_train_timesteps, self.num_scales, steps)
+        return self.inner.schedule.sigmas[torch.tensor(timesteps)].tolist()  # exact at integer timesteps
+
+    def lcm_scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """``(c_skip, c_out)`` at the timesteps of ``sigma`` (any shape)."""
+        t = self.inner.sigma_to_timestep(sigma) * self.timestep_scaling
+        sd = self.BOUNDARY_SIGMA_DATA
+        return sd**2 / (t**2 + sd**2), t / (t**2 + sd**2).sqrt()
+
+    def denoise(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        c_skip, c_out = (append_dims(c.to(x.dtype), x.ndim) for c in self.lcm_scalings(sigma.to(torch.float64)))
+        x_t = x / append_dims(self.inner.prior_scale(sigma), x.ndim)
+        return c_skip * x_t + c_out * self.inner(x, sigma, **cond)

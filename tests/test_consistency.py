@@ -104,3 +104,65 @@ def test_guidance_conditioning_needs_an_unguided_teacher_with_a_null_class():
     labelled = GaussianMixtureDenoiser(WEIGHTS, MEANS, [STD] * 4, component_labels=[0, 1, 0, 1])
     with pytest.raises(ValueError, match="guidance_scale: 0"):
         ConsistencyDistillation.build(ConsistencyConfig(w_min=0.0, w_max=2.0), CFGDenoiser(labelled, 1.0))
+
+
+# --- LCM's discretisation and parameterisation (schedule: lcm) ---------------------------------
+
+
+def test_lcm_sampling_timesteps_are_diffusers_lcm_schedulers():
+    from diffusers import LCMScheduler
+
+    from distilldiff.samplers import lcm_grid_timesteps, lcm_sample_timesteps
+
+    assert lcm_grid_timesteps(1000, 50)[:3] == [0, 19, 39] and lcm_grid_timesteps(1000, 50)[-1] == 999
+    for t_train, n in [(1000, 50), (1000, 18), (1000, 333), (600, 7), (600, 600)]:
+        for k in range(1, n + 1):
+            s = LCMScheduler(num_train_timesteps=t_train)
+            s.set_timesteps(k, original_inference_steps=n)
+            assert lcm_sample_timesteps(t_train, n, k) == s.timesteps.tolist(), (t_train, n, k)
+    with pytest.raises(ValueError, match="LCM sampling takes 1 to 50 steps"):
+        lcm_sample_timesteps(1000, 50, 51)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_lcm_parameterisation_is_lcm_schedulers_denoised(prediction_type):
+    """f(x, sigma) at a student timestep equals the ``denoised`` of diffusers' LCMScheduler.step on
+    the same network output; at t = 0 it is exactly the VP-scaled input."""
+    from diffusers import LCMScheduler
+
+    from distilldiff.students import LCMConsistencyDenoiser
+    from distilldiff.toy import vp_mlp_denoiser
+
+    torch.manual_seed(0)
+    inner = vp_mlp_denoiser(2, prediction_type).double()
+    f = LCMConsistencyDenoiser(inner, num_scales=50)
+    sched = LCMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear", prediction_type=prediction_type)
+    sched.set_timesteps(4, original_inference_steps=50)
+    sigmas = f.sample_sigmas(4)
+    assert torch.allclose(inner.sigma_to_timestep(torch.tensor(sigmas, dtype=torch.float64)), sched.timesteps.double(), atol=1e-6)
+    x = torch.randn(16, 2, dtype=torch.float64) * 2
+    for i, (t, s) in enumerate(zip(sched.timesteps, sigmas)):
+        x_t = x / (1 + s**2) ** 0.5
+        with torch.no_grad():
+            out = inner.model(x_t, torch.full((16,), float(t), dtype=torch.float64))
+            ours = f(x, torch.full((16,), s, dtype=torch.float64))
+        sched._step_index = i
+        _, denoised = sched.step(out, t, x_t, generator=torch.Generator().manual_seed(0), return_dict=False)
+        torch.testing.assert_close(ours, denoised.double(), rtol=1e-5, atol=1e-5)  # diffusers keeps alphas in float32
+    s0 = inner.sigma_min
+    assert torch.equal(f(x, torch.full((16,), s0, dtype=torch.float64)), x / (1 + s0**2) ** 0.5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"schedule": "lcm", "sigma_min": 0.01}, "objective.sigma_min: schedule 'lcm' runs on the teacher's own timesteps"),
+    ({"schedule": "lcm", "num_scales": 50, "sample_steps": 51}, r"sample_steps must be in \[1, num_scales\] with schedule 'lcm'"),
+    ({"timestep_scaling": 5.0}, "objective.timestep_scaling applies with schedule: lcm only"),
+])
+def test_lcm_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ConsistencyConfig(**kwargs)
+
+
+def test_lcm_schedule_needs_a_discrete_time_teacher():
+    with pytest.raises(ValueError, match="schedule: lcm needs a teacher with discrete training timesteps"):
+        ConsistencyDistillation.build(ConsistencyConfig(schedule="lcm"), teacher())

@@ -268,8 +268,10 @@ def test_unsupported_settings_are_one_line_errors(folders, tmp_path):
         build_distill_task(_cfg(folders, "sd", {"name": "progressive", "start_steps": 4}, tmp_path))
     with pytest.raises(ConfigError, match="data: mnist5k needs a teacher of grey square images"):
         build_distill_task(_cfg(folders, "sd", {"name": "progressive", "start_steps": 4}, tmp_path, data="mnist5k"))
-    with pytest.raises(ConfigError, match="consistency \\(multistep\\) students of text-to-image teachers are not supported yet"):
-        build_distill_task(_cfg(folders, "sd", {"name": "consistency"}, tmp_path))
+    with pytest.raises(ConfigError, match="export as stock pipelines with an LCMScheduler: set objective.schedule: lcm"):
+        build_distill_task(_cfg(folders, "sd", {"name": "consistency"}, tmp_path, data=str(_empty(tmp_path))))
+    with pytest.raises(ConfigError, match="students of pixel teachers use schedule: karras"):
+        build_distill_task(load_config(DistillConfig, "configs/mnist/consistency.yaml", ["objective.schedule=lcm"]))
     with pytest.raises(ValueError, match="text-to-image pipeline, conditioned on prompts, not class labels"):
         load_teacher(str(folders["sd"]), num_classes=10)
     with pytest.raises(ValueError, match="teacher.prompts: builtin:mnist is not a text-to-image pipeline"):
@@ -416,3 +418,79 @@ def test_gradient_checkpointing_gives_the_same_update(folders, tmp_path):
 
     with pytest.raises(ValueError, match="gradient_checkpointing: the network 'critic' \\(Linear\\) has no sub-network"):
         enable_gradient_checkpointing(torch.nn.Linear(2, 2), "critic")
+
+
+def test_guidance_input_starts_as_the_teacher_and_takes_diffusers_embedding(folders):
+    """A w-conditioned copy (LCM's time_cond_proj_dim) equals the teacher at every w at first, and
+    feeds the UNet the stock pipelines' own embedding of w (float64)."""
+    from distilldiff.students import guidance_conditioned_copy
+
+    teacher = load_teacher(str(folders["sd"]), prompts=str(folders["prompts"])).to(torch.float64)
+    student = guidance_conditioned_copy(teacher)
+    assert student.takes_guidance_scale and not teacher.takes_guidance_scale
+    assert student.model.config.time_cond_proj_dim == 256
+    cond = {k: v.double() for k, v in teacher.conditioning.grid(3, "cpu").items()}
+    x, sigma = torch.randn(3, 4, 8, 8, dtype=torch.float64), torch.tensor([0.5, 2.0, 9.0], dtype=torch.float64)
+    for w in (0.0, 2.5):
+        torch.testing.assert_close(student(x, sigma, guidance_scale=torch.full((3,), w), **cond), teacher(x, sigma, **cond),
+                                   rtol=0, atol=1e-12)
+    w = torch.tensor([0.0, 1.0, 4.0], dtype=torch.float64)
+    kwargs = student.network_kwargs({**cond, "guidance_scale": w}, torch.float64)
+    pipe = _pipeline(folders["sd"])
+    torch.testing.assert_close(kwargs["timestep_cond"], pipe.get_guidance_scale_embedding(w.float(), 256).double(), rtol=0, atol=0)
+    with torch.no_grad():
+        student.model.time_embedding.cond_proj.weight.normal_()
+    a, b = (student(x, sigma, guidance_scale=torch.full((3,), v), **cond) for v in (0.0, 2.5))
+    assert (a - b).abs().max() > 1e-3  # the weight reaches the output
+    with pytest.raises(ValueError, match="no guidance input"):
+        teacher(x, sigma, guidance_scale=w, **cond)
+    with pytest.raises(ValueError, match="guidance_embed_scale / guidance_embed_gain: a text-to-image student"):
+        guidance_conditioned_copy(teacher, guidance_embed_scale=10.0)
+
+
+LCM_PLAIN_DIFFUSERS = r"""
+import json, sys, torch
+from diffusers import StableDiffusionPipeline
+folder, prompt, calls, out = sys.argv[1:]
+pipe = StableDiffusionPipeline.from_pretrained(folder, use_safetensors=True)
+images = {}
+for k, gs, seed in json.loads(calls):
+    images[f"{k}-{gs}"] = pipe([prompt] * 3, num_inference_steps=k, guidance_scale=gs, generator=torch.Generator().manual_seed(seed),
+                               output_type="pt").images
+    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+torch.save(images, out)
+assert not any(m.startswith("distilldiff") for m in sys.modules), "plain diffusers must not import distilldiff"
+"""
+
+
+def test_lcm_student_with_a_guidance_input_exports_as_a_stock_lcm_pipeline(folders, captioned, tmp_path):
+    """LCM-style consistency distillation (schedule: lcm, w ~ U[0, 3]) of a tiny SD teacher: the
+    student folder is a StableDiffusionPipeline with an LCMScheduler; plain diffusers in a fresh
+    process, called with num_inference_steps=K and guidance_scale=1 + w, reproduces distilldiff's
+    sampler within 1e-5 for several K (chosen at sampling time) and w, re-noising included."""
+    from distilldiff.export import load_student, save_student
+
+    objective = {"name": "consistency", "schedule": "lcm", "num_scales": 50, "solver": "euler", "sample_steps": 2,
+                 "w_min": 0.0, "w_max": 3.0}
+    cfg = _cfg(folders, "sd", objective, tmp_path, data=str(captioned))
+    cfg.teacher.guidance_scale = 0.0
+    student_dir = distill(cfg)
+    meta = json.loads((student_dir / "distilldiff_student.json").read_text())
+    assert meta["scheduler"] == "LCMScheduler" and meta["timesteps"] == [999.0, 499.0] and meta["guidance_scale"] == 1.5
+    assert "num_inference_steps=2, guidance_scale=2.5" in (student_dir / "README.md").read_text()
+    student, meta = load_student(student_dir)
+    with torch.no_grad():  # a guidance input far from its zero start, so that w visibly matters
+        student.denoiser.inner.model.time_embedding.cond_proj.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    out = save_student(student, tmp_path / "perturbed", {"teacher": meta["teacher"], "objective": "consistency",
+                                                        "consistency_grid": meta["consistency_grid"], "default_guidance_scale": 1.5})
+    calls, prompt = [(2, 2.5, 7), (4, 1.0, 8), (1, 4.0, 9)], PROMPTS[1]
+    proc = subprocess.run([sys.executable, "-c", LCM_PLAIN_DIFFUSERS, str(out), prompt, json.dumps(calls), str(tmp_path / "theirs.pt")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = torch.load(tmp_path / "theirs.pt")
+    ours = {}
+    for k, gs, seed in calls:
+        ours[k] = (load_sampler(str(out), steps=k, guidance_scale=gs - 1, device="cpu").sample(3, seed=seed, prompt=prompt) + 1) / 2
+        torch.testing.assert_close(ours[k], theirs[f"{k}-{gs}"], rtol=0, atol=1e-5)
+    w_matters = load_sampler(str(out), steps=2, guidance_scale=0.0, device="cpu").sample(3, seed=7, prompt=prompt)
+    assert ((w_matters + 1) / 2 - ours[2]).abs().max() > 1e-3

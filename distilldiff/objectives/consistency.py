@@ -11,8 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError, ObjectiveConfig, StudentConfig
-from ..samplers import karras_sigmas, multistep_sigmas
-from ..students import ConsistencyDenoiser, Student, guidance_conditioned_copy, set_parameterization, student_copy
+from ..samplers import karras_sigmas, lcm_grid_timesteps, multistep_sigmas, vp_base
+from ..students import ConsistencyDenoiser, LCMConsistencyDenoiser, Student, guidance_conditioned_copy, set_parameterization, student_copy
 from ..teachers.base import Denoiser
 from ..teachers.guidance import CFGDenoiser
 from ..tensors import append_dims, mean_chw
@@ -25,9 +25,18 @@ class ConsistencyConfig(ObjectiveConfig):
     """Hyperparameters of :class:`ConsistencyDistillation` (defaults: CD on CIFAR-10).
 
     Attributes:
-        num_scales: N, the number of Karras noise levels of the discretisation (18 on CIFAR-10).
+        schedule: the discretisation and boundary condition. ``karras`` (Song et al. 2023): N
+            Karras noise levels and EDM-style scalings with ``f(x, sigma_min) = x``. ``lcm`` (Luo
+            et al. 2023, sec. 4.3): the teacher's own training timesteps ``k - 1, 2k - 1, ..., Nk - 1``
+            (skipping step ``k = T // N``) above the boundary ``t = 0``, with LCM's scalings
+            (:class:`~distilldiff.students.LCMConsistencyDenoiser`); needs a diffusers (VP)
+            teacher; the student samples on the timesteps diffusers' ``LCMScheduler`` chooses, so
+            a text-to-image student exports as a stock pipeline with that scheduler.
+        num_scales: N, the number of noise levels of the discretisation (18 on CIFAR-10; LCM: 50).
         sigma_min, sigma_max, rho: the Karras grid (default: the teacher's range clipped to
             EDM's [0.002, 80]); ``sigma_min`` is also where ``f(x, sigma_min) = x`` holds.
+            ``karras`` only.
+        timestep_scaling: ``s`` of LCM's boundary scalings (10, as diffusers' LCMScheduler); ``lcm`` only.
         solver: the teacher's ODE step from sigma_{n+1} to sigma_n: ``heun`` or ``euler`` (= DDIM).
         distance: ``l2`` (mean squared error) or ``pseudo_huber`` (sqrt(|a - b|^2 + c^2) - c).
         huber_c: pseudo-Huber c (default 0.00054 sqrt(dim), iCT).
@@ -43,7 +52,9 @@ class ConsistencyConfig(ObjectiveConfig):
 
     name: ClassVar[str] = "consistency"
 
+    schedule: Literal["karras", "lcm"] = "karras"
     num_scales: int = 18
+    timestep_scaling: float = 10.0
     sigma_min: float | None = None
     sigma_max: float | None = None
     rho: float = 7.0
@@ -71,8 +82,17 @@ class ConsistencyConfig(ObjectiveConfig):
             raise ValueError(f"objective.num_scales must be >= 2, got {self.num_scales}")
         if not 0 <= self.target_ema < 1:
             raise ValueError(f"objective.target_ema must be in [0, 1), got {self.target_ema}")
-        if not 1 <= self.sample_steps <= self.num_scales - 1:
-            raise ValueError(f"objective.sample_steps must be in [1, num_scales - 1], got {self.sample_steps}")
+        if self.schedule == "lcm":
+            for key in ("sigma_min", "sigma_max"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"objective.{key}: schedule 'lcm' runs on the teacher's own timesteps; remove the key")
+            if not 1 <= self.sample_steps <= self.num_scales:
+                raise ValueError(f"objective.sample_steps must be in [1, num_scales] with schedule 'lcm', got {self.sample_steps}")
+        else:
+            if self.timestep_scaling != 10.0:
+                raise ValueError("objective.timestep_scaling applies with schedule: lcm only")
+            if not 1 <= self.sample_steps <= self.num_scales - 1:
+                raise ValueError(f"objective.sample_steps must be in [1, num_scales - 1], got {self.sample_steps}")
 
 
 class ConsistencyDistillation(Objective):
@@ -88,11 +108,20 @@ class ConsistencyDistillation(Objective):
 
     def __init__(self, config: ConsistencyConfig, sigmas: Tensor):
         self.config = config
-        #: the discretisation, increasing: sigmas[0] = sigma_min, ..., sigmas[N-1] = sigma_max (float64)
+        #: the discretisation, increasing: sigmas[0] = sigma_min (the boundary), ..., sigmas[-1] = sigma_max (float64)
         self.sigmas = sigmas
 
     @classmethod
     def build(cls, config: ConsistencyConfig, teacher: nn.Module) -> "ConsistencyDistillation":
+        if config.guided:
+            check_guidance_teacher(teacher, "consistency distillation with w_min/w_max")
+        if config.schedule == "lcm":
+            base = vp_base(teacher)
+            if base is None:
+                raise ValueError(f"objective.schedule: lcm needs a teacher with discrete training timesteps (a diffusers "
+                                 f"scheduler); {type(teacher).__name__} has none: use schedule: karras")
+            timesteps = lcm_grid_timesteps(base.num_train_timesteps, config.num_scales)
+            return cls(config, base.schedule.sigmas[torch.tensor(timesteps)])
         lo = config.sigma_min if config.sigma_min is not None else max(0.002, teacher.sigma_min)
         hi = config.sigma_max if config.sigma_max is not None else min(80.0, teacher.sigma_max)
         if not teacher.sigma_min <= lo < hi <= teacher.sigma_max:
@@ -100,8 +129,6 @@ class ConsistencyDistillation(Objective):
                 f"objective.sigma_min/sigma_max = {lo:.4g}/{hi:.4g} must satisfy {teacher.sigma_min:.4g} <= sigma_min "
                 f"< sigma_max <= {teacher.sigma_max:.4g} (the teacher's range)"
             )
-        if config.guided:
-            check_guidance_teacher(teacher, "consistency distillation with w_min/w_max")
         return cls(config, karras_sigmas(config.num_scales, lo, hi, config.rho).flip(0))
 
     @property
@@ -120,12 +147,17 @@ class ConsistencyDistillation(Objective):
             inner = set_parameterization(guidance_conditioned_copy(teacher, c.guidance_embed_scale), student.parameterization)
         else:
             inner = student_copy(teacher, student)
+        if c.schedule == "lcm":  # the timesteps LCMScheduler picks (Luo et al. 2023)
+            f = LCMConsistencyDenoiser(inner, c.num_scales, c.timestep_scaling)
+            return Student(f, f.sample_sigmas(c.sample_steps), "multistep")
         f = ConsistencyDenoiser(inner, float(self.sigmas[0]))
         return Student(f, multistep_sigmas(self.sigmas.tolist(), c.sample_steps), "multistep")
 
     def student_info(self) -> dict:
         # the whole grid, so that the student can be sampled with any number of steps later
         info = {"consistency_grid": self.sigmas.tolist()}
+        if self.config.schedule == "lcm":
+            info["lcm"] = {"num_scales": self.config.num_scales, "timestep_scaling": self.config.timestep_scaling}
         return info if self.default_w is None else {**info, "default_guidance_scale": self.default_w}
 
     def sample_cond(self, n: int, device) -> dict[str, Tensor]:

@@ -271,6 +271,8 @@ class LatentDenoiser(VPDenoiser):
     """
 
     ADDED_KEYS = ("text_embeds", "time_ids")
+    #: width of the guidance-weight embedding of a w-conditioned student (LCM's ``time_cond_proj_dim``)
+    GUIDANCE_EMBEDDING_DIM = 256
 
     @property
     def default_init_timestep(self) -> int:
@@ -300,11 +302,49 @@ class LatentDenoiser(VPDenoiser):
         """Conditioning for the given prompts (encoded now, not cached)."""
         return {k: v.to(device) for k, v in self.components.encode_prompts(prompts).items()}
 
+    @property
+    def takes_guidance_scale(self) -> bool:
+        """Whether the UNet takes the guidance weight ``w`` as an input (``time_cond_proj_dim``, as LCM)."""
+        return getattr(self.model.config, "time_cond_proj_dim", None) is not None
+
+    def add_guidance_input(self, guidance_embed_scale: float = 100.0, guidance_embed_gain: float = 1.0) -> None:
+        """Give the UNet a guidance-weight input the way LCM does (Luo et al. 2023, sec. 4.2) and stock
+        diffusers pipelines feed it: ``time_cond_proj_dim`` = :attr:`GUIDANCE_EMBEDDING_DIM`, the
+        pipeline's ``get_guidance_scale_embedding(w)`` projected by ``time_embedding.cond_proj``,
+        here initialised to zero so that the network equals the teacher at every ``w`` at first.
+        ``pipe(..., guidance_scale=g)`` then feeds ``w = g - 1``, our convention. The embedding is
+        diffusers' (``1000 w``): the pixel students' ``guidance_embed_scale`` / ``_gain`` do not apply."""
+        from diffusers import UNet2DConditionModel
+
+        if (guidance_embed_scale, guidance_embed_gain) != (100.0, 1.0):
+            raise ValueError("objective.guidance_embed_scale / guidance_embed_gain: a text-to-image student takes w through "
+                             "diffusers' guidance embedding (time_cond_proj_dim, 1000 w); remove the keys")
+        old = self.model
+        if not isinstance(old, UNet2DConditionModel) or getattr(old, "peft_config", None):
+            raise ValueError(f"a guidance-weight input needs a plain UNet2DConditionModel, got {type(old).__name__}"
+                             + (" with a LoRA adapter" if getattr(old, "peft_config", None) else ""))
+        new = UNet2DConditionModel.from_config({**old.config, "time_cond_proj_dim": self.GUIDANCE_EMBEDDING_DIM})
+        missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
+        if set(missing) != {"time_embedding.cond_proj.weight"} or unexpected:
+            raise RuntimeError(f"unexpected weights when adding the guidance input: missing {missing}, unexpected {unexpected}")
+        nn.init.zeros_(new.time_embedding.cond_proj.weight)
+        p = next(old.parameters())
+        self.model = new.to(device=p.device, dtype=p.dtype).train(old.training)
+
     def network_kwargs(self, cond: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+        cond = dict(cond)
+        w = cond.pop("guidance_scale", None)
         out = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
         added = {k: out.pop(k) for k in self.ADDED_KEYS if k in out}
         if added:
             out["added_cond_kwargs"] = added
+        if w is not None:
+            if not self.takes_guidance_scale:
+                raise ValueError("a guidance weight was given, but this UNet has no guidance input (time_cond_proj_dim)")
+            # the stock pipelines' embedding of w, computed as they do (float32 on the CPU), then moved
+            emb = self.components.pipe.get_guidance_scale_embedding(w.detach().float().cpu().reshape(-1),
+                                                                   embedding_dim=self.model.config.time_cond_proj_dim)
+            out["timestep_cond"] = emb.to(device=w.device, dtype=dtype)
         return out
 
     def decode(self, latents: Tensor) -> Tensor:

@@ -98,6 +98,21 @@ class VPDenoiser(Denoiser):
             return [p for n, p in self.model.named_parameters() if "lora_" in n]
         return list(self.parameters())
 
+    @property
+    def takes_guidance_scale(self) -> bool:
+        """Whether the network takes the guidance weight ``w`` (``cond["guidance_scale"]``) as an input."""
+        from ..pipelines import GuidedUNet2DModel
+
+        return isinstance(self.model, GuidedUNet2DModel)
+
+    def add_guidance_input(self, guidance_embed_scale: float = 100.0, guidance_embed_gain: float = 1.0) -> None:
+        """Replace the network by a :class:`~distilldiff.pipelines.GuidedUNet2DModel` around it (a
+        zero-initialised embedding of ``w`` added to the class embedding: same outputs at every w at first)."""
+        from ..pipelines import GuidedUNet2DModel
+
+        self.model = GuidedUNet2DModel.from_unet(self.model, guidance_embed_scale=guidance_embed_scale,
+                                                 guidance_embed_gain=guidance_embed_gain)
+
     def network_kwargs(self, cond: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
         """The network's keyword arguments for conditioning ``cond`` (here: ``cond`` itself); ``dtype``
         is the network's. Text-conditioned subclasses cast embeddings and group added conditions."""
