@@ -107,6 +107,30 @@ class StudentConfig:
 
 
 @dataclass
+class CriticConfig:
+    """How the fake score (the critic of SiD and f-distill / DMD) is built from the teacher.
+
+    Attributes:
+        lora_rank, lora_alpha: unset: the critic is a full trainable copy of the teacher. Set: the
+            critic is a LoRA adapter of this rank (through peft, on the attention projections) on the
+            frozen teacher's own network, so one copy of the teacher's weights serves both: the
+            teacher runs with the adapter off, the critic with it on, and only the adapter trains and
+            is checkpointed (:class:`~distilldiff.students.LoRAFakeScore`). Networks with diffusers'
+            adapter support (``UNet2DConditionModel``); plain fake scores only (no discriminator head).
+            ``lora_alpha`` defaults to the rank.
+    """
+
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+
+    def __post_init__(self):
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ConfigError(f"critic.lora_rank: {self.lora_rank} must be >= 1")
+        if self.lora_alpha is not None and self.lora_rank is None:
+            raise ConfigError("critic.lora_alpha is set but critic.lora_rank is not; set the rank for a LoRA critic")
+
+
+@dataclass
 class TrainConfig:
     """Settings of the training engine shared by every objective.
 
@@ -234,6 +258,7 @@ class DistillConfig:
     teacher: TeacherConfig
     objective: ObjectiveConfig
     student: StudentConfig = field(default_factory=StudentConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     #: real data for objectives that need it: ``mnist5k``, or (text-to-image teachers) a folder of image + caption pairs

@@ -20,7 +20,7 @@ from .engine.stages import StagedRun
 from .export import STUDENT_INFO_FILE, export_problem, load_student, save_student
 from .objectives import OBJECTIVES, Objective, Stage
 from .metrics.background import grid_stats
-from .students import draw_samples
+from .students import LoRAFakeScore, draw_samples
 from .teachers import CFGDenoiser, Denoiser, LatentDenoiser, load_teacher
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,6 +115,22 @@ def text_image_data(cfg: DistillConfig, teacher: LatentDenoiser):
     return RandomBatches(latents, cond=embeddings_of(captions, prompts, embeds))
 
 
+def lora_critic(cfg: DistillConfig, objective: Objective, base: Denoiser) -> LoRAFakeScore:
+    """The fake score as a LoRA adapter on the teacher's own network (``critic.lora_rank``), after
+    the checks that it applies: the objective has exactly one critic, and no activation checkpointing."""
+    critics = [name for name, role in objective.networks.items() if role == "critic"]
+    if len(critics) != 1:
+        raise ConfigError(f"critic.lora_rank: objective '{objective.name}' has {len(critics)} critics; a LoRA critic "
+                          "replaces exactly one fake score: remove the critic section")
+    if cfg.train.gradient_checkpointing:
+        raise ConfigError("train.gradient_checkpointing with critic.lora_rank: not supported (the backward pass would "
+                          "recompute the LoRA critic's activations with its adapter switched off)")
+    try:
+        return LoRAFakeScore(base, cfg.critic.lora_rank, cfg.critic.lora_alpha)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def resolved_config(cfg: DistillConfig) -> dict:
     """The config as written to the run folder: every default filled in."""
     return to_dict(cfg)
@@ -137,6 +153,7 @@ def build_distill_task(cfg: DistillConfig, objective: Objective | None = None, t
     problem = export_problem(student)
     if problem is not None:  # every checkpoint writes the student: find out now, not after the first hour
         raise ConfigError(problem)
+    critic_source = lora_critic(cfg, objective, base) if cfg.critic.lora_rank is not None else base
     networks: dict[str, nn.Module] = {}
     for name, role in objective.networks.items():
         if role == "frozen":
@@ -146,11 +163,14 @@ def build_distill_task(cfg: DistillConfig, objective: Objective | None = None, t
         elif role == "target":
             networks[name] = objective.make_target(student)
         else:
-            networks[name] = objective.make_critic(name, base)
+            networks[name] = objective.make_critic(name, critic_source)
     if cfg.teacher.dtype != "float32":  # after every copy was made: students and critics train in float32
         for name, role in objective.networks.items():
             if role == "frozen":
                 networks[name].to(DTYPES[cfg.teacher.dtype])
+        for name, role in objective.networks.items():
+            if role == "critic":  # a LoRA critic's adapter lives in the teacher's network: back to float32
+                networks[name].float()
     data_fn = build_data(cfg, base) if objective.needs_real_data else None
 
     def grid_cond(n: int, device) -> dict:

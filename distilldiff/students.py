@@ -202,6 +202,87 @@ def add_lora(den: Denoiser, rank: int, alpha: float | None = None) -> Denoiser:
     return den
 
 
+class LoRAFakeScore(Denoiser):
+    """A fake score that is a LoRA adapter on the frozen teacher's own network (``critic.lora_rank``).
+
+    One copy of the teacher's weights serves teacher and critic: peft injects an adapter named
+    :attr:`ADAPTER` into the teacher's network and leaves it switched off, so the teacher (and its
+    classifier-free guidance wrapper) computes exactly what it did before; this denoiser switches
+    it on for its own calls, ``D_fake(x, sigma) = D_teacher with W + (alpha / r) B A``. B starts at
+    zero, so the critic starts equal to the teacher, as a full copy would.
+
+    The teacher is held outside the module tree: the critic's parameters, state dict (checkpoints)
+    and device moves are the adapter's alone. A copy of this view is the view itself (an
+    objective's "trainable copy of the teacher" for its fake score becomes this adapter).
+    Activation checkpointing is not supported: a recomputation during the backward pass would run
+    with the adapter off.
+
+    Args:
+        teacher: the frozen teacher's (unguided) denoiser; its network needs diffusers' adapter
+            support (``add_adapter``, ``enable_adapters``).
+        rank, alpha: the LoRA rank and alpha (default: the rank).
+    """
+
+    ADAPTER = "fake_score"
+    _supports_gradient_checkpointing = False
+
+    def __init__(self, teacher: Denoiser, rank: int, alpha: float | None = None):
+        from peft import LoraConfig
+
+        super().__init__()
+        net = getattr(teacher, "model", None)
+        if net is None or not hasattr(net, "add_adapter") or not hasattr(net, "enable_adapters"):
+            raise ValueError(f"critic.lora_rank: the teacher's network ({type(net or teacher).__name__}) has no adapter support; "
+                             "LoRA critics need a diffusers network with peft adapters, e.g. UNet2DConditionModel")
+        if getattr(net, "peft_config", None):
+            raise ValueError("critic.lora_rank: the teacher's network already carries a LoRA adapter")
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: its weights are the teacher's, not the critic's
+        for attr in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes", "null_class"):
+            setattr(self, attr, getattr(teacher, attr))
+        net.add_adapter(LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights="gaussian",
+                                   target_modules=list(LORA_TARGET_MODULES)), adapter_name=self.ADAPTER)
+        self.lora = nn.ParameterDict({n.replace(".", "__"): p for n, p in net.named_parameters() if "lora_" in n})
+        self._switch_adapter(False)
+        for p in self.lora.values():
+            p.requires_grad_(True)
+
+    def __deepcopy__(self, memo) -> "LoRAFakeScore":
+        return self
+
+    def feature_module(self) -> nn.Module:
+        """No features for a discriminator head: a hook on the shared network would also fire in the teacher's calls."""
+        from .config import ConfigError
+
+        raise ConfigError("critic.lora_rank: a LoRA critic is a plain fake score; a discriminator head (SiDA, DMD2's GAN) "
+                          "needs a full critic: remove critic.lora_rank or the head")
+
+    @property
+    def conditioning(self) -> Conditioning:
+        return self.teacher.conditioning
+
+    def prior_scale(self, sigma: Tensor) -> Tensor:
+        return self.teacher.prior_scale(sigma)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.lora.values())
+
+    def _switch_adapter(self, on: bool) -> None:
+        """Switch the adapter on or off, keeping its parameters' ``requires_grad`` (peft's switches
+        also set it, which would stop the gradient of a call made with the adapter on)."""
+        wanted = [p.requires_grad for p in self.lora.values()]
+        net = self.teacher.model
+        net.enable_adapters() if on else net.disable_adapters()
+        for p, g in zip(self.lora.values(), wanted):
+            p.requires_grad_(g)
+
+    def denoise(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        self._switch_adapter(True)
+        try:
+            return self.teacher(x, sigma, **cond)
+        finally:
+            self._switch_adapter(False)
+
+
 def set_parameterization(den: Denoiser, parameterization: str | None) -> Denoiser:
     """Make ``den``'s network output mean ``parameterization`` (in place; returns ``den``).
 

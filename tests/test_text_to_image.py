@@ -494,3 +494,76 @@ def test_lcm_student_with_a_guidance_input_exports_as_a_stock_lcm_pipeline(folde
         torch.testing.assert_close(ours[k], theirs[f"{k}-{gs}"], rtol=0, atol=1e-5)
     w_matters = load_sampler(str(out), steps=2, guidance_scale=0.0, device="cpu").sample(3, seed=7, prompt=prompt)
     assert ((w_matters + 1) / 2 - ours[2]).abs().max() > 1e-3
+
+
+def test_lora_critic_shares_the_teachers_weights(folders, tmp_path):
+    """critic.lora_rank: the fake score is a LoRA adapter on the teacher's own UNet. The teacher
+    (adapter off) stays bitwise the teacher through training, the critic moves away from it, one
+    copy of the UNet serves both, and checkpoints hold the adapter alone and restore it."""
+    from safetensors.torch import load_file
+
+    from distilldiff.engine import Engine
+    from distilldiff.students import LoRAFakeScore
+
+    cfg = _cfg(folders, "sd", OBJECTIVES["sid"], tmp_path, critic={"lora_rank": 4})
+    task = build_distill_task(cfg)
+    teacher, critic, student = task.networks["teacher"], task.networks["fake_score"], task.networks["generator"]
+    assert isinstance(critic, LoRAFakeScore) and critic.teacher is teacher.inner
+    unique = {id(p): p.numel() for net in task.networks.values() for p in net.parameters()}
+    unet = sum(p.numel() for p in student.parameters())
+    assert sum(unique.values()) < 1.1 * 2 * unet  # teacher + student (+ a small adapter), not three UNets
+    x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([0.7, 3.0])
+    cond = teacher.conditioning.grid(2, "cpu")
+    before = {k: v.clone() for k, v in teacher.inner.model.state_dict().items() if "lora_" not in k}
+    with torch.no_grad():
+        guided, t0 = teacher(x, sigma, **cond), teacher.inner(x, sigma, **cond)
+        torch.testing.assert_close(critic(x, sigma, **cond), t0, rtol=0, atol=0)  # B = 0: the critic starts as the teacher
+    engine = Engine(task, cfg.train, tmp_path / "run")
+    engine.train()
+    after = {k: v for k, v in teacher.inner.model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x, sigma, **cond), guided, rtol=0, atol=0)
+        torch.testing.assert_close(teacher.inner(x, sigma, **cond), t0, rtol=0, atol=0)
+        assert (critic(x, sigma, **cond) - t0).abs().max() > 1e-6
+    saved = load_file(str(engine.run_folder.find_checkpoint("latest") / "model.safetensors"))
+    assert set(saved) == {f"lora.{k}" for k in critic.lora} and sum(v.numel() for v in saved.values()) < 0.1 * unet
+    lora = {k: v.clone() for k, v in critic.lora.items()}
+    resumed_task = build_distill_task(cfg)
+    resumed = Engine(resumed_task, cfg.train, tmp_path / "run")
+    resumed.load_checkpoint(resumed.run_folder.find_checkpoint("latest"))
+    for k, v in resumed_task.networks["fake_score"].lora.items():
+        torch.testing.assert_close(v, lora[k], rtol=0, atol=0)
+
+
+def test_lora_critic_with_a_bfloat16_teacher_trains_in_float32(folders, tmp_path):
+    cfg = _cfg(folders, "sd", OBJECTIVES["dmd"], tmp_path, critic={"lora_rank": 2, "lora_alpha": 4})
+    cfg.teacher.dtype = "bfloat16"
+    task = build_distill_task(cfg)
+    base = next(p for n, p in task.networks["teacher"].inner.model.named_parameters() if "lora_" not in n)
+    assert base.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in task.networks["fake_score"].trainable_parameters())
+    from distilldiff.engine import Engine
+
+    Engine(task, cfg.train, tmp_path / "run").train()
+    assert all(torch.isfinite(p).all() for p in task.networks["fake_score"].trainable_parameters())
+
+
+def test_lora_critic_is_refused_where_it_cannot_apply(folders, captioned, tmp_path):
+    def error(objective, **extra):
+        with pytest.raises(ConfigError) as e:
+            build_distill_task(_cfg(folders, "sd", objective, tmp_path, **extra))
+        return str(e.value)
+
+    assert "objective 'progressive' has 0 critics" in error(REAL_DATA_OBJECTIVES["progressive"], critic={"lora_rank": 4},
+                                                          data=str(captioned))
+    assert "a LoRA critic is a plain fake score; a discriminator head (SiDA, DMD2's GAN) needs a full critic" in error(REAL_DATA_OBJECTIVES["sida"], critic={"lora_rank": 4},
+                                                                            data=str(captioned))
+    assert "train.gradient_checkpointing with critic.lora_rank" in error(
+        OBJECTIVES["sid"], critic={"lora_rank": 4},
+        train={"max_steps": 1, "batch_size": 2, "gradient_checkpointing": True})
+    with pytest.raises(ConfigError, match="critic.lora_rank: the teacher's network \\(UNet2DModel\\) has no adapter support"):
+        build_distill_task(load_config(DistillConfig, "configs/mnist/sid.yaml", ["critic.lora_rank=4"]))
+    with pytest.raises(ConfigError, match="critic.lora_alpha is set but critic.lora_rank is not"):
+        load_config(DistillConfig, "configs/mnist/sid.yaml", ["critic.lora_alpha=4"])
+

@@ -10,7 +10,8 @@ With ``--fid N`` it also reports Inception FID-N against MNIST-5k of images draw
 follows its prompts is scored against the distribution those prompts describe; about 15 minutes
 per 5,000 images on 2 CPU cores).
 Teachers sample with deterministic DDIM ("trailing" timesteps) and classifier-free guidance w
-(diffusers' guidance_scale 1 + w); students with their own steps (``--steps`` is ignored).
+(diffusers' guidance_scale 1 + w); students with their own steps and guidance, or with ``--steps``
+(consistency students) and ``--w`` (students with a guidance input) where they take them.
 
     python tools/eval_t2i.py --model runs/mnist-t2i-teacher/student --steps 1 2 4 50 --w 0 1 2 --num 1000 \
         --out benchmarks/mnist-t2i-teacher/eval.json
@@ -45,8 +46,10 @@ def inception_fid(sampler, num: int, seed: int, device: str) -> dict:
     return {"fid": round(result.fid, 4), "fid_num": num, "fid_prompts": "captions-train.txt", "fid_seconds": round(time.time() - t0, 1)}
 
 
-def evaluate(model: str, steps: int | None, w: float, prompts: list[str], seed: int, device: str, fid: int = 0) -> dict:
-    sampler = load_sampler(model, steps=steps, guidance_scale=w or None, device=device)
+def evaluate(model: str, steps: int | None, w: float | None, prompts: list[str], seed: int, device: str, fid: int = 0,
+             student: bool = False) -> dict:
+    # teachers: w = 0 is no guidance; students: w is their guidance input (None: their default)
+    sampler = load_sampler(model, steps=steps, guidance_scale=w if student else (w or None), device=device)
     vp_base(sampler.denoiser).set_prompts(prompts)  # grids cycle through the prompts in order: image i shows prompt i
     t0 = time.time()
     images = sampler.sample(len(prompts), seed=seed)
@@ -63,8 +66,11 @@ def evaluate(model: str, steps: int | None, w: float, prompts: list[str], seed: 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a text-to-image teacher folder, or a student / run folder")
-    p.add_argument("--steps", type=int, nargs="+", default=[50], help="teachers: DDIM steps")
-    p.add_argument("--w", type=float, nargs="+", default=[0.0], help="teachers: classifier-free guidance weights")
+    p.add_argument("--steps", type=int, nargs="+", default=None,
+                   help="teachers: DDIM steps (default 50); consistency students: sampling steps (default: their own)")
+    p.add_argument("--w", type=float, nargs="+", default=None,
+                   help="teachers: classifier-free guidance weights (default 0); students with a guidance input: their w "
+                        "(default: their own)")
     p.add_argument("--num", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompts", default=str(CAPTION_ASSETS / "captions-eval.txt"))
@@ -74,16 +80,17 @@ def main() -> None:
     args = p.parse_args()
     prompts = read_prompts(args.prompts)[: args.num]
     folder = Path(args.model)
-    if (folder / "distilldiff_student.json").is_file() or (folder / "student" / "distilldiff_student.json").is_file():
-        args.steps, args.w = [None], [0.0]  # a student samples with its own steps, its guidance distilled in
+    student = (folder / "distilldiff_student.json").is_file() or (folder / "student" / "distilldiff_student.json").is_file()
+    args.steps = args.steps or ([None] if student else [50])  # a student samples with its own steps unless told
+    args.w = args.w or ([None] if student else [0.0])
     rows = []
     print("| steps | w | prompt acc. | thickness | slant | size | classifier FD | near-black | s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for steps in args.steps:
         for w in args.w:
-            r = evaluate(args.model, steps, w, prompts, args.seed, args.device, args.fid)
+            r = evaluate(args.model, steps, w, prompts, args.seed, args.device, args.fid, student)
             rows.append(r)
-            print(f"| {r['steps']} | {w:g} | {r['prompt_accuracy']:.3f} | {r['agree_thickness']:.3f} | {r['agree_slant']:.3f} | "
+            print(f"| {r['steps']} | {'own' if w is None else f'{w:g}'} | {r['prompt_accuracy']:.3f} | {r['agree_thickness']:.3f} | {r['agree_slant']:.3f} | "
                   f"{r['agree_size']:.3f} | {r['classifier_fd']:.2f} | {r['near_black']:.3f} | {r['sample_seconds']:.0f} |"
                   + (f" FID-{r['fid_num']} {r['fid']:.2f}" if "fid" in r else ""), flush=True)
     if args.out:
