@@ -48,6 +48,101 @@ class RandomBatches:
         return self.images[idx].to(device), cond
 
 
+class _EpochOrder(torch.utils.data.Dataset):
+    """Item i of epoch e is row ``perm_e[i]`` of the data, ``perm_e`` a permutation seeded by (seed, e).
+    (Not ``set_epoch``: accelerate would set that to its own count of completed passes.)"""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed = size, seed
+        self.use_epoch(0)
+
+    def use_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.perm = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.perm[i]
+
+
+class ShardedBatches:
+    """Batches of in-memory tensors through a ``DataLoader`` that accelerate prepares (the
+    real-data stream of text-to-image distillation).
+
+    Every epoch visits the rows in a new order seeded by ``(seed, epoch)``, the same on every
+    process; accelerate hands each process its own batches of it (process p gets batches p,
+    p + P, ...), so the processes together see each row once per epoch. The position in the
+    stream (batches drawn by this process) is :meth:`state_dict`, which the engine checkpoints;
+    a resumed run continues where the checkpoint left off (``skip_first_batches`` into the epoch).
+    The loader has its own generator, so drawing batches leaves the global RNG (training noise)
+    alone.
+
+    Call :meth:`prepare` once (the engine does), then ``(n, device)`` returns the next batch of
+    ``n`` = the prepared micro-batch size.
+
+    Args:
+        images: ``[N, ...]`` samples (images or latents).
+        labels: ``[N]`` class labels, returned as ``class_labels``.
+        cond: other per-sample conditioning rows, each ``[N, ...]`` (e.g. text embeddings).
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor | None = None, cond: dict[str, Tensor] | None = None):
+        self.images, self.labels, self.cond = images, labels, cond or {}
+        self.loader = self._accelerator = self._iter = None
+        self.drawn = 0
+
+    def prepare(self, accelerator, micro_batch: int, seed: int) -> None:
+        """Build the loader of ``micro_batch`` rows per process and let ``accelerator`` shard it."""
+        n = self.images.shape[0]
+        if n < micro_batch * accelerator.num_processes:
+            raise ValueError(f"the data has {n} samples, fewer than one global batch "
+                             f"({micro_batch} x {accelerator.num_processes} processes)")
+        self.order = _EpochOrder(n, seed)
+        loader = torch.utils.data.DataLoader(self.order, batch_size=micro_batch, shuffle=False, drop_last=True,
+                                             generator=torch.Generator().manual_seed(seed))
+        self._accelerator, self.micro_batch = accelerator, micro_batch
+        self.loader = accelerator.prepare(loader)
+        self._iter = None
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.loader)
+
+    def _next_indices(self) -> Tensor:
+        if self._iter is None:  # a new epoch, or the first draw after prepare / a resume
+            epoch, offset = divmod(self.drawn, self.batches_per_epoch)
+            self.order.use_epoch(epoch)
+            loader = self._accelerator.skip_first_batches(self.loader, offset) if offset else self.loader
+            self._iter = iter(loader)
+        try:
+            idx = next(self._iter)
+        except StopIteration:
+            self._iter = None
+            return self._next_indices()
+        self.drawn += 1
+        if self.drawn % self.batches_per_epoch == 0:
+            self._iter = None
+        return idx.cpu()
+
+    def __call__(self, n: int, device) -> tuple[Tensor, dict]:
+        if self.loader is None:
+            raise RuntimeError("ShardedBatches.prepare(accelerator, micro_batch, seed) was not called")
+        if n != self.micro_batch:
+            raise ValueError(f"batch of {n} requested from a loader prepared for {self.micro_batch}")
+        idx = self._next_indices()
+        cond = {} if self.labels is None else {"class_labels": self.labels[idx].to(device)}
+        cond.update({k: v[idx].to(device) for k, v in self.cond.items()})
+        return self.images[idx].to(device), cond
+
+    def state_dict(self) -> dict:
+        return {"batches_drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.drawn, self._iter = int(state["batches_drawn"]), None
+
+
 def padded_digits(image_size: int) -> tuple[Tensor, Tensor]:
     """The MNIST-5k digits ``[5000, 1, S, S]`` in [-1, 1], padded with background (-1) to
     ``image_size`` S >= 28, and their labels."""

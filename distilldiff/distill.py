@@ -89,9 +89,11 @@ def text_image_data(cfg: DistillConfig, teacher: LatentDenoiser):
     ``data`` is a folder of image + caption pairs (resized and centre-cropped to the teacher's
     image size), or ``mnist5k`` for a teacher of digits (the 5,000 digits padded to its image
     size, with the captions of :mod:`distilldiff.captions`). Latents and embeddings are computed
-    once and cached (:class:`~distilldiff.teachers.text.LatentCache`, ``EmbeddingCache``).
+    once and cached (:class:`~distilldiff.teachers.text.LatentCache`, ``EmbeddingCache``), then drawn
+    through a DataLoader that accelerate shards over the processes; checkpoints keep the stream's
+    position (:class:`~distilldiff.data.ShardedBatches`).
     """
-    from .data import RandomBatches, padded_digits, read_captioned_images
+    from .data import ShardedBatches, padded_digits, read_captioned_images
     from .teachers.text import EmbeddingCache, LatentCache, embeddings_of
 
     if cfg.data is None:
@@ -112,7 +114,7 @@ def text_image_data(cfg: DistillConfig, teacher: LatentDenoiser):
     latents = LatentCache().get(comps, images)
     prompts = sorted(set(captions))
     embeds = EmbeddingCache().get(comps, prompts)
-    return RandomBatches(latents, cond=embeddings_of(captions, prompts, embeds))
+    return ShardedBatches(latents, cond=embeddings_of(captions, prompts, embeds))
 
 
 def lora_critic(cfg: DistillConfig, objective: Objective, base: Denoiser) -> LoRAFakeScore:

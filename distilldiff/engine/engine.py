@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 #: the logged values up to a checkpoint's step, in the checkpoint (:class:`LossHistory` as JSON)
 HISTORY_FILE = "history.json"
+#: the position of a DataLoader-backed real-data stream (:class:`~distilldiff.data.ShardedBatches`) in a checkpoint
+DATA_STATE_FILE = "data.json"
 #: the time estimate is printed after this many steps of a run (the first step is slower: warm-up)
 ETA_AFTER_STEPS = 5
 
@@ -175,6 +177,8 @@ class Engine:
         self.models = dict(zip(self.trainable, prepared[: len(models)]))
         self.optimizers = dict(zip(self.trainable, prepared[len(models) :]))
         self.ema.module.to(acc.device)
+        if callable(getattr(task.data_fn, "prepare", None)):  # a DataLoader-backed stream: sharded by accelerate
+            task.data_fn.prepare(acc, self.micro_batch, train.seed)
         self.state = TrainState()
         self._grid_noise: Tensor | None = None
         self._consecutive_scaler_skips = 0
@@ -306,6 +310,8 @@ class Engine:
                 if self.targets:
                     targets = {f"{n}.{k}": v.detach().contiguous() for n in self.targets for k, v in self.frozen[n].state_dict().items()}
                     save_file(targets, str(path / "targets.safetensors"))
+                if callable(getattr(self.task.data_fn, "state_dict", None)):  # where the data stream stands
+                    (path / DATA_STATE_FILE).write_text(json.dumps(self.task.data_fn.state_dict()))
                 replace_folder(folder.student, lambda staged: self.task.save_fn(self.ema.module, staged, self._info()))
                 (path / HISTORY_FILE).write_text(json.dumps(self.history.state_dict()))
                 folder.write_state(path, self.state.__dict__)
@@ -321,6 +327,8 @@ class Engine:
             for n in self.targets:
                 prefix = f"{n}."
                 self.frozen[n].load_state_dict({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
+        if (path / DATA_STATE_FILE).is_file() and callable(getattr(self.task.data_fn, "load_state_dict", None)):
+            self.task.data_fn.load_state_dict(json.loads((path / DATA_STATE_FILE).read_text()))
         self.state = TrainState(**self.run_folder.read_state(path))
         if (path / HISTORY_FILE).is_file():  # checkpoints written before the loss plot have none
             try:
