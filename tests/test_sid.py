@@ -112,3 +112,58 @@ def test_sid_one_step_generator_covers_every_mode(tmp_path):
     torch.testing.assert_close(mass, torch.tensor(WEIGHTS, dtype=torch.float64), rtol=0, atol=0.05)
     assert near > 0.6  # seeds 1-3 gave 0.69-0.79; masses within 0.034 of the truth
     assert (tmp_path / "samples" / "latest.png").is_file()
+
+
+class ToyConditional(torch.nn.Module):
+    """A conditional denoiser with a null class: D(x, c) = a_c x (class c in 0..2, 2 = null)."""
+
+    sigma_min, sigma_max, sigma_data, sample_shape, num_classes, null_class = 0.002, 80.0, 0.5, (1, 3, 3), 2, 2
+
+    def __init__(self):
+        super().__init__()
+        from distilldiff.teachers.conditioning import ClassLabels
+
+        self.a = torch.tensor([0.9, 0.6, 0.3], dtype=torch.float64)
+        self.conditioning = ClassLabels(2, 2)
+
+    def forward(self, x, sigma, class_labels):
+        return self.a[class_labels].view(-1, 1, 1, 1) * x
+
+
+def test_lsg_fake_score_is_trained_and_read_through_guidance():
+    """SiD-LSG: with fake_guidance_train = w1 the fake-score loss is the plain loss of the guided
+    fake score f_c + w1 (f_c - f_u); with fake_guidance_eval = w2 the generator loss reads f at w2."""
+    den = ToyConditional()
+    labels = torch.tensor([0, 1, 0, 1])
+    sid = SiD.build(SiDConfig(fake_guidance_train=1.5, fake_guidance_eval=0.5), den)
+    gen = lambda z, **c: 0.5 * z  # noqa: E731
+    z = torch.randn(4, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(123)
+    loss, _ = sid.fake_score_loss({"generator": gen, "fake_score": den}, Batch(noise=z, cond={"class_labels": labels}))
+    torch.manual_seed(123)
+    sigma = (torch.randn(4, dtype=torch.float64) * 1.2 - 1.2).exp()
+    n = torch.randn(4, 1, 3, 3, dtype=torch.float64)
+    x_g = 0.5 * z
+    a = den.a[labels] + 1.5 * (den.a[labels] - den.a[2])  # the guided fake score's factor
+    lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    direct = sum(lam[b] * ((a[b] * (x_g[b] + sigma[b] * n[b]) - x_g[b]) ** 2).sum() for b in range(4)) / 4
+    assert loss.item() == pytest.approx(direct.item(), rel=1e-12)
+
+    teacher = lambda x, s, **c: 0.7 * x  # noqa: E731
+    torch.manual_seed(7)
+    loss, _ = sid.generator_loss({"generator": gen, "teacher": teacher, "fake_score": den}, Batch(noise=z, cond={"class_labels": labels}))
+    torch.manual_seed(7)
+    s = sid.generator_sigma(4, x_g)
+    x_t = x_g + s.view(-1, 1, 1, 1) * torch.randn_like(x_g)
+    y_fake = (den.a[labels] + 0.5 * (den.a[labels] - den.a[2])).view(-1, 1, 1, 1) * x_t
+    expected, _ = sid.generator_loss_from(x_g, 0.7 * x_t, y_fake)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_lsg_config_errors():
+    with pytest.raises(ValueError, match="objective.fake_guidance_eval must be >= 0"):
+        SiDConfig(fake_guidance_eval=-1.0)
+    with pytest.raises(ValueError, match="with adv_weight \\(SiDA\\): not supported"):
+        SiDConfig(fake_guidance_train=1.0, adv_weight=0.1)
+    with pytest.raises(ValueError, match="needs a conditional teacher with an unconditional input"):
+        SiD.build(SiDConfig(fake_guidance_train=1.0), teacher())

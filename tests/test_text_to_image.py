@@ -166,10 +166,11 @@ OBJECTIVES = {
     "sid": {"name": "sid"},
     "dmd": {"name": "fdistill", "divergence": "reverse_kl", "noise": "timesteps", "tmin": 20, "tmax": 980},
     "fdistill-js": {"name": "fdistill", "divergence": "js"},
+    "sid-lsg": {"name": "sid", "alpha": 1.0, "fake_guidance_train": 1.0, "fake_guidance_eval": 1.0},
 }
 
 
-@pytest.mark.parametrize("kind,objective", [("sd", "sid"), ("sd", "dmd"), ("sdxl", "sid")])
+@pytest.mark.parametrize("kind,objective", [("sd", "sid"), ("sd", "dmd"), ("sdxl", "sid"), ("sd", "sid-lsg")])
 def test_data_free_objectives_train_on_text_to_image_teachers(folders, kind, objective, tmp_path):
     """A few steps of each data-free objective: finite losses, a trained UNet, decoded RGB grids,
     a student folder that is a stock pipeline of the teacher's class."""

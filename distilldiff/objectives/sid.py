@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..config import ObjectiveConfig
 from ..students import trainable_copy
 from ..teachers.base import Denoiser
+from ..teachers.guidance import CFGDenoiser
 from ..tensors import append_dims, mean_chw, sum_chw
 from .base import Batch, Objective, Phase
 from .critic import ScoreWithHead, critic_loss, gan_generator_loss
@@ -41,6 +42,13 @@ class SiDConfig(ObjectiveConfig):
             and generated data in the critic update; 0 (default): plain, data-free SiD.
         disc_weight: weight of the discriminator loss in the critic update (SiDA only).
         disc_trains_fake_score: whether that loss also trains the fake score's own layers (SiDA: yes).
+        fake_guidance_train, fake_guidance_eval: SiD-LSG's guidance of the fake score (Zhou et al.
+            2025, "Guided Score identity Distillation"; long and short guidance): the fake score is
+            trained, and read in the generator loss, through classifier-free guidance at these
+            weights w, ``f_w = f_c + w (f_c - f_u)``; diffusers' scales ``kappa_1 = 1 + fake_guidance_train``
+            and ``kappa_2 = kappa_3 = 1 + fake_guidance_eval``, the teacher's ``kappa_4 = 1 +
+            teacher.guidance_scale``. 0 (default): plain SiD. Needs a teacher with an unconditional
+            input; not with SiDA's head.
     """
 
     name: ClassVar[str] = "sid"
@@ -61,6 +69,8 @@ class SiDConfig(ObjectiveConfig):
     adv_weight: float = 0.0
     disc_weight: float = 1.0
     disc_trains_fake_score: bool = True
+    fake_guidance_train: float = 0.0
+    fake_guidance_eval: float = 0.0
 
     def __post_init__(self):
         check_time_range(self.tmin, self.tmax)
@@ -70,10 +80,20 @@ class SiDConfig(ObjectiveConfig):
             raise ValueError(f"objective.adv_weight must be >= 0 (0: plain SiD), got {self.adv_weight}")
         if self.disc_weight <= 0:
             raise ValueError(f"objective.disc_weight must be > 0, got {self.disc_weight}")
+        for key in ("fake_guidance_train", "fake_guidance_eval"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"objective.{key} must be >= 0 (0: an unguided fake score), got {getattr(self, key)}")
+        if self.fake_guided and self.adversarial:
+            raise ValueError("objective.fake_guidance_train / fake_guidance_eval (SiD-LSG) with adv_weight (SiDA): not supported "
+                             "(the guided fake score has no discriminator head)")
 
     @property
     def adversarial(self) -> bool:
         return self.adv_weight > 0
+
+    @property
+    def fake_guided(self) -> bool:
+        return self.fake_guidance_train > 0 or self.fake_guidance_eval > 0
 
 
 class SiD(Objective):
@@ -99,7 +119,15 @@ class SiD(Objective):
 
     @classmethod
     def build(cls, config: SiDConfig, teacher: nn.Module) -> "SiD":
+        if config.fake_guided and not teacher.conditioning.has_null:
+            raise ValueError("objective.fake_guidance_train / fake_guidance_eval guide the fake score, which needs a conditional "
+                             "teacher with an unconditional input (a null class or an empty prompt)")
         return cls(config, teacher)
+
+    @staticmethod
+    def guided(fake_score, w: float):
+        """The fake score read through classifier-free guidance at ``w`` (itself for w = 0; SiD-LSG)."""
+        return CFGDenoiser(fake_score, w) if w else fake_score
 
     def make_critic(self, name: str, teacher: Denoiser) -> nn.Module:
         score = trainable_copy(teacher)
@@ -117,6 +145,8 @@ class SiD(Objective):
         """EDM denoising loss of f_psi on generated images (SiD Alg. 1, fake-score update); SiDA adds
         its head's discriminator loss on real and generated images."""
         c = self.config
+        if c.fake_guidance_train:  # SiD-LSG's kappa_1: the guided output is what learns to denoise x_g
+            nets = {**nets, "fake_score": self.guided(nets["fake_score"], c.fake_guidance_train)}
         return critic_loss(nets, batch, fake_noise=self.fake_noise, disc_noise=self.query_noise if c.adversarial else None,
                            sigma_data=self.sigma_data, disc_weight=c.disc_weight, detach_features=not c.disc_trains_fake_score)
 
@@ -132,7 +162,8 @@ class SiD(Objective):
         x_t = x_g + append_dims(sigma, x_g.ndim) * torch.randn_like(x_g)
         y_real = nets["teacher"](x_t, sigma, **batch.cond)
         if not self.config.adversarial:
-            return self.generator_loss_from(x_g, y_real, nets["fake_score"](x_t, sigma, **batch.cond))
+            y_fake = self.guided(nets["fake_score"], self.config.fake_guidance_eval)(x_t, sigma, **batch.cond)
+            return self.generator_loss_from(x_g, y_real, y_fake)
         y_fake, logit = nets["fake_score"](x_t, sigma, with_logit=True, **batch.cond)
         loss, logs = self.generator_loss_from(x_g, y_real, y_fake)
         adv = gan_generator_loss(logit)

@@ -20,31 +20,33 @@ class CFGDenoiser(Denoiser):
     branches run as one batch. A call without conditioning is answered unconditionally.
 
     Args:
-        denoiser: a conditional denoiser with an unconditional input.
+        denoiser: a conditional denoiser with an unconditional input; also a distributed wrapper of
+            one (its attributes are read from the wrapped ``module``; calls go through the wrapper).
         scale: guidance weight ``w`` (float, or a ``[B]`` tensor for per-sample guidance).
     """
 
     def __init__(self, denoiser: Denoiser, scale: float | Tensor):
         super().__init__()
+        self.inner = denoiser
+        self.scale = scale
+        denoiser = getattr(denoiser, "module", denoiser)  # DistributedDataParallel
         if not denoiser.conditioning.has_null:
             raise ValueError(
                 "classifier-free guidance needs a teacher with an unconditional input (e.g. a null class label, "
                 "null_class); this teacher has none"
             )
-        self.inner = denoiser
-        self.scale = scale
         for name in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes", "null_class"):
             setattr(self, name, getattr(denoiser, name))
 
     @property
     def conditioning(self) -> Conditioning:
-        return self.inner.conditioning
+        return getattr(self.inner, "module", self.inner).conditioning
 
     def prior_scale(self, sigma: Tensor) -> Tensor:
-        return self.inner.prior_scale(sigma)
+        return getattr(self.inner, "module", self.inner).prior_scale(sigma)
 
     def decode(self, x: Tensor) -> Tensor:
-        return self.inner.decode(x)
+        return getattr(self.inner, "module", self.inner).decode(x)
 
     def denoise(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         n, conditioning = x.shape[0], self.conditioning
