@@ -594,3 +594,18 @@ def test_real_data_stream_resumes_where_the_checkpoint_left_it(folders, captione
     teacher = load_teacher(str(folders["sd"])).model.state_dict()
     prefix = "denoiser.inner.model."
     assert any(not torch.equal(teacher[k[len(prefix):]], v) for k, v in runs["full"].items() if k.startswith(prefix))
+
+
+def test_memory_benchmark_tool_runs_on_a_tiny_pipeline(tmp_path):
+    """tools/bench_t2i_memory.py (SD 1.5 size on a GPU) stays runnable: the tiny size on the CPU,
+    two variants, one fresh process each; the LoRA critic trains far fewer parameters."""
+    out = tmp_path / "bench"
+    r = subprocess.run([sys.executable, "tools/bench_t2i_memory.py", "--size", "tiny", "--device", "cpu", "--warmup", "1",
+                        "--steps", "1", "--lora-rank", "2", "--variants", "full", "bf16_lora_critic", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {row["variant"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(rows) == {"full", "bf16_lora_critic"} and not any("error" in row for row in rows.values()), rows
+    assert rows["bf16_lora_critic"]["params_trained"] < 0.8 * rows["full"]["params_trained"]
+    assert rows["bf16_lora_critic"]["params_in_memory"] < 0.8 * rows["full"]["params_in_memory"]
+    assert (out / "table.md").read_text().count("\n") == 4
