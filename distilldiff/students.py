@@ -349,19 +349,22 @@ def _with_gradients(den: Denoiser) -> Denoiser:
     return den
 
 
-def guidance_conditioned_copy(teacher: Denoiser, guidance_embed_scale: float = 100.0, guidance_embed_gain: float = 1.0) -> Denoiser:
+def guidance_conditioned_copy(teacher: Denoiser, guidance_embed_scale: float | None = None, guidance_embed_gain: float | None = None,
+                              defaults: tuple[float, float] = (100.0, 1.0)) -> Denoiser:
     """A trainable copy of ``teacher`` that takes ``guidance_scale=w`` as an input (Meng et al. 2023, sec. 4.1).
 
     VP teachers get a zero-initialised w input, so the copy equals the teacher at every w at first
     (:meth:`VPDenoiser.add_guidance_input`: a :class:`~distilldiff.pipelines.GuidedUNet2DModel`
     for pixel networks, diffusers' ``time_cond_proj_dim`` for text-to-image UNets); other
-    denoisers must already have a guidance input (``guidance = True``).
+    denoisers must already have a guidance input (``guidance = True``). ``guidance_embed_scale`` /
+    ``_gain`` configure the pixel networks' embedding (unset: ``defaults``, the objective's own);
+    text-to-image students refuse them (diffusers' embedding is fixed).
     """
     from .teachers.vp import VPDenoiser
 
     den = copy.deepcopy(teacher)
     if isinstance(den, VPDenoiser):
-        den.add_guidance_input(guidance_embed_scale, guidance_embed_gain)
+        den.add_guidance_input(guidance_embed_scale, guidance_embed_gain, defaults)
     elif not getattr(den, "guidance", False):
         raise ValueError(f"a guidance-conditioned student needs a network with a guidance input; {type(den).__name__} has none")
     return _with_gradients(den)

@@ -251,7 +251,7 @@ def w_response(config: GuidanceConfig, steps: int = 400, lr: float = 1e-3) -> di
     t = two_class_teacher()
     den = copy.deepcopy(fitted_vp_teacher_copy()).requires_grad_(True)
     torch.manual_seed(0)
-    den.model.guidance_embedding = GuidanceEmbedding(64, 32, config.guidance_embed_scale, config.guidance_embed_gain)
+    den.model.guidance_embedding = GuidanceEmbedding(64, 32, config.embed_scale, config.embed_gain)
     gd = GuidanceDistillation.build(config, den)
     student = Student(den, gd.sample_sigmas, "ddim")
     opt = torch.optim.Adam(student.parameters(), lr=lr)

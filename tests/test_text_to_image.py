@@ -452,13 +452,13 @@ def test_guidance_input_starts_as_the_teacher_and_takes_diffusers_embedding(fold
 LCM_PLAIN_DIFFUSERS = r"""
 import json, sys, torch
 from diffusers import StableDiffusionPipeline
-folder, prompt, calls, out = sys.argv[1:]
+folder, prompt, calls, out, scheduler = sys.argv[1:]
 pipe = StableDiffusionPipeline.from_pretrained(folder, use_safetensors=True)
 images = {}
 for k, gs, seed in json.loads(calls):
     images[f"{k}-{gs}"] = pipe([prompt] * 3, num_inference_steps=k, guidance_scale=gs, generator=torch.Generator().manual_seed(seed),
                                output_type="pt").images
-    assert type(pipe.scheduler).__name__ == "LCMScheduler"
+    assert type(pipe.scheduler).__name__ == scheduler
 torch.save(images, out)
 assert not any(m.startswith("distilldiff") for m in sys.modules), "plain diffusers must not import distilldiff"
 """
@@ -485,8 +485,8 @@ def test_lcm_student_with_a_guidance_input_exports_as_a_stock_lcm_pipeline(folde
     out = save_student(student, tmp_path / "perturbed", {"teacher": meta["teacher"], "objective": "consistency",
                                                         "consistency_grid": meta["consistency_grid"], "default_guidance_scale": 1.5})
     calls, prompt = [(2, 2.5, 7), (4, 1.0, 8), (1, 4.0, 9)], PROMPTS[1]
-    proc = subprocess.run([sys.executable, "-c", LCM_PLAIN_DIFFUSERS, str(out), prompt, json.dumps(calls), str(tmp_path / "theirs.pt")],
-                          capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", LCM_PLAIN_DIFFUSERS, str(out), prompt, json.dumps(calls), str(tmp_path / "theirs.pt"),
+                           "LCMScheduler"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     theirs = torch.load(tmp_path / "theirs.pt")
     ours = {}
@@ -609,3 +609,30 @@ def test_memory_benchmark_tool_runs_on_a_tiny_pipeline(tmp_path):
     assert rows["bf16_lora_critic"]["params_trained"] < 0.8 * rows["full"]["params_trained"]
     assert rows["bf16_lora_critic"]["params_in_memory"] < 0.8 * rows["full"]["params_in_memory"]
     assert (out / "table.md").read_text().count("\n") == 4
+
+
+def test_guidance_distilled_student_exports_with_its_w_input(folders, captioned, tmp_path):
+    """Guidance distillation (Meng et al.) of a tiny SD teacher: a 2-step DDIM student with diffusers'
+    w input; plain diffusers, called with guidance_scale = 1 + w, reproduces our sampler within 1e-5."""
+    from distilldiff.export import load_student, save_student
+
+    cfg = _cfg(folders, "sd", {"name": "guidance", "w_min": 0.0, "w_max": 3.0, "default_w": 1.0, "sample_steps": 2}, tmp_path,
+               data=str(captioned))
+    cfg.teacher.guidance_scale = 0.0
+    student_dir = distill(cfg)
+    meta = json.loads((student_dir / "distilldiff_student.json").read_text())
+    assert meta["scheduler"] == "DDIMScheduler" and meta["guidance_scale"] == 1.0 and len(meta["sigmas"]) == 2
+    student, meta = load_student(student_dir)
+    assert student.denoiser.model.config.time_cond_proj_dim == 256
+    with torch.no_grad():
+        student.denoiser.model.time_embedding.cond_proj.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    out = save_student(student, tmp_path / "perturbed", {"teacher": meta["teacher"], "objective": "guidance", "default_guidance_scale": 1.0})
+    calls, prompt = [(2, 1.0, 4), (2, 3.5, 5)], PROMPTS[0]
+    proc = subprocess.run([sys.executable, "-c", LCM_PLAIN_DIFFUSERS, str(out), prompt, json.dumps(calls), str(tmp_path / "theirs.pt"),
+                           "DDIMScheduler"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = torch.load(tmp_path / "theirs.pt")
+    ours = [(load_sampler(str(out), guidance_scale=gs - 1, device="cpu").sample(3, seed=seed, prompt=prompt) + 1) / 2
+            for _, gs, seed in calls]
+    for (k, gs, _), mine in zip(calls, ours):
+        torch.testing.assert_close(mine, theirs[f"{k}-{gs}"], rtol=0, atol=1e-5)

@@ -47,7 +47,8 @@ class ConsistencyConfig(ObjectiveConfig):
             ``D_c + w (D_c - D_u)`` and the student (and target) take w as an input; unset: off.
             Needs an unguided class-conditional teacher with a null class.
         default_w: the w of the sample grids and the exported pipeline (default: the midpoint).
-        guidance_embed_scale: w is multiplied by this before its sinusoidal embedding (VP students).
+        guidance_embed_scale: w is multiplied by this before its sinusoidal embedding (pixel VP
+            students; unset: 100).
     """
 
     name: ClassVar[str] = "consistency"
@@ -66,7 +67,7 @@ class ConsistencyConfig(ObjectiveConfig):
     w_min: float | None = None
     w_max: float | None = None
     default_w: float | None = None
-    guidance_embed_scale: float = 100.0
+    guidance_embed_scale: float | None = None
 
     @property
     def guided(self) -> bool:
@@ -76,7 +77,7 @@ class ConsistencyConfig(ObjectiveConfig):
         check_w_range(self.w_min, self.w_max)
         if self.default_w is not None and not (self.guided and self.w_min <= self.default_w <= self.w_max):
             raise ValueError(f"objective.default_w={self.default_w} needs w_min/w_max and must lie in [w_min, w_max]")
-        if not self.guided and self.guidance_embed_scale != 100.0:
+        if not self.guided and self.guidance_embed_scale is not None:
             raise ValueError("objective.guidance_embed_scale applies with w_min/w_max only")
         if self.num_scales < 2:
             raise ValueError(f"objective.num_scales must be >= 2, got {self.num_scales}")

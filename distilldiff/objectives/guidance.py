@@ -70,11 +70,12 @@ class GuidanceConfig(ObjectiveConfig):
         p_mean, p_std: log-normal training noise levels for non-VP teachers (VP teachers: uniform
             over their training timesteps, "the teacher's own noise levels").
         sigma_min, sigma_max, rho: the Karras sampling grid of non-VP teachers.
-        guidance_embed_scale: w is multiplied by this before its sinusoidal embedding (VP students;
-            at 1 every feature is smooth over w in [0, 4]).
-        guidance_embed_gain: the w embedding is multiplied by this (VP students): its zero-started
-            output layer then learns about this many times faster than the copied weights under
-            Adam. ``gain * train.lr`` of about 1e-3 suits a fresh layer.
+        guidance_embed_scale: w is multiplied by this before its sinusoidal embedding (pixel VP
+            students; unset: 1, at which every feature is smooth over w in [0, 4]).
+        guidance_embed_gain: the w embedding is multiplied by this (pixel VP students; unset: 30): its
+            zero-started output layer then learns about this many times faster than the copied
+            weights under Adam. ``gain * train.lr`` of about 1e-3 suits a fresh layer. Text-to-image
+            students take w through diffusers' own embedding and refuse both keys.
         weighting: loss weight on the squared x0 error (:func:`loss_weight`): ``output`` (the
             network's own output error, the teacher's training loss: 1 / sigma^2 for epsilon
             networks), ``snr``, ``snr_trunc`` or ``edm``.
@@ -91,8 +92,8 @@ class GuidanceConfig(ObjectiveConfig):
     sigma_min: float = 0.002
     sigma_max: float = 80.0
     rho: float = 7.0
-    guidance_embed_scale: float = 1.0
-    guidance_embed_gain: float = 30.0
+    guidance_embed_scale: float | None = None
+    guidance_embed_gain: float | None = None
     weighting: str = "output"
 
     def __post_init__(self):
@@ -104,8 +105,19 @@ class GuidanceConfig(ObjectiveConfig):
             raise ValueError(f"objective.default_w={self.default_w} is outside [w_min, w_max] = [{self.w_min}, {self.w_max}]")
         if self.sample_steps < 1:
             raise ValueError(f"objective.sample_steps must be >= 1, got {self.sample_steps}")
-        if not (self.guidance_embed_scale > 0 and self.guidance_embed_gain > 0):
-            raise ValueError(f"objective.guidance_embed_scale/_gain must be > 0, got {self.guidance_embed_scale}/{self.guidance_embed_gain}")
+        if not (self.embed_scale > 0 and self.embed_gain > 0):
+            raise ValueError(f"objective.guidance_embed_scale/_gain must be > 0, got {self.embed_scale}/{self.embed_gain}")
+
+    #: the pixel students' embedding scale and gain where the config leaves them unset
+    EMBED_DEFAULTS: ClassVar[tuple[float, float]] = (1.0, 30.0)
+
+    @property
+    def embed_scale(self) -> float:
+        return self.EMBED_DEFAULTS[0] if self.guidance_embed_scale is None else self.guidance_embed_scale
+
+    @property
+    def embed_gain(self) -> float:
+        return self.EMBED_DEFAULTS[1] if self.guidance_embed_gain is None else self.guidance_embed_gain
 
 
 class GuidanceDistillation(Objective):
@@ -138,7 +150,7 @@ class GuidanceDistillation(Objective):
         weighting follows that choice."""
         check_student_keys(student, self.name, uses=("parameterization",))
         c = self.config
-        den = guidance_conditioned_copy(teacher, c.guidance_embed_scale, c.guidance_embed_gain)
+        den = guidance_conditioned_copy(teacher, c.guidance_embed_scale, c.guidance_embed_gain, c.EMBED_DEFAULTS)
         den = set_parameterization(den, student.parameterization)
         self.prediction_type = getattr(den, "prediction_type", None)
         return Student(den, self.sample_sigmas, "ddim")

@@ -307,7 +307,8 @@ class LatentDenoiser(VPDenoiser):
         """Whether the UNet takes the guidance weight ``w`` as an input (``time_cond_proj_dim``, as LCM)."""
         return getattr(self.model.config, "time_cond_proj_dim", None) is not None
 
-    def add_guidance_input(self, guidance_embed_scale: float = 100.0, guidance_embed_gain: float = 1.0) -> None:
+    def add_guidance_input(self, guidance_embed_scale: float | None = None, guidance_embed_gain: float | None = None,
+                           defaults: tuple[float, float] | None = None) -> None:
         """Give the UNet a guidance-weight input the way LCM does (Luo et al. 2023, sec. 4.2) and stock
         diffusers pipelines feed it: ``time_cond_proj_dim`` = :attr:`GUIDANCE_EMBEDDING_DIM`, the
         pipeline's ``get_guidance_scale_embedding(w)`` projected by ``time_embedding.cond_proj``,
@@ -316,7 +317,7 @@ class LatentDenoiser(VPDenoiser):
         diffusers' (``1000 w``): the pixel students' ``guidance_embed_scale`` / ``_gain`` do not apply."""
         from diffusers import UNet2DConditionModel
 
-        if (guidance_embed_scale, guidance_embed_gain) != (100.0, 1.0):
+        if guidance_embed_scale is not None or guidance_embed_gain is not None:
             raise ValueError("objective.guidance_embed_scale / guidance_embed_gain: a text-to-image student takes w through "
                              "diffusers' guidance embedding (time_cond_proj_dim, 1000 w); remove the keys")
         old = self.model

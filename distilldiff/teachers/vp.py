@@ -105,13 +105,16 @@ class VPDenoiser(Denoiser):
 
         return isinstance(self.model, GuidedUNet2DModel)
 
-    def add_guidance_input(self, guidance_embed_scale: float = 100.0, guidance_embed_gain: float = 1.0) -> None:
+    def add_guidance_input(self, guidance_embed_scale: float | None = None, guidance_embed_gain: float | None = None,
+                           defaults: tuple[float, float] = (100.0, 1.0)) -> None:
         """Replace the network by a :class:`~distilldiff.pipelines.GuidedUNet2DModel` around it (a
-        zero-initialised embedding of ``w`` added to the class embedding: same outputs at every w at first)."""
+        zero-initialised embedding of ``w`` added to the class embedding: same outputs at every w at
+        first), with the given embedding scale and gain (unset: ``defaults``)."""
         from ..pipelines import GuidedUNet2DModel
 
-        self.model = GuidedUNet2DModel.from_unet(self.model, guidance_embed_scale=guidance_embed_scale,
-                                                 guidance_embed_gain=guidance_embed_gain)
+        scale = defaults[0] if guidance_embed_scale is None else guidance_embed_scale
+        gain = defaults[1] if guidance_embed_gain is None else guidance_embed_gain
+        self.model = GuidedUNet2DModel.from_unet(self.model, guidance_embed_scale=scale, guidance_embed_gain=gain)
 
     def network_kwargs(self, cond: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
         """The network's keyword arguments for conditioning ``cond`` (here: ``cond`` itself); ``dtype``
