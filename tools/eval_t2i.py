@@ -4,7 +4,9 @@ For each number of steps and guidance weight w it draws one image per prompt of
 ``distilldiff/assets/mnist-t2i/captions-eval.txt`` (the first ``--num``; seed ``--seed``) and reports:
 prompt accuracy (the shipped MNIST classifier's accuracy on the digit each prompt names), the
 attribute agreement of thickness, slant and size (chance: about 1/3), the classifier Frechet
-distance to MNIST-5k (fast, CPU-friendly; not Inception FID) and the share of near-black pixels.
+distance to MNIST-5k (fast, CPU-friendly; not Inception FID), the share of near-black pixels, and the
+variety within a prompt (the per-pixel standard deviation of 8 samples of one prompt, averaged over
+the first 20 prompts: a student that draws one image per prompt scores 0).
 With ``--fid N`` it also reports Inception FID-N against MNIST-5k of images drawn for the first N
 *training* captions (``captions-train.txt``: the reference digits' own captions, so a model that
 follows its prompts is scored against the distribution those prompts describe; about 15 minutes
@@ -35,6 +37,9 @@ from distilldiff.samplers import vp_base
 from distilldiff.metrics.prompts import attribute_agreement, digit_images, prompt_accuracy
 from distilldiff.teachers.text import read_prompts
 
+#: variety within a prompt: samples per prompt, and how many of the first prompts
+SPREAD_SAMPLES, SPREAD_PROMPTS = 8, 20
+
 
 def inception_fid(sampler, num: int, seed: int, device: str) -> dict:
     """Inception FID-``num`` against MNIST-5k of images for the first ``num`` training captions."""
@@ -46,6 +51,13 @@ def inception_fid(sampler, num: int, seed: int, device: str) -> dict:
     return {"fid": round(result.fid, 4), "fid_num": num, "fid_prompts": "captions-train.txt", "fid_seconds": round(time.time() - t0, 1)}
 
 
+def same_prompt_spread(sampler, prompts: list[str], per_prompt: int, seed: int) -> float:
+    """Variety within a prompt: the per-pixel standard deviation over ``per_prompt`` samples of one
+    prompt, averaged over pixels and ``prompts`` (images in [-1, 1]; 0: every sample alike)."""
+    spreads = [sampler.sample(per_prompt, seed=seed + i, prompt=p).std(0).mean() for i, p in enumerate(prompts)]
+    return float(torch.stack(spreads).mean())
+
+
 def evaluate(model: str, steps: int | None, w: float | None, prompts: list[str], seed: int, device: str, fid: int = 0,
              student: bool = False) -> dict:
     # teachers: w = 0 is no guidance; students: w is their guidance input (None: their default)
@@ -54,12 +66,13 @@ def evaluate(model: str, steps: int | None, w: float | None, prompts: list[str],
     t0 = time.time()
     images = sampler.sample(len(prompts), seed=seed)
     seconds = time.time() - t0
+    spread = same_prompt_spread(sampler, prompts[:SPREAD_PROMPTS], SPREAD_SAMPLES, seed)
     extra = inception_fid(sampler, fid, seed, device) if fid else {}
     return {
         "model": model, "sampler": sampler.description, "steps": sampler.num_steps, "w": w, "num": len(prompts), "seed": seed,
         "prompt_accuracy": prompt_accuracy(images, prompts), **{f"agree_{k}": v for k, v in attribute_agreement(images, prompts).items()},
         "classifier_fd": classifier_fd(digit_images(images)), "near_black": grid_stats(images)["near_black"],
-        "sample_seconds": round(seconds, 2), **extra,
+        "same_prompt_spread": round(spread, 4), "sample_seconds": round(seconds, 2), **extra,
     }
 
 
@@ -84,14 +97,14 @@ def main() -> None:
     args.steps = args.steps or ([None] if student else [50])  # a student samples with its own steps unless told
     args.w = args.w or ([None] if student else [0.0])
     rows = []
-    print("| steps | w | prompt acc. | thickness | slant | size | classifier FD | near-black | s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| steps | w | prompt acc. | thickness | slant | size | classifier FD | same-prompt spread | near-black | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for steps in args.steps:
         for w in args.w:
             r = evaluate(args.model, steps, w, prompts, args.seed, args.device, args.fid, student)
             rows.append(r)
             print(f"| {r['steps']} | {'own' if w is None else f'{w:g}'} | {r['prompt_accuracy']:.3f} | {r['agree_thickness']:.3f} | {r['agree_slant']:.3f} | "
-                  f"{r['agree_size']:.3f} | {r['classifier_fd']:.2f} | {r['near_black']:.3f} | {r['sample_seconds']:.0f} |"
+                  f"{r['agree_size']:.3f} | {r['classifier_fd']:.2f} | {r['same_prompt_spread']:.4f} | {r['near_black']:.3f} | {r['sample_seconds']:.0f} |"
                   + (f" FID-{r['fid_num']} {r['fid']:.2f}" if "fid" in r else ""), flush=True)
     if args.out:
         out = Path(args.out)
