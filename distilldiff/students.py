@@ -70,6 +70,10 @@ class Student(nn.Module):
         """The parameters training updates: the denoiser's own choice (all, or an adapter's)."""
         return self.denoiser.trainable_parameters()
 
+    def learning_rate_scales(self) -> dict[nn.Parameter, float]:
+        """Parameters the denoiser trains at a multiple of the learning rate."""
+        return self.denoiser.learning_rate_scales()
+
     def decode(self, x: Tensor) -> Tensor:
         """Images in [-1, 1] of the student's samples (latent students decode with the teacher's VAE)."""
         return self.denoiser.decode(x)
@@ -399,6 +403,9 @@ class ConsistencyDenoiser(Denoiser):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.inner.trainable_parameters()
+
+    def learning_rate_scales(self) -> dict[nn.Parameter, float]:
+        return self.inner.learning_rate_scales()
 
     def prior_scale(self, sigma: Tensor) -> Tensor:
         return self.inner.prior_scale(sigma)

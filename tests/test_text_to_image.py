@@ -445,8 +445,30 @@ def test_guidance_input_starts_as_the_teacher_and_takes_diffusers_embedding(fold
     assert (a - b).abs().max() > 1e-3  # the weight reaches the output
     with pytest.raises(ValueError, match="no guidance input"):
         teacher(x, sigma, guidance_scale=w, **cond)
-    with pytest.raises(ValueError, match="guidance_embed_scale / guidance_embed_gain: a text-to-image student"):
+    with pytest.raises(ValueError, match="objective.guidance_embed_scale: a text-to-image student takes w"):
         guidance_conditioned_copy(teacher, guidance_embed_scale=10.0)
+    assert student.learning_rate_scales() == {}  # unset gain, consistency's default 1: one learning rate
+
+
+def test_guidance_input_learns_at_its_gain_times_the_learning_rate(folders, captioned, tmp_path):
+    """guidance_embed_gain of a text-to-image student multiplies the learning rate of its zero-started
+    cond_proj (its own optimiser group, kept through the linear schedule); every other weight keeps lr."""
+    from distilldiff.engine import Engine
+
+    objective = {"name": "consistency", "schedule": "lcm", "num_scales": 50, "solver": "euler", "sample_steps": 2,
+                 "w_min": 0.0, "w_max": 3.0, "guidance_embed_gain": 30.0}
+    cfg = _cfg(folders, "sd", objective, tmp_path, data=str(captioned))
+    cfg.teacher.guidance_scale = 0.0
+    cfg.train.lr, cfg.train.lr_schedule, cfg.train.max_steps = 1e-4, "linear", 2
+    task = build_distill_task(cfg)
+    cond_proj = task.networks["student"].denoiser.inner.model.time_embedding.cond_proj.weight
+    assert task.networks["student"].learning_rate_scales() == {cond_proj: 30.0}
+    engine = Engine(task, cfg.train, tmp_path / "run")
+    groups = engine.optimizers["student"].param_groups
+    assert sorted((g["lr_scale"], len(g["params"])) for g in groups)[1] == (30.0, 1)
+    assert {g["lr_scale"]: g["lr"] for g in groups} == {1.0: pytest.approx(1e-4), 30.0: pytest.approx(3e-3)}
+    engine.train()
+    assert {g["lr_scale"]: g["lr"] for g in groups} == {1.0: pytest.approx(0.5e-4), 30.0: pytest.approx(1.5e-3)}  # step 2 of 2
 
 
 LCM_PLAIN_DIFFUSERS = r"""

@@ -106,6 +106,20 @@ def trainable_parameters(net: nn.Module) -> list[nn.Parameter]:
     return list(declared()) if callable(declared) else list(net.parameters())
 
 
+def param_groups(net: nn.Module, params: list[nn.Parameter], lr: float) -> list:
+    """The optimiser's parameter groups: ``params`` as one group, unless ``net.learning_rate_scales()``
+    names parameters that train at a multiple of ``lr`` (e.g. a zero-started input layer): each such
+    multiple is its own group, with ``lr_scale`` kept for the learning-rate schedule."""
+    declared = getattr(net, "learning_rate_scales", None)
+    scales = declared() if callable(declared) else {}
+    if not scales:
+        return params
+    by_scale: dict[float, list[nn.Parameter]] = {}
+    for p in params:
+        by_scale.setdefault(float(scales.get(p, 1.0)), []).append(p)
+    return [{"params": ps, "lr": lr * k, "lr_scale": k} for k, ps in sorted(by_scale.items())]
+
+
 class _Untrained:
     """A prepared (distributed) network called in a phase that does not train it: the call goes
     through the wrapper, so sharded parameters are gathered, inside ``no_sync``, so that no
@@ -170,7 +184,8 @@ class Engine:
             if train.gradient_checkpointing:
                 enable_gradient_checkpointing(net, name)
             lr = train.lr if obj.networks[name] == "student" or train.critic_lr is None else train.critic_lr
-            opts.append(torch.optim.AdamW(self.params[name], lr=lr, betas=train.betas, weight_decay=train.weight_decay))
+            opts.append(torch.optim.AdamW(param_groups(net, self.params[name], lr), lr=lr, betas=train.betas,
+                                          weight_decay=train.weight_decay))
             self.base_lr[name] = lr
             models.append(net)
         prepared = acc.prepare(*models, *opts)
@@ -252,7 +267,7 @@ class Engine:
         if cfg.lr_schedule == "linear":  # derived from the checkpointed step: nothing extra to save
             factor = max(0.0, 1.0 - self.state.step / cfg.max_steps)
             for group in opt.param_groups:
-                group["lr"] = self.base_lr[phase.trains] * factor
+                group["lr"] = self.base_lr[phase.trains] * group.get("lr_scale", 1.0) * factor
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
         norm = acc.clip_grad_norm_(model.parameters(), max_norm)  # None under DeepSpeed
         scaled = acc.scaler is not None  # fp16: the loss scaler skips overflowing steps itself

@@ -49,6 +49,9 @@ class ConsistencyConfig(ObjectiveConfig):
         default_w: the w of the sample grids and the exported pipeline (default: the midpoint).
         guidance_embed_scale: w is multiplied by this before its sinusoidal embedding (pixel VP
             students; unset: 100).
+        guidance_embed_gain: the w embedding's output gain (pixel VP students; unset: 1); for
+            text-to-image students the learning-rate multiplier of their zero-started w input
+            (:meth:`~distilldiff.teachers.LatentDenoiser.add_guidance_input`).
     """
 
     name: ClassVar[str] = "consistency"
@@ -68,6 +71,7 @@ class ConsistencyConfig(ObjectiveConfig):
     w_max: float | None = None
     default_w: float | None = None
     guidance_embed_scale: float | None = None
+    guidance_embed_gain: float | None = None
 
     @property
     def guided(self) -> bool:
@@ -77,8 +81,9 @@ class ConsistencyConfig(ObjectiveConfig):
         check_w_range(self.w_min, self.w_max)
         if self.default_w is not None and not (self.guided and self.w_min <= self.default_w <= self.w_max):
             raise ValueError(f"objective.default_w={self.default_w} needs w_min/w_max and must lie in [w_min, w_max]")
-        if not self.guided and self.guidance_embed_scale is not None:
-            raise ValueError("objective.guidance_embed_scale applies with w_min/w_max only")
+        for key in ("guidance_embed_scale", "guidance_embed_gain"):
+            if not self.guided and getattr(self, key) is not None:
+                raise ValueError(f"objective.{key} applies with w_min/w_max only")
         if self.num_scales < 2:
             raise ValueError(f"objective.num_scales must be >= 2, got {self.num_scales}")
         if not 0 <= self.target_ema < 1:
@@ -145,7 +150,7 @@ class ConsistencyDistillation(Objective):
             if student.lora_rank is not None:
                 raise ConfigError("student.lora_rank: a guidance-conditioned consistency student (w_min/w_max) trains its whole "
                                   "network (a new w embedding); remove the LoRA keys")
-            inner = set_parameterization(guidance_conditioned_copy(teacher, c.guidance_embed_scale), student.parameterization)
+            inner = set_parameterization(guidance_conditioned_copy(teacher, c.guidance_embed_scale, c.guidance_embed_gain), student.parameterization)
         else:
             inner = student_copy(teacher, student)
         if c.schedule == "lcm":  # the timesteps LCMScheduler picks (Luo et al. 2023)

@@ -82,3 +82,8 @@ class Denoiser(nn.Module):
         """The parameters a trained copy of this denoiser updates (default: all of them; an
         adapter such as LoRA returns only its own). The training engine optimises exactly these."""
         return list(self.parameters())
+
+    def learning_rate_scales(self) -> dict[nn.Parameter, float]:
+        """Trainable parameters that learn at a multiple of the learning rate (default: none), e.g. a
+        zero-started input layer next to copied weights."""
+        return {}

@@ -314,12 +314,19 @@ class LatentDenoiser(VPDenoiser):
         pipeline's ``get_guidance_scale_embedding(w)`` projected by ``time_embedding.cond_proj``,
         here initialised to zero so that the network equals the teacher at every ``w`` at first.
         ``pipe(..., guidance_scale=g)`` then feeds ``w = g - 1``, our convention. The embedding is
-        diffusers' (``1000 w``): the pixel students' ``guidance_embed_scale`` / ``_gain`` do not apply."""
+        diffusers' (``1000 w``), so ``guidance_embed_scale`` is refused; ``guidance_embed_gain`` (unset:
+        ``defaults[1]``) becomes the learning-rate multiplier of ``cond_proj`` (:meth:`learning_rate_scales`):
+        under Adam a weight moves about ``lr`` per step whatever its gradient, so a multiplier does for
+        the zero-started layer what the pixel students' output gain does (docs/math.md, section 2.5),
+        and a stock UNet has no place for a gain."""
         from diffusers import UNet2DConditionModel
 
-        if guidance_embed_scale is not None or guidance_embed_gain is not None:
-            raise ValueError("objective.guidance_embed_scale / guidance_embed_gain: a text-to-image student takes w through "
-                             "diffusers' guidance embedding (time_cond_proj_dim, 1000 w); remove the keys")
+        if guidance_embed_scale is not None:
+            raise ValueError("objective.guidance_embed_scale: a text-to-image student takes w through diffusers' guidance "
+                             "embedding (time_cond_proj_dim, 1000 w); remove the key")
+        gain = guidance_embed_gain if guidance_embed_gain is not None else (defaults[1] if defaults else 1.0)
+        if not gain > 0:
+            raise ValueError(f"objective.guidance_embed_gain must be > 0, got {gain}")
         old = self.model
         if not isinstance(old, UNet2DConditionModel) or getattr(old, "peft_config", None):
             raise ValueError(f"a guidance-weight input needs a plain UNet2DConditionModel, got {type(old).__name__}"
@@ -331,6 +338,14 @@ class LatentDenoiser(VPDenoiser):
         nn.init.zeros_(new.time_embedding.cond_proj.weight)
         p = next(old.parameters())
         self.model = new.to(device=p.device, dtype=p.dtype).train(old.training)
+        self.guidance_lr_scale = float(gain)
+
+    def learning_rate_scales(self) -> dict[nn.Parameter, float]:
+        """The guidance input's ``cond_proj`` at ``guidance_embed_gain`` times the learning rate (a w-conditioned student)."""
+        scale = getattr(self, "guidance_lr_scale", 1.0)
+        if not self.takes_guidance_scale or scale == 1.0:
+            return {}
+        return {self.model.time_embedding.cond_proj.weight: scale}
 
     def network_kwargs(self, cond: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
         cond = dict(cond)
