@@ -317,7 +317,7 @@ class LatentDenoiser(VPDenoiser):
         diffusers' (``1000 w``), so ``guidance_embed_scale`` is refused; ``guidance_embed_gain`` (unset:
         ``defaults[1]``) becomes the learning-rate multiplier of ``cond_proj`` (:meth:`learning_rate_scales`):
         under Adam a weight moves about ``lr`` per step whatever its gradient, so a multiplier does for
-        the zero-started layer what the pixel students' output gain does (docs/math.md, section 2.5),
+        the zero-started layer what the pixel students' output gain does (docs/math.md, "A guidance-scale input"),
         and a stock UNet has no place for a gain."""
         from diffusers import UNet2DConditionModel
 
