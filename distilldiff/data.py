@@ -26,11 +26,8 @@ def mnist5k() -> tuple[Tensor, Tensor]:
     return images, torch.as_tensor(y, dtype=torch.long)
 
 
-class RandomBatches:
-    """Draws random batches (with replacement across batches) from in-memory tensors.
-
-    Uses the global torch RNG, whose state accelerate checkpoints, so a resumed run continues
-    the same stream.
+class _InMemoryRows:
+    """Rows of in-memory tensors: samples, optional class labels and other per-sample conditioning.
 
     Args:
         images: ``[N, ...]`` samples (images or latents).
@@ -41,11 +38,23 @@ class RandomBatches:
     def __init__(self, images: Tensor, labels: Tensor | None = None, cond: dict[str, Tensor] | None = None):
         self.images, self.labels, self.cond = images, labels, cond or {}
 
-    def __call__(self, n: int, device) -> tuple[Tensor, dict]:
-        idx = torch.randint(0, self.images.shape[0], (n,))
+    def rows(self, idx: Tensor, device) -> tuple[Tensor, dict]:
+        """``(samples, cond)`` of the rows ``idx``, on ``device``."""
         cond = {} if self.labels is None else {"class_labels": self.labels[idx].to(device)}
         cond.update({k: v[idx].to(device) for k, v in self.cond.items()})
         return self.images[idx].to(device), cond
+
+
+class RandomBatches(_InMemoryRows):
+    """Draws random batches (with replacement across batches) from in-memory tensors
+    (arguments: :class:`_InMemoryRows`).
+
+    Uses the global torch RNG, whose state accelerate checkpoints, so a resumed run continues
+    the same stream.
+    """
+
+    def __call__(self, n: int, device) -> tuple[Tensor, dict]:
+        return self.rows(torch.randint(0, self.images.shape[0], (n,)), device)
 
 
 class _EpochOrder(torch.utils.data.Dataset):
@@ -67,7 +76,7 @@ class _EpochOrder(torch.utils.data.Dataset):
         return self.perm[i]
 
 
-class ShardedBatches:
+class ShardedBatches(_InMemoryRows):
     """Batches of in-memory tensors through a ``DataLoader`` that accelerate prepares (the
     real-data stream of text-to-image distillation).
 
@@ -80,16 +89,11 @@ class ShardedBatches:
     alone.
 
     Call :meth:`prepare` once (the engine does), then ``(n, device)`` returns the next batch of
-    ``n`` = the prepared micro-batch size.
-
-    Args:
-        images: ``[N, ...]`` samples (images or latents).
-        labels: ``[N]`` class labels, returned as ``class_labels``.
-        cond: other per-sample conditioning rows, each ``[N, ...]`` (e.g. text embeddings).
+    ``n`` = the prepared micro-batch size (arguments: :class:`_InMemoryRows`).
     """
 
     def __init__(self, images: Tensor, labels: Tensor | None = None, cond: dict[str, Tensor] | None = None):
-        self.images, self.labels, self.cond = images, labels, cond or {}
+        super().__init__(images, labels, cond)
         self.loader = self._accelerator = self._iter = None
         self.drawn = 0
 
@@ -131,10 +135,7 @@ class ShardedBatches:
             raise RuntimeError("ShardedBatches.prepare(accelerator, micro_batch, seed) was not called")
         if n != self.micro_batch:
             raise ValueError(f"batch of {n} requested from a loader prepared for {self.micro_batch}")
-        idx = self._next_indices()
-        cond = {} if self.labels is None else {"class_labels": self.labels[idx].to(device)}
-        cond.update({k: v[idx].to(device) for k, v in self.cond.items()})
-        return self.images[idx].to(device), cond
+        return self.rows(self._next_indices(), device)
 
     def state_dict(self) -> dict:
         return {"batches_drawn": self.drawn}

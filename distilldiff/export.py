@@ -248,11 +248,10 @@ def save_student(student: Student, folder: str | Path, info: dict[str, Any] | No
     guidance = (info or {}).get("default_guidance_scale") if _is_guided(den) else None
     if _is_guided(den) and guidance is None:
         guidance = 1.0
-    ddim = stock_ddim_scheduler(student) if boundary is None else None
+    latent = hasattr(den, "components")  # a latent text-to-image student: the teacher's own pipeline class
+    ddim = stock_ddim_scheduler(student, conditional=latent) if boundary is None else None
     scheduler_class = None
-    if hasattr(den, "components"):  # a latent text-to-image student: the teacher's own pipeline class
-        if lcm_scheduler is None:  # steps_offset 1: what SD pipelines expect; "trailing" spacing does not read it
-            ddim = stock_ddim_scheduler(student, conditional=True)
+    if latent:  # steps_offset 1: what SD pipelines expect; "trailing" spacing does not read it
         scheduler = lcm_scheduler or type(ddim).from_config({**ddim.config, "steps_offset": 1})
         pipeline, scheduler_class = _save_text_to_image(student, folder, scheduler), type(scheduler).__name__
     elif ddim is not None:
