@@ -21,7 +21,7 @@ from .export import STUDENT_INFO_FILE, export_problem, load_student, save_studen
 from .objectives import OBJECTIVES, Objective, Stage
 from .metrics.background import grid_stats
 from .students import LoRAFakeScore, draw_samples
-from .teachers import CFGDenoiser, Denoiser, LatentDenoiser, load_teacher
+from .teachers import CFGDenoiser, Denoiser, TextConditioned, load_teacher
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,7 +71,7 @@ def build_data(cfg: DistillConfig, teacher: Denoiser):
     teachers a folder of image + caption pairs), checked against the teacher."""
     from .data import RandomBatches, mnist5k
 
-    if isinstance(teacher, LatentDenoiser):
+    if isinstance(teacher, TextConditioned):
         return text_image_data(cfg, teacher)
     if cfg.data is None:
         raise ConfigError(f"objective '{cfg.objective.name}' needs real data: set 'data: mnist5k'")
@@ -83,7 +83,7 @@ def build_data(cfg: DistillConfig, teacher: Denoiser):
     return RandomBatches(images, labels if teacher.num_classes is not None else None)
 
 
-def text_image_data(cfg: DistillConfig, teacher: LatentDenoiser):
+def text_image_data(cfg: DistillConfig, teacher: TextConditioned):
     """Batches of real latents and their captions' embeddings for a text-to-image teacher.
 
     ``data`` is a folder of image + caption pairs (resized and centre-cropped to the teacher's

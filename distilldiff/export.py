@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,15 @@ def stock_lcm_scheduler(student: Student):
     return LCMScheduler.from_config(cfg)
 
 
+def stock_flow_sigmas(student: Student):
+    """The student's noise levels if they are the ``K``-step grid of its flow teacher's own
+    ``FlowMatchEulerDiscreteScheduler`` (so that the stock pipeline's ``num_inference_steps=K``
+    call reproduces them), else ``None``."""
+    want = student.denoiser.sampling_sigmas(student.num_steps).tolist()
+    close = all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(student.sigmas, want))  # inf only matches inf
+    return want if close else None
+
+
 def _is_guided(den: VPDenoiser) -> bool:
     return den.takes_guidance_scale
 
@@ -131,7 +141,9 @@ def sampling_call(info: dict, path: str = "PATH") -> str:
                 f'pipe.scheduler = {scheduler}.from_pretrained("{path}", subfolder="scheduler")  # the student\'s timestep(s)\n'
                 + call
             )
-        return f"from diffusers import {info['pipeline']}\n" f'pipe = {info["pipeline"]}.from_pretrained("{path}", use_safetensors=True)\n' + call
+        absent = "".join(f", {n}=None" for n in info.get("absent_components") or [])
+        return (f"from diffusers import {info['pipeline']}\n"
+                f'pipe = {info["pipeline"]}.from_pretrained("{path}", use_safetensors=True{absent})\n' + call)
     if info["pipeline"] == "DDIMPipeline":
         return (
             "from diffusers import DDIMPipeline\n"
@@ -156,7 +168,7 @@ def sampling_call(info: dict, path: str = "PATH") -> str:
 LORA_FOLDER = "lora"
 
 #: stock text-to-image pipelines a latent student exports as
-TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
 
 
 def export_problem(student: Student) -> str | None:
@@ -168,10 +180,19 @@ def export_problem(student: Student) -> str | None:
     it: a deterministic student on a DDIM "trailing" grid of the teacher's training timesteps
     (:func:`stock_ddim_scheduler`), or a multistep LCM student (:func:`stock_lcm_scheduler`).
     """
+    from .teachers.flow import FlowDenoiser
     from .teachers.text import LatentDenoiser
 
     den = student.denoiser
     base = den.inner if isinstance(den, ConsistencyDenoiser) else den
+    if isinstance(base, FlowDenoiser):
+        if den is not base or student.sampler != "ddim":
+            return ("students of flow-matching teachers export as stock pipelines with a FlowMatchEulerDiscreteScheduler, "
+                    "which samples deterministically: consistency (multistep) students of them are not supported yet")
+        if stock_flow_sigmas(student) is None:
+            return (f"student noise levels {student.sigmas} are not the {student.num_steps}-step grid of the teacher's "
+                    "FlowMatchEulerDiscreteScheduler (the stock pipeline runs on that); leave student.init_sigma unset (t = 1)")
+        return None
     if not isinstance(base, LatentDenoiser):
         if isinstance(den, LCMConsistencyDenoiser):
             return ("objective.schedule: lcm students export as stock text-to-image pipelines with an LCMScheduler; "
@@ -204,17 +225,17 @@ def _save_text_to_image(student: Student, folder: Path, scheduler) -> str:
     ``scheduler``, the one that reproduces it; returns the pipeline class name."""
     den = student.denoiser
     cls = type(den.components.pipe)
-    unet = den.model
-    if getattr(unet, "peft_config", None):  # a LoRA student: the adapter on its own, then merged weights for the pipeline
+    net, name = den.model, "transformer" if getattr(den.components.pipe, "transformer", None) is not None else "unet"
+    if getattr(net, "peft_config", None):  # a LoRA student: the adapter on its own, then merged weights for the pipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        cls.save_lora_weights(str(folder / LORA_FOLDER), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
-                              safe_serialization=True)
-        unet = copy.deepcopy(unet)
-        unet.fuse_lora()
-        unet.unload_lora()
-    pipe = den.components.pipeline(unet=unet, scheduler=scheduler)
+        layers = {f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(net))}
+        cls.save_lora_weights(str(folder / LORA_FOLDER), **layers, safe_serialization=True)
+        net = copy.deepcopy(net)
+        net.fuse_lora()
+        net.unload_lora()
+    pipe = den.components.pipeline(**{name: net}, scheduler=scheduler)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return cls.__name__
 
@@ -228,6 +249,7 @@ def save_student(student: Student, folder: str | Path, info: dict[str, Any] | No
     from diffusers import DDIMPipeline, DDPMScheduler
 
     from .pipelines import DistillDiffPipeline
+    from .teachers.flow import FlowDenoiser
 
     problem = export_problem(student)
     if problem is not None:
@@ -241,8 +263,10 @@ def save_student(student: Student, folder: str | Path, info: dict[str, Any] | No
     elif isinstance(den, ConsistencyDenoiser):
         boundary, den = [den.boundary_sigma, den.sigma_data], den.inner
         student = Student(den, student.sigmas, student.sampler)  # same network; the pipeline applies the boundary
+    if isinstance(den, FlowDenoiser):
+        return _save_flow(student, Path(folder), info)
     if not isinstance(den, VPDenoiser):
-        raise TypeError(f"save_student supports VP (diffusers) students, got {type(den).__name__}")
+        raise TypeError(f"save_student supports VP (diffusers) and flow-matching students, got {type(den).__name__}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     guidance = (info or {}).get("default_guidance_scale") if _is_guided(den) else None
@@ -292,6 +316,38 @@ def save_student(student: Student, folder: str | Path, info: dict[str, Any] | No
     return folder
 
 
+def _save_flow(student: Student, folder: Path, info: dict[str, Any] | None) -> Path:
+    """Write a flow-matching student as the teacher's stock pipeline class with the teacher's own
+    ``FlowMatchEulerDiscreteScheduler``, whose ``num_inference_steps=K`` grid is the student's."""
+    den = student.denoiser
+    folder.mkdir(parents=True, exist_ok=True)
+    pipeline = _save_text_to_image(student, folder, den.make_scheduler())
+    t = den.sigma_to_t(torch.tensor(student.sigmas, dtype=torch.float64))
+    meta = {
+        "format": FORMAT_VERSION,
+        "pipeline": pipeline,
+        "sampler": student.sampler,
+        "sigmas": student.sigmas,
+        "timesteps": [float(v) * den.num_train_timesteps for v in t],
+        "prediction_type": "flow",
+        "sigma_data": den.sigma_data,
+        "num_classes": None,
+        "null_class": None,
+        "guidance_scale": None,
+        "consistency_boundary": None,
+        "lcm": None,
+        "scheduler": "FlowMatchEulerDiscreteScheduler",
+        "lora": _lora_info(den),
+        # components the pipeline lacks (SD3 without T5): diffusers loads such a folder only when told so
+        "absent_components": [n for n in den.components.pipe.components if getattr(den.components.pipe, n, None) is None
+                              and n not in type(den.components.pipe)._optional_components],
+        **{k: v for k, v in (info or {}).items() if k != "default_guidance_scale"},
+    }
+    (folder / STUDENT_INFO_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    (folder / "README.md").write_text(model_card(meta, path=folder.name))
+    return folder
+
+
 def load_student(folder: str | Path) -> tuple[Student, dict]:
     """Read a student folder back: ``(student, distilldiff_student.json contents)``; safetensors only."""
     from diffusers import DDPMScheduler, UNet2DModel
@@ -332,12 +388,17 @@ def load_student(folder: str | Path) -> tuple[Student, dict]:
 
 
 def _load_text_to_image(folder: Path, meta: dict) -> Student:
+    from .teachers.flow import FlowDenoiser
     from .teachers.text import LatentDenoiser, read_prompts
     from .teachers.vp import load_pipeline
 
-    _check_weights(folder / "unet")
-    den = LatentDenoiser.from_pipeline(load_pipeline(folder), str(folder), sigma_data=meta["sigma_data"],
-                                       prediction_type=meta["prediction_type"])
+    if meta["prediction_type"] == "flow":
+        _check_weights(folder / "transformer")
+        den = FlowDenoiser.from_pipeline(load_pipeline(folder), str(folder), sigma_data=meta["sigma_data"])
+    else:
+        _check_weights(folder / "unet")
+        den = LatentDenoiser.from_pipeline(load_pipeline(folder), str(folder), sigma_data=meta["sigma_data"],
+                                           prediction_type=meta["prediction_type"])
     prompts = meta.get("prompts")
     if prompts and Path(prompts).exists():  # the prompts it was trained on draw its grids, where they still exist
         den.set_prompts(read_prompts(prompts))
@@ -374,6 +435,7 @@ def _check_weights(path: Path) -> None:
 def model_card(meta: dict, fid: dict | None = None, path: str = "PATH") -> str:
     """Markdown model card: teacher, objective, steps, images seen, FID (if measured), the sampling call."""
     k = len(meta["sigmas"])
+    flow = meta.get("prediction_type") == "flow"
     lines = [
         "---",
         "library_name: diffusers",
@@ -404,18 +466,27 @@ def model_card(meta: dict, fid: dict | None = None, path: str = "PATH") -> str:
     if meta.get("lora"):
         lora = meta["lora"]
         lines.append(f"| LoRA | rank {lora['rank']}, alpha {lora['alpha']:g} on {', '.join(lora['target_modules'])}; "
-                     f"the adapter alone in `{lora['folder']}/`, merged into `unet/` |")
+                     f"the adapter alone in `{lora['folder']}/`, merged into `{'transformer' if flow else 'unet'}/` |")
     if fid:
         lines.append(f"| FID | {fid['fid']:.2f} (N={fid['num']}, reference {fid['reference']}, {fid.get('weights', '')}) |")
     else:
         lines.append("| FID | not measured (run `distilldiff fid --model THIS_FOLDER`) |")
     lines += ["", "## Sampling", "", "```python", sampling_call(meta, path), "```", ""]
-    lines += [
-        "Weights are safetensors. The student network is evaluated at the noise levels above, in EDM's",
-        "sigma space (`x = x0 + sigma * eps`), fed to the VP network as `x / sqrt(1 + sigma^2)` at the",
-        "matching (fractional) training timestep of the teacher's schedule.",
-        "",
-    ]
+    if flow:
+        lines += [
+            "Weights are safetensors. The student network is evaluated at the noise levels above, in EDM's",
+            "sigma space (`x = x0 + sigma * eps`; inf is pure noise), fed to the flow network as",
+            "`x_t = x / (1 + sigma)` at time `t = sigma / (1 + sigma)` (timestep 1000 t): the stock",
+            "FlowMatchEulerDiscreteScheduler's grid.",
+            "",
+        ]
+    else:
+        lines += [
+            "Weights are safetensors. The student network is evaluated at the noise levels above, in EDM's",
+            "sigma space (`x = x0 + sigma * eps`), fed to the VP network as `x / sqrt(1 + sigma^2)` at the",
+            "matching (fractional) training timestep of the teacher's schedule.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -498,5 +569,5 @@ def _check_destination(out: Path, run: Path, src: Path) -> None:
 _DERIVED_KEYS = {
     "format", "pipeline", "sampler", "sigmas", "timesteps", "prediction_type", "sigma_data",
     "num_classes", "null_class", "guidance_scale", "kind", "init_sigma", "fid", "consistency_boundary", "lora",
-    "lcm", "scheduler",
+    "lcm", "scheduler", "absent_components",
 }

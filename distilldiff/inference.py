@@ -12,9 +12,9 @@ from torch import Tensor
 
 from .export import STUDENT_INFO_FILE, load_student
 from .images import save_grid
-from .samplers import ddim_sample, multistep_sigmas, vp_base
+from .samplers import base_denoiser, ddim_sample, multistep_sigmas
 from .students import Student
-from .teachers import CFGDenoiser, ClassLabels, Denoiser, LatentDenoiser, VPDenoiser, load_teacher
+from .teachers import CFGDenoiser, ClassLabels, Denoiser, TextConditioned, VPDenoiser, load_teacher
 
 
 @dataclass
@@ -54,8 +54,8 @@ class Sampler:
         conditioning = self.denoiser.conditioning
         if class_label is not None and not isinstance(conditioning, ClassLabels):
             raise ValueError("--class-label given, but the model is not class-conditional")
-        latent = vp_base(self.denoiser)  # through wrappers (consistency parameterisations)
-        if prompt is not None and not isinstance(latent, LatentDenoiser):
+        latent = base_denoiser(self.denoiser)  # through wrappers (consistency parameterisations)
+        if prompt is not None and not isinstance(latent, TextConditioned):
             raise ValueError("--prompt given, but the model is not a text-to-image model")
         prompt_cond = latent.prompt_cond([prompt], self.device) if prompt is not None else None
         for start in range(0, num, batch_size):
@@ -103,7 +103,8 @@ def load_sampler(model: str, steps: int | None = None, guidance_scale: float | N
     Students sample with their own steps (``steps`` must be ``None`` or that count; consistency
     students take any ``steps`` from 1 to their grid size - 1);
     guidance-conditioned students take ``guidance_scale`` as their input ``w`` (default: their own).
-    Teachers sample with deterministic DDIM on their own timestep grid (``steps``, default 50),
+    Teachers sample deterministically on their scheduler's grid (``steps``, default 50; DDIM for
+    the DDPM family, which for flow-matching teachers is the Euler step of their scheduler),
     optionally with classifier-free guidance weight ``guidance_scale``.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -117,8 +118,9 @@ def load_sampler(model: str, steps: int | None = None, guidance_scale: float | N
     base = load_teacher(model, what="--model").to(dev).eval()
     teacher = CFGDenoiser(base, guidance_scale) if guidance_scale else base
     steps = steps or 50
-    if not isinstance(base, VPDenoiser):
-        raise ValueError(f"{model}: sampling supports DDPM-family teachers")
-    sigmas = base.discrete_sigmas(steps, "trailing")
-    desc = f"teacher, {steps}-step DDIM" + (f", guidance w={guidance_scale}" if guidance_scale else "")
+    if not hasattr(base, "sampling_sigmas"):
+        raise ValueError(f"{model}: sampling supports teachers with a diffusers scheduler (DDPM family, flow matching)")
+    sigmas = base.sampling_sigmas(steps)
+    method = "DDIM" if isinstance(base, VPDenoiser) else "Euler (flow matching)"
+    desc = f"teacher, {steps}-step {method}" + (f", guidance w={guidance_scale}" if guidance_scale else "")
     return Sampler(base, lambda z, cond, g: ddim_sample(teacher, z, sigmas, **cond), desc, dev, num_steps=steps)

@@ -22,6 +22,15 @@ def karras_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float
     return (sigma_max ** (1 / rho) + i * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
+def base_denoiser(teacher: Denoiser) -> Denoiser:
+    """The innermost denoiser of ``teacher``, looking through wrappers (classifier-free guidance,
+    consistency parameterisations) that hold theirs as ``inner``."""
+    base = teacher
+    while isinstance(getattr(base, "inner", None), Denoiser):
+        base = base.inner
+    return base
+
+
 def vp_base(teacher: Denoiser):
     """The discrete-time (diffusers VP) denoiser inside ``teacher``, looking through wrappers such
     as classifier-free guidance; ``None`` if there is none."""
@@ -36,13 +45,15 @@ def vp_base(teacher: Denoiser):
 def teacher_grid(teacher: Denoiser, num_steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
     """A few-step student's decreasing noise levels on ``teacher``'s own terms.
 
-    VP (diffusers) teachers: DDIM's "trailing" timesteps, which a stock ``DDIMScheduler``
-    reproduces and which nest when the step count halves; also behind a wrapper (classifier-free
-    guidance). Others: the Karras grid over ``[sigma_min, sigma_max]`` clipped to the teacher's range.
+    Teachers with a diffusers scheduler sample on its grid (``sampling_sigmas``), also behind a
+    wrapper (classifier-free guidance): VP teachers on DDIM's "trailing" timesteps, which a stock
+    ``DDIMScheduler`` reproduces and which nest when the step count halves; flow teachers on the
+    ``FlowMatchEulerDiscreteScheduler``'s shifted grid, from t = 1. Others: the Karras grid over
+    ``[sigma_min, sigma_max]`` clipped to the teacher's range.
     """
-    base = vp_base(teacher)
-    if base is not None:
-        return [float(s) for s in base.discrete_sigmas(num_steps, "trailing")]
+    base = base_denoiser(teacher)
+    if hasattr(base, "sampling_sigmas"):
+        return [float(s) for s in base.sampling_sigmas(num_steps)]
     lo, hi = max(sigma_min, teacher.sigma_min), min(sigma_max, teacher.sigma_max)
     return [float(s) for s in karras_sigmas(num_steps, lo, hi, rho)]
 
@@ -85,7 +96,8 @@ def sample_loop(
 ) -> Tensor:
     """Run ``len(sigmas)`` denoiser evaluations from standard-normal ``noise`` ``[B, *sample_shape]``.
 
-    The noise is scaled by ``denoiser.prior_scale(sigmas[0])``. Between evaluations,
+    The noise is scaled by ``denoiser.prior_scale(sigmas[0])``; a first level of ``inf`` (pure
+    noise, t = 1 of a flow teacher) is evaluated as ``denoiser.forward_scaled(noise, inf)``. Between evaluations,
     ``"ddim"`` moves deterministically, ``x_b = x0 + (sigma_b / sigma_a) (x_a - x0)`` (DDIM =
     Euler in sigma space), and ``"multistep"`` re-noises, ``x_b = x0 + sigma_b * n`` with fresh
     ``n`` from ``generator`` (consistency sampling). The last evaluation's x0 is returned.
@@ -94,13 +106,14 @@ def sample_loop(
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     sigmas = sigmas.to(device=noise.device, dtype=noise.dtype)
-    x = noise * denoiser.prior_scale(sigmas[0])
+    pure = bool(torch.isinf(sigmas[0]))  # flow teachers start at t = 1: x / prior_scale is the noise itself
+    x = None if pure else noise * denoiser.prior_scale(sigmas[0])
     for i, s in enumerate(sigmas):
-        x0 = denoiser(x, s, **cond)
+        x0 = denoiser.forward_scaled(noise, s, **cond) if pure and i == 0 else denoiser(x, s, **cond)
         if i + 1 == len(sigmas):
             return x0
-        if sampler == "ddim":
-            x = x0 + (sigmas[i + 1] / s) * (x - x0)
+        if sampler == "ddim":  # from sigma = inf, (x - x0) / sigma is the noise (its limit)
+            x = x0 + sigmas[i + 1] * noise if pure and i == 0 else x0 + (sigmas[i + 1] / s) * (x - x0)
         else:
             fresh = torch.randn(noise.shape, generator=generator, dtype=noise.dtype, device="cpu").to(noise.device)
             x = x0 + sigmas[i + 1] * fresh

@@ -137,11 +137,14 @@ def init_noise_level(teacher: Denoiser, student) -> float:
     :class:`~distilldiff.config.StudentConfig`): ``init_sigma``; or the noise level of training
     timestep ``init_timestep`` (DDPM-family teachers); or, with neither set, the teacher's
     ``default_init_timestep`` where it has one (text-to-image teachers, whose exported students
-    must sit on a timestep), else ``StudentConfig.DEFAULT_INIT_SIGMA``."""
+    must sit on a timestep), or ``inf`` for teachers defined on pure noise (flow-matching
+    teachers: t = 1, where their stock scheduler starts), else ``StudentConfig.DEFAULT_INIT_SIGMA``."""
     from .config import ConfigError
 
     t = student.init_timestep
     if t is None and student.init_sigma is None:
+        if teacher.sigma_max == float("inf"):
+            return float("inf")
         t = getattr(teacher, "default_init_timestep", None)
     if t is None:
         return student.resolved_init_sigma

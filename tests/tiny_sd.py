@@ -84,3 +84,25 @@ def tiny_sdxl_pipeline(tmp: Path, prediction_type: str = "epsilon", seed: int = 
 def save_pipeline(pipe, folder: Path) -> Path:
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+def tiny_sd3_pipeline(tmp: Path, seed: int = 0, shift: float = 3.0):
+    """A random-weight ``StableDiffusion3Pipeline`` without T5 (the pipeline feeds zeros in its place):
+    two CLIP text encoders with pooled outputs, an ``SD3Transformer2DModel`` on 4x8x8 latents, a VAE
+    with a shift factor, a ``FlowMatchEulerDiscreteScheduler`` with ``shift``; 16x16 RGB images."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tokenizer = _tokenizer(tmp)
+    enc1 = _text_encoder(len(tokenizer), hidden=16, projection=16, seed=seed)
+    enc2 = _text_encoder(len(tokenizer), hidden=16, projection=16, seed=seed + 3)
+    torch.manual_seed(seed + 1)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=2, caption_projection_dim=16, joint_attention_dim=32,
+                                        pooled_projection_dim=32, out_channels=4).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        sample_size=16, scaling_factor=1.5, shift_factor=0.1).eval()
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=vae,
+                                    text_encoder=enc1, tokenizer=tokenizer, text_encoder_2=enc2, tokenizer_2=tokenizer,
+                                    text_encoder_3=None, tokenizer_3=None)

@@ -33,7 +33,7 @@ from distilldiff.captions import CAPTION_ASSETS
 from distilldiff.inference import load_sampler
 from distilldiff.metrics.background import grid_stats
 from distilldiff.metrics.classifier import classifier_fd
-from distilldiff.samplers import vp_base
+from distilldiff.samplers import base_denoiser
 from distilldiff.metrics.prompts import attribute_agreement, digit_images, prompt_accuracy
 from distilldiff.teachers.text import read_prompts
 
@@ -45,7 +45,7 @@ def inception_fid(sampler, num: int, seed: int, device: str) -> dict:
     """Inception FID-``num`` against MNIST-5k of images for the first ``num`` training captions."""
     from distilldiff.metrics import InceptionFeatureExtractor, compute_fid
 
-    vp_base(sampler.denoiser).set_prompts(read_prompts(str(CAPTION_ASSETS / "captions-train.txt"))[:num])
+    base_denoiser(sampler.denoiser).set_prompts(read_prompts(str(CAPTION_ASSETS / "captions-train.txt"))[:num])
     t0 = time.time()
     result = compute_fid(sampler.batches(num, seed=seed, batch_size=250), num, "mnist5k", InceptionFeatureExtractor(device=device))
     return {"fid": round(result.fid, 4), "fid_num": num, "fid_prompts": "captions-train.txt", "fid_seconds": round(time.time() - t0, 1)}
@@ -62,7 +62,7 @@ def evaluate(model: str, steps: int | None, w: float | None, prompts: list[str],
              student: bool = False) -> dict:
     # teachers: w = 0 is no guidance; students: w is their guidance input (None: their default)
     sampler = load_sampler(model, steps=steps, guidance_scale=w if student else (w or None), device=device)
-    vp_base(sampler.denoiser).set_prompts(prompts)  # grids cycle through the prompts in order: image i shows prompt i
+    base_denoiser(sampler.denoiser).set_prompts(prompts)  # grids cycle through the prompts in order: image i shows prompt i
     t0 = time.time()
     images = sampler.sample(len(prompts), seed=seed)
     seconds = time.time() - t0

@@ -8,13 +8,15 @@ makes each stage's student the next stage's teacher.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import ClassVar, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from ..config import ObjectiveConfig, StudentConfig
+from ..config import ConfigError, ObjectiveConfig, StudentConfig
 from ..samplers import teacher_grid
 from ..students import Student, student_copy
 from ..teachers.base import Denoiser
@@ -58,7 +60,11 @@ class ProgressiveConfig(ObjectiveConfig):
 
 def full_grid(config: ProgressiveConfig, teacher: Denoiser) -> list[float]:
     """The first teacher's N decreasing noise levels; every later grid takes every 2^k-th of them."""
-    return teacher_grid(teacher, config.start_steps, config.sigma_min, config.sigma_max, config.rho)
+    grid = teacher_grid(teacher, config.start_steps, config.sigma_min, config.sigma_max, config.rho)
+    if math.isinf(grid[0]):
+        raise ConfigError("objective 'progressive': the teacher's sampling grid starts at pure noise (sigma = inf, a "
+                          "flow-matching teacher's t = 1); progressive distillation of flow teachers is not supported yet")
+    return grid
 
 
 def stage_plan(config: ProgressiveConfig) -> list[int]:

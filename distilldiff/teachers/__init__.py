@@ -8,9 +8,10 @@ from pathlib import Path
 
 from .base import Denoiser
 from .conditioning import ClassLabels, Conditioning
+from .flow import FlowDenoiser, is_flow_text_to_image
 from .gmm import GaussianMixtureDenoiser
 from .guidance import CFGDenoiser
-from .text import EmbeddingCache, LatentDenoiser, TextEmbeddings, is_text_to_image, read_prompts
+from .text import EmbeddingCache, LatentDenoiser, TextConditioned, TextEmbeddings, is_text_to_image, read_prompts
 from .vp import VPDenoiser, _read_teacher_info, ddim_timesteps, load_pipeline
 
 BUILTIN_TEACHERS = {"mnist": "mnist-teacher", "mnist-t2i": "mnist-t2i-teacher"}
@@ -99,7 +100,8 @@ def load_teacher(path: str, guidance_scale: float = 0.0, *, what: str = "teacher
     """Load a diffusers teacher (folder, hub id or ``builtin:NAME``) as a denoiser.
 
     Pixel pipelines of the DDPM family become a :class:`VPDenoiser`; Stable Diffusion (1.x/2.x)
-    and SDXL pipelines a :class:`~distilldiff.teachers.text.LatentDenoiser` in their VAE's latent
+    and SDXL pipelines a :class:`~distilldiff.teachers.text.LatentDenoiser` and Stable Diffusion 3
+    pipelines a :class:`~distilldiff.teachers.flow.FlowDenoiser`, in their VAE's latent
     space, whose training conditioning is drawn from ``prompts`` (a text file, one per line, or a
     folder of image + caption pairs), their embeddings cached on disk unless ``cache_embeddings``
     is false.
@@ -119,11 +121,14 @@ def load_teacher(path: str, guidance_scale: float = 0.0, *, what: str = "teacher
         pipe = load_pipeline(resolved, **kwargs)
     except OSError as e:
         raise FileNotFoundError(f"{what} {path!r}: could not load a diffusers pipeline ({_first_line(e)})") from None
-    if is_text_to_image(pipe):
+    flow = is_flow_text_to_image(pipe)
+    if flow or is_text_to_image(pipe):
         for key in ("num_classes", "null_class"):
             if key in overrides:
                 raise ValueError(f"teacher.{key}: {path} is a text-to-image pipeline, conditioned on prompts, not class labels; remove the key")
-        teacher = LatentDenoiser.from_pipeline(pipe, path, **overrides)
+        if flow and "prediction_type" in overrides:
+            raise ValueError(f"teacher.prediction_type: {path} is a flow-matching pipeline (it predicts velocity); remove the key")
+        teacher = (FlowDenoiser if flow else LatentDenoiser).from_pipeline(pipe, path, **overrides)
         default = _read_teacher_info(resolved).get("prompts") if Path(resolved).is_dir() else None
         if prompts is None and default is not None:  # the folder names its own prompts (e.g. builtin:mnist-t2i's captions)
             prompts = str(Path(resolved) / default)
@@ -142,6 +147,8 @@ __all__ = [
     "ClassLabels",
     "VPDenoiser",
     "LatentDenoiser",
+    "FlowDenoiser",
+    "TextConditioned",
     "TextEmbeddings",
     "GaussianMixtureDenoiser",
     "CFGDenoiser",

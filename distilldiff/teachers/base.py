@@ -63,6 +63,27 @@ class Denoiser(nn.Module):
         """
         return sigma
 
+    def forward_scaled(self, x_scaled: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
+        """``D(prior_scale(sigma) * x_scaled, sigma)``: the denoiser on an input given in units of the
+        pure-noise scale, the form that stays finite as ``sigma -> inf``.
+
+        At ``sigma = inf`` the noisy sample ``x0 + sigma * eps`` over ``prior_scale(sigma)`` is ``eps``
+        itself for every convention here (EDM, VP, flow: ``prior_scale(sigma) / sigma -> 1``), so
+        ``forward_scaled(z, inf)`` denoises pure noise ``z``. Denoisers trained there (flow-matching
+        teachers at t = 1) override :meth:`denoise_scaled`; the others answer ``sigma = inf`` with a
+        one-line ``ValueError``.
+        """
+        sigma = self.expand_sigma(sigma, x_scaled)
+        return self.denoise_scaled(x_scaled, sigma, **cond)
+
+    def denoise_scaled(self, x_scaled: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        """Subclass hook of :meth:`forward_scaled` (``sigma`` as a ``[B]`` tensor); by default
+        :meth:`forward` on ``prior_scale(sigma) * x_scaled`` for finite ``sigma``."""
+        if bool(torch.isinf(sigma).any()):
+            raise ValueError(f"{type(self).__name__} is not defined at sigma = inf (pure noise); its noise levels end at "
+                             f"sigma_max = {self.sigma_max:.4g}")
+        return self(x_scaled * append_dims(self.prior_scale(sigma), x_scaled.ndim), sigma, **cond)
+
     def decode(self, x: Tensor) -> Tensor:
         """Images in [-1, 1] of samples ``x`` (pixel models: ``x`` itself; latent models decode)."""
         return x

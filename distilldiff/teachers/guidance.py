@@ -49,14 +49,21 @@ class CFGDenoiser(Denoiser):
         return getattr(self.inner, "module", self.inner).decode(x)
 
     def denoise(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        return self._guided(self.inner, x, sigma, cond)
+
+    def denoise_scaled(self, x_scaled: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        """Guidance of the wrapped denoiser's own :meth:`~Denoiser.forward_scaled` (finite at sigma = inf where it is)."""
+        return self._guided(getattr(self.inner, "module", self.inner).forward_scaled, x_scaled, sigma, cond)
+
+    def _guided(self, call, x: Tensor, sigma: Tensor, cond: dict[str, Any]) -> Tensor:
         n, conditioning = x.shape[0], self.conditioning
         own, other = conditioning.split(cond)
         if not own:  # unconditional request: guidance has nothing to amplify
-            return self.inner(x, sigma, **conditioning.null(n, x.device), **other)
+            return call(x, sigma, **conditioning.null(n, x.device), **other)
         own, null = conditioning.expand(own, n, x.device), conditioning.null(n, x.device)
         both = {k: torch.cat([own[k], null[k]]) for k in own}
         batched = lambda v: torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n  # noqa: E731
         other = {k: torch.cat([v, v]) if batched(v) else v for k, v in other.items()}
-        d_cond, d_uncond = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), **both, **other).chunk(2)
+        d_cond, d_uncond = call(torch.cat([x, x]), torch.cat([sigma, sigma]), **both, **other).chunk(2)
         w = torch.as_tensor(self.scale, device=x.device, dtype=x.dtype)
         return d_cond + append_dims(w, x.ndim) * (d_cond - d_uncond)

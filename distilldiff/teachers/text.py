@@ -118,10 +118,12 @@ class PipelineComponents:
         source: where the pipeline came from (a folder or hub id), for messages.
     """
 
+    #: the pipeline's text encoders and tokenizers (attribute names), in the order ``encode_prompt`` uses them
+    TEXT_PARTS: tuple[str, ...] = ("text_encoder", "tokenizer")
+
     def __init__(self, pipe, source: str = ""):
         self.pipe = pipe
         self.source = str(source)
-        self.is_xl = getattr(pipe, "text_encoder_2", None) is not None or type(pipe).__name__.startswith("StableDiffusionXL")
         cfg = pipe.vae.config
         self.scaling_factor = float(cfg.scaling_factor)
         self.shift_factor = float(cfg.get("shift_factor", None) or 0.0)
@@ -132,8 +134,19 @@ class PipelineComponents:
     def __deepcopy__(self, memo):
         return self
 
+    @staticmethod
+    def of(pipe, source: str = "") -> "PipelineComponents":
+        """The components of a Stable Diffusion 1.x/2.x or SDXL pipeline (:class:`SDXLComponents`)."""
+        xl = getattr(pipe, "text_encoder_2", None) is not None or type(pipe).__name__.startswith("StableDiffusionXL")
+        return (SDXLComponents if xl else PipelineComponents)(pipe, source)
+
+    @property
+    def network(self) -> nn.Module:
+        """The pipeline's denoising network (``unet``, or ``transformer`` for flow pipelines)."""
+        return getattr(self.pipe, "unet", None) or self.pipe.transformer
+
     def networks(self) -> list[nn.Module]:
-        names = ("vae", "text_encoder", "text_encoder_2")
+        names = ("vae", *(n for n in self.TEXT_PARTS if n.startswith("text_encoder")))
         return [m for m in (getattr(self.pipe, n, None) for n in names) if isinstance(m, nn.Module)]
 
     def _on(self, device) -> None:
@@ -175,23 +188,14 @@ class PipelineComponents:
         return self._encode([""], device)[1]
 
     def _encode(self, prompts: list[str], device) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        pipe = self.pipe
-        if not self.is_xl:
-            cond, uncond = pipe.encode_prompt(prompts, device, 1, True)
-            return {"encoder_hidden_states": cond.float().cpu()}, {"encoder_hidden_states": uncond[:1].float().cpu()}
-        cond, uncond, pooled, pooled_u = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
-                                                            do_classifier_free_guidance=True)
-        size = self.image_size
-        proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
-        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=torch.float32, text_encoder_projection_dim=proj)
-        n = cond.shape[0]
-        return ({"encoder_hidden_states": cond.float().cpu(), "text_embeds": pooled.float().cpu(), "time_ids": time_ids.repeat(n, 1)},
-                {"encoder_hidden_states": uncond[:1].float().cpu(), "text_embeds": pooled_u[:1].float().cpu(), "time_ids": time_ids})
+        """``(conditional, unconditional)`` network inputs of ``prompts``, ``{key: [P, ...]}`` and ``{key: [1, ...]}``."""
+        cond, uncond = self.pipe.encode_prompt(prompts, device, 1, True)
+        return {"encoder_hidden_states": cond.float().cpu()}, {"encoder_hidden_states": uncond[:1].float().cpu()}
 
     @property
     def image_size(self) -> tuple[int, int]:
         """``(height, width)`` in pixels of the pipeline's default output."""
-        s = self.pipe.unet.config.sample_size
+        s = self.network.config.sample_size
         h, w = (s, s) if isinstance(s, int) else tuple(s)
         return h * self.vae_scale, w * self.vae_scale
 
@@ -200,7 +204,7 @@ class PipelineComponents:
         it changes whenever the embedding of some prompt could."""
         h = hashlib.sha256()
         h.update(self.pipeline_class.encode())
-        for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        for name in self.TEXT_PARTS:
             part = getattr(self.pipe, name, None)
             if part is None:
                 continue
@@ -211,9 +215,12 @@ class PipelineComponents:
                 h.update(type(part).__name__.encode())
                 h.update(json.dumps(sorted(part.get_vocab().items())).encode())
                 h.update(str(getattr(part, "model_max_length", "")).encode())
-        if self.is_xl:
-            h.update(json.dumps(self.image_size).encode())  # the time ids
+        h.update(self._fingerprint_extra().encode())
         return h.hexdigest()
+
+    def _fingerprint_extra(self) -> str:
+        """Anything besides the text encoders that enters the cached conditioning (SDXL: the image size of its time ids)."""
+        return ""
 
     # -- pixels ----------------------------------------------------------------------------------
 
@@ -243,6 +250,27 @@ class PipelineComponents:
         return h.hexdigest()
 
 
+class SDXLComponents(PipelineComponents):
+    """An SDXL pipeline's components (Podell et al. 2023, sec. 2.2): two text encoders, pooled
+    embeddings and added time ids, which the UNet takes as ``added_cond_kwargs``."""
+
+    TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+    def _encode(self, prompts: list[str], device) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        pipe = self.pipe
+        cond, uncond, pooled, pooled_u = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                            do_classifier_free_guidance=True)
+        size = self.image_size
+        proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else int(pooled.shape[-1])
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=torch.float32, text_encoder_projection_dim=proj)
+        n = cond.shape[0]
+        return ({"encoder_hidden_states": cond.float().cpu(), "text_embeds": pooled.float().cpu(), "time_ids": time_ids.repeat(n, 1)},
+                {"encoder_hidden_states": uncond[:1].float().cpu(), "text_embeds": pooled_u[:1].float().cpu(), "time_ids": time_ids})
+
+    def _fingerprint_extra(self) -> str:
+        return json.dumps(self.image_size)  # the time ids
+
+
 def _hash_module(h, module: nn.Module) -> None:
     """Feed a network's class, config and weights to hash ``h``."""
     h.update(type(module).__name__.encode())
@@ -256,7 +284,38 @@ def _hash_module(h, module: nn.Module) -> None:
         h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
 
-class LatentDenoiser(VPDenoiser):
+class TextConditioned:
+    """What every latent text-to-image denoiser shares (a mixin of :class:`LatentDenoiser` and
+    :class:`~distilldiff.teachers.flow.FlowDenoiser`): the pipeline's frozen :attr:`components`, the
+    prompts its training conditioning is drawn from (:meth:`set_prompts`), and decoding to pixels.
+    Subclasses set ``self.components`` and ``self._conditioning = None`` in their constructor."""
+
+    components: PipelineComponents
+    _conditioning: "TextEmbeddings | None"
+
+    @property
+    def conditioning(self) -> TextEmbeddings:
+        if self._conditioning is None:  # the unconditional input only: enough for guidance and prompts given at sampling
+            null = self.components.null_embedding()
+            self._conditioning = TextEmbeddings([], {k: v[:0] for k, v in null.items()}, null)
+        return self._conditioning
+
+    def set_prompts(self, prompts: Sequence[str], cache: "EmbeddingCache | None" = None):
+        """Draw training and grid conditioning from ``prompts`` (encoded once; through ``cache`` if given)."""
+        embeds = cache.get(self.components, prompts) if cache is not None else self.components.encode_prompts(prompts)
+        self._conditioning = TextEmbeddings(prompts, embeds, self.components.null_embedding())
+        return self
+
+    def prompt_cond(self, prompts: Sequence[str], device) -> dict[str, Tensor]:
+        """Conditioning for the given prompts (encoded now, not cached)."""
+        return {k: v.to(device) for k, v in self.components.encode_prompts(prompts).items()}
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Images in [-1, 1] of latent samples."""
+        return self.components.decode(latents)
+
+
+class LatentDenoiser(TextConditioned, VPDenoiser):
     """A Stable-Diffusion-family UNet in its VAE's latent space as ``D(z, sigma, **cond)``.
 
     ``cond`` holds ``encoder_hidden_states`` (and ``text_embeds``, ``time_ids`` for SDXL, passed
@@ -284,23 +343,6 @@ class LatentDenoiser(VPDenoiser):
         super().__init__(model, alphas_cumprod, prediction_type, sample_shape, sigma_data)
         self.components = components
         self._conditioning: TextEmbeddings | None = None
-
-    @property
-    def conditioning(self) -> TextEmbeddings:
-        if self._conditioning is None:  # the unconditional input only: enough for guidance and prompts given at sampling
-            null = self.components.null_embedding()
-            self._conditioning = TextEmbeddings([], {k: v[:0] for k, v in null.items()}, null)
-        return self._conditioning
-
-    def set_prompts(self, prompts: Sequence[str], cache: "EmbeddingCache | None" = None) -> "LatentDenoiser":
-        """Draw training and grid conditioning from ``prompts`` (encoded once; through ``cache`` if given)."""
-        embeds = cache.get(self.components, prompts) if cache is not None else self.components.encode_prompts(prompts)
-        self._conditioning = TextEmbeddings(prompts, embeds, self.components.null_embedding())
-        return self
-
-    def prompt_cond(self, prompts: Sequence[str], device) -> dict[str, Tensor]:
-        """Conditioning for the given prompts (encoded now, not cached)."""
-        return {k: v.to(device) for k, v in self.components.encode_prompts(prompts).items()}
 
     @property
     def takes_guidance_scale(self) -> bool:
@@ -363,10 +405,6 @@ class LatentDenoiser(VPDenoiser):
             out["timestep_cond"] = emb.to(device=w.device, dtype=dtype)
         return out
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """Images in [-1, 1] of latent samples."""
-        return self.components.decode(latents)
-
     @classmethod
     def from_pipeline(cls, pipe, source: str = "", *, sigma_data: float | None = None,
                       prediction_type: str | None = None) -> "LatentDenoiser":
@@ -374,7 +412,7 @@ class LatentDenoiser(VPDenoiser):
         unet, scheduler = pipe.unet, pipe.scheduler
         if not hasattr(scheduler, "alphas_cumprod"):
             raise ValueError(f"{source}: the pipeline's scheduler {type(scheduler).__name__} is not of the DDPM family (no alphas_cumprod)")
-        components = PipelineComponents(pipe, source)
+        components = PipelineComponents.of(pipe, source)
         s = unet.config.sample_size
         h, w = (s, s) if isinstance(s, int) else tuple(s)
         den = cls(unet, components, scheduler.alphas_cumprod,

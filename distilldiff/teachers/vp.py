@@ -121,6 +121,10 @@ class VPDenoiser(Denoiser):
         is the network's. Text-conditioned subclasses cast embeddings and group added conditions."""
         return cond
 
+    def sampling_sigmas(self, num_steps: int) -> Tensor:
+        """The decreasing noise levels of ``num_steps``-step sampling: DDIM's "trailing" timesteps."""
+        return self.discrete_sigmas(num_steps, "trailing")
+
     def discrete_sigmas(self, num_steps: int, spacing: str = "trailing", steps_offset: int = 0) -> Tensor:
         """Decreasing ``[num_steps]`` noise levels of diffusers' DDIM timestep spacing.
 
@@ -209,7 +213,11 @@ def load_pipeline(path: str | os.PathLike, **load_kwargs: Any):
     for m in bars:
         m.disable_progress_bar()
     try:
-        return DiffusionPipeline.from_pretrained(str(path), use_safetensors=True, **load_kwargs)
+        index = DiffusionPipeline.load_config(str(path), local_files_only=load_kwargs.get("local_files_only", False))
+        # components saved as absent ([null, null], e.g. an SD3 pipeline without its T5 encoder) load as None,
+        # which diffusers requires to be said explicitly for components it does not list as optional
+        absent = {k: None for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v == [None, None]}
+        return DiffusionPipeline.from_pretrained(str(path), use_safetensors=True, **{**absent, **load_kwargs})
     finally:
         for m in bars:
             m.enable_progress_bar()

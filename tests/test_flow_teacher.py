@@ -1,0 +1,190 @@
+"""Flow-matching latent text-to-image teachers (Stable Diffusion 3 family), on tiny random-weight
+pipelines built in-process (tests/tiny_sd.py); nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from distilldiff.config import ConfigError, DistillConfig, load_config
+from distilldiff.distill import build_distill_task, distill
+from distilldiff.inference import load_sampler
+from distilldiff.samplers import sample_loop, teacher_grid
+from distilldiff.students import OneStepGenerator
+from distilldiff.teachers import CFGDenoiser, FlowDenoiser, load_teacher
+from distilldiff.teachers.flow import flow_sigma_of_t, flow_t_of_sigma
+from tiny_sd import save_pipeline, tiny_sd3_pipeline
+
+PROMPTS = ["a thick seven", "a thin one", "a slanted four", "a small two"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("flow")
+    out = {"sd3": save_pipeline(tiny_sd3_pipeline(root), root / "sd3")}
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    out["prompts"] = root / "prompts.txt"
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILLDIFF_CACHE", str(tmp_path / "cache"))
+
+
+def _pipeline(folder: Path):
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(str(folder), use_safetensors=True, text_encoder_3=None, tokenizer_3=None)
+
+
+def test_time_and_sigma_conversions_in_float64():
+    t = torch.tensor([1e-4, 0.1, 0.5, 0.9, 0.999, 1.0], dtype=torch.float64)
+    sigma = flow_sigma_of_t(t)
+    torch.testing.assert_close(sigma[:-1], t[:-1] / (1 - t[:-1]), rtol=1e-15, atol=0)
+    assert math.isinf(sigma[-1])
+    torch.testing.assert_close(flow_t_of_sigma(sigma), t, rtol=1e-15, atol=0)
+    # x_t = (1 - t) x0 + t eps is x_sigma = x0 + sigma eps divided by 1 + sigma
+    x0, eps = torch.randn(2, 5, dtype=torch.float64)
+    for tv in t[:-1]:
+        s = tv / (1 - tv)
+        torch.testing.assert_close((x0 + s * eps) / (1 + s), (1 - tv) * x0 + tv * eps, rtol=1e-13, atol=1e-13)
+
+
+def test_flow_denoiser_is_the_closed_form_conversion_of_the_transformer(folders):
+    """D(x, sigma) = x_t - t v(x_t, 1000 t) with x_t = x / (1 + sigma), in float64; at sigma = inf,
+    forward_scaled(eps) = eps - v(eps, 1000)."""
+    teacher = load_teacher(str(folders["sd3"]), prompts=str(folders["prompts"])).to(torch.float64)
+    assert isinstance(teacher, FlowDenoiser) and teacher.sample_shape == (4, 8, 8)
+    assert math.isinf(teacher.sigma_max) and 0 < teacher.sigma_min < 0.01
+    cond = {k: v.double() for k, v in teacher.conditioning.grid(3, "cpu").items()}
+    assert set(cond) == {"encoder_hidden_states", "pooled_projections"}
+    net = teacher.model
+    x0 = torch.randn(3, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(3, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for t in (0.05, 0.5, 0.97):
+        sigma = t / (1 - t)
+        x_t = (1 - t) * x0 + t * eps
+        v = net(hidden_states=x_t, timestep=torch.full((3,), 1000 * t, dtype=torch.float64), **cond).sample
+        torch.testing.assert_close(teacher(x0 + sigma * eps, sigma, **cond), x_t - t * v, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(teacher.forward_scaled(x_t, sigma, **cond), x_t - t * v, rtol=1e-10, atol=1e-10)
+    v1 = net(hidden_states=eps, timestep=torch.full((3,), 1000.0, dtype=torch.float64), **cond).sample
+    torch.testing.assert_close(teacher.forward_scaled(eps, float("inf"), **cond), eps - v1, rtol=0, atol=0)
+
+
+def test_sampling_grid_is_the_schedulers_own(folders):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    teacher = load_teacher(str(folders["sd3"]))
+    for k in (1, 2, 4, 28):
+        grid = teacher_grid(teacher, k, 0.002, 80.0)
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        scheduler.set_timesteps(k)
+        assert math.isinf(grid[0]) and len(grid) == k
+        t = flow_t_of_sigma(torch.tensor(grid, dtype=torch.float64))
+        assert t.float().tolist() == scheduler.sigmas[:-1].tolist()
+
+
+def test_euler_sampling_with_cfg_equals_the_stock_pipeline(folders):
+    """Three deterministic steps from pure noise with our CFG at w equal the pipeline's
+    guidance_scale = 1 + w (latents, before decoding)."""
+    w = 2.0
+    sampler = load_sampler(str(folders["sd3"]), steps=3, guidance_scale=w, device="cpu")
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = sampler.denoiser.prompt_cond([PROMPTS[0]] * 2, "cpu")
+    ours = sampler.draw(z, cond, torch.Generator())
+    pipe = _pipeline(folders["sd3"])
+    theirs = pipe([PROMPTS[0]] * 2, num_inference_steps=3, guidance_scale=1 + w, latents=z.clone(), output_type="latent").images
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    unguided = load_sampler(str(folders["sd3"]), steps=3, device="cpu").draw(z, cond, torch.Generator())
+    assert (unguided - ours).abs().max() > 1e-3
+
+
+def test_one_step_generator_starts_from_pure_noise(folders):
+    teacher = load_teacher(str(folders["sd3"]), prompts=str(folders["prompts"]))
+    gen = OneStepGenerator(teacher, float("inf"))
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = teacher.conditioning.grid(2, "cpu")
+    with torch.no_grad():
+        x = gen(z, **cond)
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, teacher.forward_scaled(z, float("inf"), **cond), rtol=0, atol=0)
+        torch.testing.assert_close(sample_loop(CFGDenoiser(teacher, 0.0), z, torch.tensor([float("inf")]), **cond), x)
+
+
+def _cfg(folders, objective: dict, tmp_path: Path, **extra) -> DistillConfig:
+    data = {
+        "teacher": {"path": str(folders["sd3"]), "prompts": str(folders["prompts"]), "guidance_scale": 1.0},
+        "objective": objective,
+        "train": {"max_steps": 2, "batch_size": 2, "checkpoint_every": 2, "sample_every": 2, "num_sample_images": 4,
+                  "log_every": 1},
+        "output_dir": str(tmp_path / "run"),
+        **extra,
+    }
+    return load_config(DistillConfig, data=data)
+
+
+@pytest.mark.parametrize("objective", [
+    {"name": "sid"},
+    {"name": "fdistill", "divergence": "reverse_kl", "noise": "lognormal", "p_mean": 0.0, "p_std": 1.0},
+])
+def test_one_step_objectives_train_on_a_flow_teacher(folders, objective, tmp_path):
+    """A few steps of SiD and DMD (logit-normal t: log-normal sigma with SD3's (0, 1)): a one-step
+    student at t = 1, written as a stock StableDiffusion3Pipeline whose transformer moved."""
+    student_dir = distill(_cfg(folders, objective, tmp_path))
+    meta = json.loads((student_dir / "distilldiff_student.json").read_text())
+    assert meta["pipeline"] == "StableDiffusion3Pipeline" and meta["timesteps"] == [1000.0]
+    assert meta["prediction_type"] == "flow" and meta["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    teacher_net = _pipeline(folders["sd3"]).transformer.state_dict()
+    student_net = _pipeline(student_dir).transformer.state_dict()
+    assert any(not torch.equal(teacher_net[k], v) for k, v in student_net.items())
+
+
+PLAIN_DIFFUSERS = r"""
+import sys, torch
+from diffusers import StableDiffusion3Pipeline
+folder, prompt, k, latents, out = sys.argv[1:]
+pipe = StableDiffusion3Pipeline.from_pretrained(folder, use_safetensors=True, text_encoder_3=None, tokenizer_3=None)
+z = torch.load(latents)
+images = pipe([prompt] * z.shape[0], num_inference_steps=int(k), guidance_scale=1.0, latents=z, output_type="pt").images
+torch.save(images, out)
+assert not any(m.startswith("distilldiff") for m in sys.modules), "plain diffusers must not import distilldiff"
+"""
+
+
+def test_flow_student_export_runs_in_plain_diffusers_in_a_fresh_process(folders, tmp_path):
+    from distilldiff.export import export_run
+
+    distill(_cfg(folders, {"name": "sid"}, tmp_path))
+    out = export_run(tmp_path / "run", tmp_path / "export")
+    card = (out / "README.md").read_text()
+    assert "StableDiffusion3Pipeline" in card and "num_inference_steps=1, guidance_scale=1.0" in card
+    assert "text_encoder_3=None, tokenizer_3=None" in card  # the tiny teacher has no T5: diffusers wants that said
+    prompt, seed, n = PROMPTS[2], 3, 3
+    ours = (load_sampler(str(out), device="cpu").sample(n, seed=seed, prompt=prompt) + 1) / 2
+    z = torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+    torch.save(z, tmp_path / "z.pt")
+    proc = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(out), prompt, "1", str(tmp_path / "z.pt"),
+                           str(tmp_path / "theirs.pt")], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = torch.load(tmp_path / "theirs.pt")
+    assert theirs.shape == ours.shape == (n, 3, 16, 16)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert (ours[0] - ours[1]).abs().max() > 1e-3
+
+
+def test_unsupported_flow_settings_are_one_line_errors(folders, tmp_path):
+    with pytest.raises(ConfigError, match="not the 1-step grid of the teacher's FlowMatchEulerDiscreteScheduler"):
+        build_distill_task(_cfg(folders, {"name": "sid"}, tmp_path, student={"init_sigma": 2.5}))
+    with pytest.raises(ConfigError, match="progressive distillation of flow teachers is not supported yet"):
+        build_distill_task(_cfg(folders, {"name": "progressive", "start_steps": 4}, tmp_path, data=str(tmp_path)))
+    with pytest.raises(ValueError, match="flow-matching pipeline .it predicts velocity.; remove the key"):
+        load_teacher(str(folders["sd3"]), prediction_type="epsilon")
+    with pytest.raises(ValueError, match="not defined at sigma = inf"):
+        OneStepGenerator(load_teacher("builtin:mnist"), 80.0).denoiser.forward_scaled(torch.zeros(1, 1, 28, 28), float("inf"))
