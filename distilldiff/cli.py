@@ -112,9 +112,13 @@ def cmd_distill(args) -> None:
 
 
 def cmd_teacher_train(args) -> None:
-    from .config import TeacherTrainConfig, TextToImageTeacherConfig, load_yaml
+    from .config import FlowTeacherConfig, TeacherTrainConfig, TextToImageTeacherConfig, load_yaml
 
-    if "unet" in (load_yaml(_config_path(args)) or {}):  # a text-to-image teacher (configs/mnist/t2i_teacher.yaml)
+    sections = load_yaml(_config_path(args)) or {}
+    if "transformer" in sections:  # a flow-matching text-to-image teacher (configs/mnist/t2i_flow_teacher.yaml)
+        from .flow_teacher import train_flow_teacher as train
+        config_class = FlowTeacherConfig
+    elif "unet" in sections:  # a text-to-image teacher (configs/mnist/t2i_teacher.yaml)
         from .text_teacher import train_text_to_image_teacher as train
         config_class = TextToImageTeacherConfig
     else:

@@ -284,6 +284,27 @@ class DenoisingConfig:
 
 
 @dataclass
+class FlowMatchingConfig:
+    """Hyperparameters of flow-matching teacher training (:class:`~distilldiff.objectives.flow_matching.FlowMatchingObjective`).
+
+    Attributes:
+        cond_drop_prob: share of captions replaced by the unconditional input (classifier-free guidance).
+        logit_mean, logit_std: the logit-normal distribution of the flow time t (Esser et al. 2024,
+            sec. 3.1; SD3 uses (0, 1)).
+    """
+
+    cond_drop_prob: float = 0.1
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    def __post_init__(self):
+        if not 0 <= self.cond_drop_prob < 1:
+            raise ValueError(f"objective.cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        if not self.logit_std > 0:
+            raise ValueError(f"objective.logit_std must be > 0, got {self.logit_std}")
+
+
+@dataclass
 class SchedulerConfig:
     """The DDPM scheduler a teacher is trained with (diffusers ``DDPMScheduler`` arguments)."""
 
@@ -362,6 +383,46 @@ class TextToImageTeacherConfig:
             raise ConfigError(f"image_size: {self.image_size} is smaller than the 28x28 digits")
         if self.kl_weight < 0:
             raise ConfigError(f"kl_weight must be >= 0, got {self.kl_weight}")
+
+
+@dataclass
+class FlowTeacherConfig:
+    """Training a small Stable-Diffusion-3-style flow-matching teacher on captioned digits:
+    ``distilldiff teacher train --config FILE`` with a ``transformer:`` section.
+
+    The autoencoder, text encoder and tokenizer come from ``base`` (a trained Stable Diffusion
+    pipeline of the digits, by default the shipped ``builtin:mnist-t2i``): its text encoder
+    becomes both of SD3's CLIP encoders (its weights, with frozen random projections for the
+    pooled embeddings), T5 is left out. One run of the engine trains an ``SD3Transformer2DModel``
+    on the autoencoder's latents with rectified flow; ``OUTPUT/student`` is the finished
+    ``StableDiffusion3Pipeline`` folder.
+
+    Attributes:
+        transformer: keyword arguments of diffusers' ``SD3Transformer2DModel`` (the sizes of the
+            latents and of the text embeddings come from ``base``).
+        base: the pipeline whose VAE and text encoder are reused.
+        shift: the ``FlowMatchEulerDiscreteScheduler``'s time shift (SD3: 3.0 at 1024 px).
+        max_sequence_length: the T5 part's length (zeros without T5), which the pipeline call must be
+            given (``max_sequence_length=``) when it is not diffusers' default 256.
+        objective: the flow-matching objective.
+        sample_steps: Euler steps of the sample grids.
+    """
+
+    transformer: dict[str, Any]
+    base: str = "builtin:mnist-t2i"
+    dataset: Literal["mnist5k"] = "mnist5k"
+    shift: float = 1.0
+    max_sequence_length: int = 256
+    objective: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample_steps: int = 28
+    output_dir: str = "runs/mnist-t2i-flow-teacher"
+
+    def __post_init__(self):
+        if not self.shift > 0:
+            raise ConfigError(f"shift must be > 0, got {self.shift}")
+        if not 1 <= self.max_sequence_length <= 512:
+            raise ConfigError(f"max_sequence_length must be in [1, 512] (diffusers' limit), got {self.max_sequence_length}")
 
 
 # --- loading ----------------------------------------------------------------------------------

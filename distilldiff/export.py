@@ -123,11 +123,13 @@ def sampling_call(info: dict, path: str = "PATH") -> str:
     k = len(info["sigmas"])
     if info["pipeline"] in TEXT_TO_IMAGE_PIPELINES:
         w = info.get("guidance_scale")
+        length = info.get("max_sequence_length")
+        extra = f", max_sequence_length={length}" if length not in (None, 256) else ""
         if w is not None:  # the student's guidance input: diffusers feeds w = guidance_scale - 1
-            call = (f'images = pipe(["a prompt"] * 4, num_inference_steps={k}, guidance_scale={1 + w:g}).images'
+            call = (f'images = pipe(["a prompt"] * 4, num_inference_steps={k}, guidance_scale={1 + w:g}{extra}).images'
                     f"  # the student's guidance input w = guidance_scale - 1 = {w:g} (any w it was trained on)")
         else:
-            call = (f'images = pipe(["a prompt"] * 4, num_inference_steps={k}, guidance_scale=1.0).images'
+            call = (f'images = pipe(["a prompt"] * 4, num_inference_steps={k}, guidance_scale=1.0{extra}).images'
                     "  # guidance_scale 1: no classifier-free guidance (the student learned the teacher's guided output)")
         if info.get("sampler") == "multistep":
             call += f"\n# {k} LCMScheduler step(s); pass generator=torch.Generator().manual_seed(...) to fix the re-noising too"
@@ -341,6 +343,7 @@ def _save_flow(student: Student, folder: Path, info: dict[str, Any] | None) -> P
         # components the pipeline lacks (SD3 without T5): diffusers loads such a folder only when told so
         "absent_components": [n for n in den.components.pipe.components if getattr(den.components.pipe, n, None) is None
                               and n not in type(den.components.pipe)._optional_components],
+        "max_sequence_length": den.components.max_sequence_length,
         **{k: v for k, v in (info or {}).items() if k != "default_guidance_scale"},
     }
     (folder / STUDENT_INFO_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -394,7 +397,8 @@ def _load_text_to_image(folder: Path, meta: dict) -> Student:
 
     if meta["prediction_type"] == "flow":
         _check_weights(folder / "transformer")
-        den = FlowDenoiser.from_pipeline(load_pipeline(folder), str(folder), sigma_data=meta["sigma_data"])
+        den = FlowDenoiser.from_pipeline(load_pipeline(folder), str(folder), sigma_data=meta["sigma_data"],
+                                         max_sequence_length=meta.get("max_sequence_length"))
     else:
         _check_weights(folder / "unet")
         den = LatentDenoiser.from_pipeline(load_pipeline(folder), str(folder), sigma_data=meta["sigma_data"],
@@ -569,5 +573,5 @@ def _check_destination(out: Path, run: Path, src: Path) -> None:
 _DERIVED_KEYS = {
     "format", "pipeline", "sampler", "sigmas", "timesteps", "prediction_type", "sigma_data",
     "num_classes", "null_class", "guidance_scale", "kind", "init_sigma", "fid", "consistency_boundary", "lora",
-    "lcm", "scheduler", "absent_components",
+    "lcm", "scheduler", "absent_components", "max_sequence_length",
 }

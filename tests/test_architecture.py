@@ -321,13 +321,14 @@ def test_every_shipped_config_loads():
     import yaml
     from pathlib import Path
 
-    from distilldiff.config import TeacherTrainConfig, TextToImageTeacherConfig
+    from distilldiff.config import FlowTeacherConfig, TeacherTrainConfig, TextToImageTeacherConfig
 
     files = sorted(Path("configs").rglob("*.yaml"))
     assert len(files) >= 15
     for f in files:
         data = yaml.safe_load(f.read_text())
-        if "dataset" in data:  # distilldiff teacher train (the CLI's dispatch on 'unet:')
-            load_config(TextToImageTeacherConfig if "unet" in data else TeacherTrainConfig, str(f))
+        if "dataset" in data:  # distilldiff teacher train (the CLI's dispatch on 'transformer:' and 'unet:')
+            kind = FlowTeacherConfig if "transformer" in data else TextToImageTeacherConfig if "unet" in data else TeacherTrainConfig
+            load_config(kind, str(f))
         else:
             assert load_config(DistillConfig, str(f)).objective.name == data["objective"]["name"], f

@@ -188,3 +188,31 @@ def test_unsupported_flow_settings_are_one_line_errors(folders, tmp_path):
         load_teacher(str(folders["sd3"]), prediction_type="epsilon")
     with pytest.raises(ValueError, match="not defined at sigma = inf"):
         OneStepGenerator(load_teacher("builtin:mnist"), 80.0).denoiser.forward_scaled(torch.zeros(1, 1, 28, 28), float("inf"))
+
+
+def test_mini_flow_teacher_trains_and_loads_as_a_stock_sd3_pipeline(tmp_path):
+    """The flow teacher's config (a smaller transformer, 2 updates): the folder is a StableDiffusion3Pipeline
+    that plain diffusers samples, with the config's max_sequence_length, as distilldiff's Euler sampler does."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from distilldiff.cli import main
+
+    out = tmp_path / "flow-teacher"
+    assert main(["teacher", "train", "--config", "configs/mnist/t2i_flow_teacher.yaml", "--output-dir", str(out),
+                 "--set", "transformer.num_layers=1", "--set", "train.max_steps=2", "--set", "train.batch_size=8",
+                 "--set", "train.checkpoint_every=2", "--set", "train.sample_every=2", "--set", "train.num_sample_images=4",
+                 "--set", "max_sequence_length=8"]) in (0, None)
+    info = json.loads((out / "student" / "distilldiff_teacher.json").read_text())
+    assert info["max_sequence_length"] == 8
+    teacher = load_teacher(str(out / "student"))
+    assert isinstance(teacher, FlowDenoiser) and teacher.sample_shape == (4, 8, 8)
+    assert teacher.components.max_sequence_length == 8
+    assert teacher.conditioning.null(1, "cpu")["encoder_hidden_states"].shape[1] == 16 + 8  # CLIP tokens + the T5 part
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(out / "student"), use_safetensors=True, text_encoder_3=None, tokenizer_3=None)
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    prompt = "a thick handwritten seven"
+    theirs = pipe([prompt] * 2, num_inference_steps=4, guidance_scale=2.0, latents=z.clone(), output_type="latent",
+                  max_sequence_length=8).images
+    sampler = load_sampler(str(out / "student"), steps=4, guidance_scale=1.0, device="cpu")
+    ours = sampler.draw(z, sampler.denoiser.prompt_cond([prompt] * 2, "cpu"), torch.Generator())
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -128,8 +128,12 @@ def load_teacher(path: str, guidance_scale: float = 0.0, *, what: str = "teacher
                 raise ValueError(f"teacher.{key}: {path} is a text-to-image pipeline, conditioned on prompts, not class labels; remove the key")
         if flow and "prediction_type" in overrides:
             raise ValueError(f"teacher.prediction_type: {path} is a flow-matching pipeline (it predicts velocity); remove the key")
-        teacher = (FlowDenoiser if flow else LatentDenoiser).from_pipeline(pipe, path, **overrides)
-        default = _read_teacher_info(resolved).get("prompts") if Path(resolved).is_dir() else None
+        info = _read_teacher_info(resolved) if Path(resolved).is_dir() else {}
+        if flow:  # a folder may say which T5 length its model was trained with (the pipeline call's max_sequence_length)
+            teacher = FlowDenoiser.from_pipeline(pipe, path, max_sequence_length=info.get("max_sequence_length"), **overrides)
+        else:
+            teacher = LatentDenoiser.from_pipeline(pipe, path, **overrides)
+        default = info.get("prompts")
         if prompts is None and default is not None:  # the folder names its own prompts (e.g. builtin:mnist-t2i's captions)
             prompts = str(Path(resolved) / default)
         if prompts is not None:

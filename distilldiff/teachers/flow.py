@@ -39,12 +39,23 @@ class SD3Components(PipelineComponents):
     CLIP-G with pooled outputs, T5 optional (left out, the pipeline feeds zeros in its place)."""
 
     TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+    #: the T5 sequence length of diffusers' ``StableDiffusion3Pipeline.__call__`` by default
+    DEFAULT_MAX_SEQUENCE_LENGTH = 256
+
+    def __init__(self, pipe, source: str = "", max_sequence_length: int | None = None):
+        super().__init__(pipe, source)
+        #: the T5 part's length (zeros without T5) the model was trained with: the pipeline call's ``max_sequence_length``
+        self.max_sequence_length = int(max_sequence_length or self.DEFAULT_MAX_SEQUENCE_LENGTH)
 
     def _encode(self, prompts: list[str], device) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         cond, uncond, pooled, pooled_u = self.pipe.encode_prompt(prompts, None, None, device=device, num_images_per_prompt=1,
-                                                                 do_classifier_free_guidance=True)
+                                                                 do_classifier_free_guidance=True,
+                                                                 max_sequence_length=self.max_sequence_length)
         return ({"encoder_hidden_states": cond.float().cpu(), "pooled_projections": pooled.float().cpu()},
                 {"encoder_hidden_states": uncond[:1].float().cpu(), "pooled_projections": pooled_u[:1].float().cpu()})
+
+    def _fingerprint_extra(self) -> str:
+        return f"max_sequence_length={self.max_sequence_length}"
 
 
 class FlowDenoiser(TextConditioned, Denoiser):
@@ -142,12 +153,14 @@ class FlowDenoiser(TextConditioned, Denoiser):
         return list(self.parameters())
 
     @classmethod
-    def from_pipeline(cls, pipe, source: str | os.PathLike = "", *, sigma_data: float | None = None) -> "FlowDenoiser":
-        """The denoiser of a loaded ``StableDiffusion3Pipeline``."""
+    def from_pipeline(cls, pipe, source: str | os.PathLike = "", *, sigma_data: float | None = None,
+                      max_sequence_length: int | None = None) -> "FlowDenoiser":
+        """The denoiser of a loaded ``StableDiffusion3Pipeline``; ``max_sequence_length``: the T5
+        length its prompts are encoded with (unset: the pipeline's default, 256)."""
         transformer, scheduler = pipe.transformer, pipe.scheduler
         if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
             raise ValueError(f"{source}: a flow-matching pipeline needs a FlowMatchEulerDiscreteScheduler, got {type(scheduler).__name__}")
-        components = SD3Components(pipe, str(source))
+        components = SD3Components(pipe, str(source), max_sequence_length)
         s = transformer.config.sample_size
         h, w = (s, s) if isinstance(s, int) else tuple(s)
         return cls(transformer, components, dict(scheduler.config), (transformer.config.in_channels, h, w),
