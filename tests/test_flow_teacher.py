@@ -216,3 +216,45 @@ def test_mini_flow_teacher_trains_and_loads_as_a_stock_sd3_pipeline(tmp_path):
     sampler = load_sampler(str(out / "student"), steps=4, guidance_scale=1.0, device="cpu")
     ours = sampler.draw(z, sampler.denoiser.prompt_cond([prompt] * 2, "cpu"), torch.Generator())
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def _captioned(tmp_path: Path) -> Path:
+    """A folder of 4 RGB images with captions (real data for sCM)."""
+    from PIL import Image
+
+    root = tmp_path / "captioned"
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i, prompt in enumerate(PROMPTS):
+        Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(prompt + "\n")
+    return root
+
+
+def test_scm_trains_on_a_flow_teacher_and_exports_its_one_step_student(folders, tmp_path):
+    """sCM's JVP runs through the SD3 transformer (time input included); its one-step student starts at
+    t = 1 and is the stock pipeline's one Euler step."""
+    from distilldiff.objectives.scm import SCM, SCMConfig, trigflow_F
+
+    teacher = load_teacher(str(folders["sd3"]), prompts=str(folders["prompts"])).double()
+    scm = SCM.build(SCMConfig(), teacher)
+    cond = {k: v.double() for k, v in teacher.conditioning.grid(2, "cpu").items()}
+    x_t = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.4, 1.2], dtype=torch.float64)
+    v = scm.teacher_velocity(teacher, x_t, t, cond)
+    _, dF = scm.tangent(teacher, x_t, t, v, cond)
+    # diffusers embeds the timestep in float32 and with frequencies up to 1 per timestep: a central difference
+    # is accurate to ~1e-3 only, for a step of ~0.1 timestep (h = 1e-4 in TrigFlow time)
+    h = 1e-4
+    fd = (trigflow_F(teacher, x_t + h * v, t + h, 1.0, cond) - trigflow_F(teacher, x_t - h * v, t - h, 1.0, cond)) / (2 * h)
+    fd = (t.cos() * t.sin())[:, None, None, None] * fd
+    err = float((dF - fd).abs().max() / fd.abs().max())
+    assert err < 1e-2, err
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):  # the same JVP without the time input's tangent is far off
+        _, dF_x = torch.func.jvp(lambda x: trigflow_F(teacher, x, t, 1.0, cond), (x_t,), ((t.cos() * t.sin())[:, None, None, None] * v,))
+    assert float((dF_x - fd).abs().max() / fd.abs().max()) > 10 * max(err, 1e-3)
+    student_dir = distill(_cfg(folders, {"name": "scm", "tangent_warmup": 2}, tmp_path, data=str(_captioned(tmp_path))))
+    meta = json.loads((student_dir / "distilldiff_student.json").read_text())
+    assert meta["pipeline"] == "StableDiffusion3Pipeline" and meta["timesteps"] == [1000.0]

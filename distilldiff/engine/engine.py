@@ -213,10 +213,11 @@ class Engine:
     def _batch(self) -> Batch:
         n, dev = self.micro_batch, self.device
         noise = torch.randn((n, *self.task.sample_shape), device=dev)
+        step = self.state.step  # the number of finished updates: 0 in the first
         if self.task.objective.needs_real_data:
             real, cond = self.task.data_fn(n, dev)
-            return Batch(noise=noise, cond=cond, real=real)
-        return Batch(noise=noise, cond=self.task.cond_fn(n, dev))
+            return Batch(noise=noise, cond=cond, real=real, step=step)
+        return Batch(noise=noise, cond=self.task.cond_fn(n, dev), step=step)
 
     def _nets_for(self, phase: Phase) -> dict[str, Any]:
         """The trained network as prepared, in train mode with gradients on its trainable

@@ -14,6 +14,7 @@ from .denoising import DenoisingConfig, DenoisingObjective
 from .fdistill import FDistill, FDistillConfig
 from .guidance import GuidanceConfig, GuidanceDistillation
 from .progressive import ProgressiveConfig, ProgressiveDistillation
+from .scm import SCM, SCMConfig
 from .sid import SiD, SiDConfig
 
 #: config name -> objective class (its hyperparameters: ``OBJECTIVES[name].config_class``)
@@ -31,12 +32,12 @@ def register(objective: type[Objective]) -> type[Objective]:
     return objective
 
 
-for _objective in (SiD, ConsistencyDistillation, FDistill, ProgressiveDistillation, GuidanceDistillation):
+for _objective in (SiD, ConsistencyDistillation, FDistill, ProgressiveDistillation, GuidanceDistillation, SCM):
     register(_objective)
 
 __all__ = [
     "Batch", "Objective", "Phase", "Stage", "OBJECTIVES", "register",
     "SiD", "SiDConfig", "ConsistencyDistillation", "ConsistencyConfig", "FDistill", "FDistillConfig",
-    "ProgressiveDistillation", "ProgressiveConfig", "GuidanceDistillation", "GuidanceConfig",
+    "ProgressiveDistillation", "ProgressiveConfig", "GuidanceDistillation", "GuidanceConfig", "SCM", "SCMConfig",
     "DenoisingObjective", "DenoisingConfig",
 ]

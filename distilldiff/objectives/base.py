@@ -41,11 +41,14 @@ class Batch:
         noise: ``[B, *sample_shape]`` standard normal noise for the generator.
         cond: conditioning keyword arguments for the networks (e.g. ``class_labels [B]``).
         real: ``[B, *sample_shape]`` real data, for objectives with ``needs_real_data``.
+        step: the training updates finished before this one (restored on resume), for
+            objectives whose loss follows a schedule (e.g. sCM's tangent warm-up).
     """
 
     noise: Tensor
     cond: dict[str, Any] = field(default_factory=dict)
     real: Tensor | None = None
+    step: int = 0
 
 
 @dataclass

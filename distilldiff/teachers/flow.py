@@ -131,7 +131,7 @@ class FlowDenoiser(TextConditioned, Denoiser):
         return self.denoise_scaled(x / append_dims(1 + sigma, x.ndim), sigma, **cond)
 
     def denoise_scaled(self, x_t: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
-        t = self.sigma_to_t(sigma.detach())
+        t = self.sigma_to_t(sigma)  # not detached: sCM's JVP differentiates through the time input
         t_dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
         timestep = t.to(t_dtype) * self.num_train_timesteps  # as the scheduler computes its timesteps (float32)
         model_dtype = getattr(self.model, "dtype", x_t.dtype)

@@ -82,7 +82,7 @@ class VPDenoiser(Denoiser):
         s = append_dims(sigma, x.ndim)
         x_t = vp_scale_input(x, s)
         t_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype  # 999 stays 999
-        t = self.sigma_to_timestep(sigma.detach()).to(t_dtype)
+        t = self.sigma_to_timestep(sigma).to(t_dtype)  # not detached: sCM's JVP differentiates through the timestep
         model_dtype = getattr(self.model, "dtype", x_t.dtype)
         model_dtype = model_dtype if isinstance(model_dtype, torch.dtype) else x_t.dtype
         out = self.model(x_t.to(model_dtype), t, **self.network_kwargs(cond, model_dtype))
