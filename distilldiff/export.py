@@ -105,13 +105,25 @@ def stock_lcm_scheduler(student: Student):
     return LCMScheduler.from_config(cfg)
 
 
-def stock_flow_sigmas(student: Student):
-    """The student's noise levels if they are the ``K``-step grid of its flow teacher's own
-    ``FlowMatchEulerDiscreteScheduler`` (so that the stock pipeline's ``num_inference_steps=K``
-    call reproduces them), else ``None``."""
-    want = student.denoiser.sampling_sigmas(student.num_steps).tolist()
-    close = all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(student.sigmas, want))  # inf only matches inf
-    return want if close else None
+def flow_call_sigmas(student: Student) -> list[float] | None:
+    """What a flow student's stock pipeline must be given as ``sigmas=`` to run on the student's noise
+    levels: ``None`` where they are the ``K``-step grid of the teacher's own
+    ``FlowMatchEulerDiscreteScheduler`` (``num_inference_steps=K`` alone reproduces them), else the
+    scheduler's unshifted values, ``v = t / (s - (s - 1) t)`` (``set_timesteps(sigmas=v)`` applies the
+    shift ``s``; e.g. a progressive-distillation grid, which takes every other level of a finer one)."""
+    den = student.denoiser
+    want = den.sampling_sigmas(student.num_steps).tolist()
+    if all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(student.sigmas, want)):  # inf only matches inf
+        return None
+    cfg = den.scheduler_config
+    if cfg.get("use_dynamic_shifting") or any(cfg.get(k) for k in ("shift_terminal", "use_karras_sigmas",
+                                                                     "use_exponential_sigmas", "use_beta_sigmas")):
+        raise ValueError(f"student noise levels {student.sigmas} are not the {student.num_steps}-step grid of the teacher's "
+                         "FlowMatchEulerDiscreteScheduler, whose configuration (dynamic shift or a sigma schedule) cannot "
+                         "be given other levels exactly")
+    shift = float(cfg.get("shift", 1.0))
+    t = den.sigma_to_t(torch.tensor(student.sigmas, dtype=torch.float64))
+    return [float(v) for v in t / (shift - (shift - 1) * t)]
 
 
 def _is_guided(den: VPDenoiser) -> bool:
@@ -125,6 +137,8 @@ def sampling_call(info: dict, path: str = "PATH") -> str:
         w = info.get("guidance_scale")
         length = info.get("max_sequence_length")
         extra = f", max_sequence_length={length}" if length not in (None, 256) else ""
+        if info.get("call_sigmas"):  # a flow student off the scheduler's default grid
+            extra += f", sigmas={info['call_sigmas']!r}"
         if w is not None:  # the student's guidance input: diffusers feeds w = guidance_scale - 1
             call = (f'images = pipe(["a prompt"] * 4, num_inference_steps={k}, guidance_scale={1 + w:g}{extra}).images'
                     f"  # the student's guidance input w = guidance_scale - 1 = {w:g} (any w it was trained on)")
@@ -191,9 +205,6 @@ def export_problem(student: Student) -> str | None:
         if den is not base or student.sampler != "ddim":
             return ("students of flow-matching teachers export as stock pipelines with a FlowMatchEulerDiscreteScheduler, "
                     "which samples deterministically: consistency (multistep) students of them are not supported yet")
-        if stock_flow_sigmas(student) is None:
-            return (f"student noise levels {student.sigmas} are not the {student.num_steps}-step grid of the teacher's "
-                    "FlowMatchEulerDiscreteScheduler (the stock pipeline runs on that); leave student.init_sigma unset (t = 1)")
         return None
     if not isinstance(base, LatentDenoiser):
         if isinstance(den, LCMConsistencyDenoiser):
@@ -344,6 +355,7 @@ def _save_flow(student: Student, folder: Path, info: dict[str, Any] | None) -> P
         "absent_components": [n for n in den.components.pipe.components if getattr(den.components.pipe, n, None) is None
                               and n not in type(den.components.pipe)._optional_components],
         "max_sequence_length": den.components.max_sequence_length,
+        "call_sigmas": flow_call_sigmas(student),
         **{k: v for k, v in (info or {}).items() if k != "default_guidance_scale"},
     }
     (folder / STUDENT_INFO_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -573,5 +585,5 @@ def _check_destination(out: Path, run: Path, src: Path) -> None:
 _DERIVED_KEYS = {
     "format", "pipeline", "sampler", "sigmas", "timesteps", "prediction_type", "sigma_data",
     "num_classes", "null_class", "guidance_scale", "kind", "init_sigma", "fid", "consistency_boundary", "lora",
-    "lcm", "scheduler", "absent_components", "max_sequence_length",
+    "lcm", "scheduler", "absent_components", "max_sequence_length", "call_sigmas",
 }

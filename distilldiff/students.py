@@ -78,16 +78,19 @@ class Student(nn.Module):
         """Images in [-1, 1] of the student's samples (latent students decode with the teacher's VAE)."""
         return self.denoiser.decode(x)
 
-    def forward(self, z: Tensor, generator: torch.Generator | None = None, *, sigma: Tensor | float | None = None, **cond: Any) -> Tensor:
+    def forward(self, z: Tensor, generator: torch.Generator | None = None, *, sigma: Tensor | float | None = None,
+                scaled: bool = False, **cond: Any) -> Tensor:
         """Map standard-normal ``z`` ``[B, *sample_shape]`` to samples of the same shape.
 
         With ``sigma`` given, ``z`` is instead a noisy sample at that noise level and the call
-        returns the student denoiser's ``D(z, sigma)``: objectives that train the denoiser
-        directly (consistency, progressive) call it this way so that the call goes through the
-        (possibly DDP-wrapped) student module.
+        returns the student denoiser's ``D(z, sigma)`` (with ``scaled``, ``z`` is given over
+        ``prior_scale(sigma)``: :meth:`~distilldiff.teachers.Denoiser.forward_scaled`, defined at
+        ``sigma = inf`` for flow teachers): objectives that train the denoiser directly
+        (consistency, progressive) call it this way so that the call goes through the (possibly
+        DDP-wrapped) student module.
         """
         if sigma is not None:
-            return self.denoiser(z, sigma, **cond)
+            return self.denoiser.forward_scaled(z, sigma, **cond) if scaled else self.denoiser(z, sigma, **cond)
         return sample_loop(self.denoiser, z, torch.tensor(self.sigmas, dtype=torch.float64), self.sampler, generator, **cond)
 
 

@@ -147,12 +147,13 @@ def test_one_step_objectives_train_on_a_flow_teacher(folders, objective, tmp_pat
 
 
 PLAIN_DIFFUSERS = r"""
-import sys, torch
+import json, sys, torch
 from diffusers import StableDiffusion3Pipeline
-folder, prompt, k, latents, out = sys.argv[1:]
+folder, prompt, k, latents, out = sys.argv[1:6]
+extra = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
 pipe = StableDiffusion3Pipeline.from_pretrained(folder, use_safetensors=True, text_encoder_3=None, tokenizer_3=None)
 z = torch.load(latents)
-images = pipe([prompt] * z.shape[0], num_inference_steps=int(k), guidance_scale=1.0, latents=z, output_type="pt").images
+images = pipe([prompt] * z.shape[0], num_inference_steps=int(k), guidance_scale=1.0, latents=z, output_type="pt", **extra).images
 torch.save(images, out)
 assert not any(m.startswith("distilldiff") for m in sys.modules), "plain diffusers must not import distilldiff"
 """
@@ -179,11 +180,30 @@ def test_flow_student_export_runs_in_plain_diffusers_in_a_fresh_process(folders,
     assert (ours[0] - ours[1]).abs().max() > 1e-3
 
 
+def test_progressive_student_of_a_flow_teacher_runs_in_plain_diffusers(folders, tmp_path):
+    """Progressive distillation from t = 1 (4 -> 2 steps): the student's levels are every other one of the
+    4-step grid, which the stock pipeline runs when given them as sigmas= (as its model card says)."""
+    from distilldiff.export import export_run
+
+    distill(_cfg(folders, {"name": "progressive", "start_steps": 4, "end_steps": 2}, tmp_path, data=str(_captioned(tmp_path))))
+    out = export_run(tmp_path / "run", tmp_path / "export")
+    meta = json.loads((out / "distilldiff_student.json").read_text())
+    assert math.isinf(meta["sigmas"][0]) and len(meta["sigmas"]) == 2 and meta["call_sigmas"][0] == 1.0
+    assert f"sigmas={meta['call_sigmas']!r}" in (out / "README.md").read_text()
+    prompt, seed, n = PROMPTS[1], 4, 2
+    ours = (load_sampler(str(out), device="cpu").sample(n, seed=seed, prompt=prompt) + 1) / 2
+    z = torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(seed))
+    torch.save(z, tmp_path / "z.pt")
+    proc = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(out), prompt, "2", str(tmp_path / "z.pt"),
+                           str(tmp_path / "theirs.pt"), json.dumps({"sigmas": meta["call_sigmas"]})],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    torch.testing.assert_close(ours, torch.load(tmp_path / "theirs.pt"), rtol=0, atol=1e-5)
+
+
 def test_unsupported_flow_settings_are_one_line_errors(folders, tmp_path):
-    with pytest.raises(ConfigError, match="not the 1-step grid of the teacher's FlowMatchEulerDiscreteScheduler"):
-        build_distill_task(_cfg(folders, {"name": "sid"}, tmp_path, student={"init_sigma": 2.5}))
-    with pytest.raises(ConfigError, match="progressive distillation of flow teachers is not supported yet"):
-        build_distill_task(_cfg(folders, {"name": "progressive", "start_steps": 4}, tmp_path, data=str(tmp_path)))
+    with pytest.raises(ConfigError, match="consistency .multistep. students of them are not supported yet"):
+        build_distill_task(_cfg(folders, {"name": "scm", "sample_steps": 2}, tmp_path, data=str(tmp_path)))
     with pytest.raises(ValueError, match="flow-matching pipeline .it predicts velocity.; remove the key"):
         load_teacher(str(folders["sd3"]), prediction_type="epsilon")
     with pytest.raises(ValueError, match="not defined at sigma = inf"):

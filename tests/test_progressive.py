@@ -21,7 +21,7 @@ def test_target_lands_on_two_teacher_steps(s_b):
     pd = ProgressiveDistillation(ProgressiveConfig(), [2.0, 0.9])
     z = torch.randn(32, 2, dtype=torch.float64) * 2
     s_a, s_m, s_b_ = (torch.full((32,), v, dtype=torch.float64) for v in (2.0, 0.9, s_b))
-    x_target = pd.target(t, z, s_a, s_m, s_b_, {})
+    x_target = pd.target(t, z / 2.0, s_a, s_m, s_b_, {})  # the input over prior_scale(s_a) = s_a (EDM)
     # the teacher's two DDIM steps, written out with the sampler (s_b = 0: the last step returns x0)
     sigmas = torch.tensor([2.0, 0.9] + ([s_b] if s_b else []), dtype=torch.float64)
     x1 = t(z, 2.0)

@@ -8,7 +8,6 @@ makes each stage's student the next stage's teacher.
 
 from __future__ import annotations
 
-import math
 
 from dataclasses import dataclass
 from typing import ClassVar, Mapping
@@ -16,7 +15,7 @@ from typing import ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, ObjectiveConfig, StudentConfig
+from ..config import ObjectiveConfig, StudentConfig
 from ..samplers import teacher_grid
 from ..students import Student, student_copy
 from ..teachers.base import Denoiser
@@ -59,12 +58,15 @@ class ProgressiveConfig(ObjectiveConfig):
 
 
 def full_grid(config: ProgressiveConfig, teacher: Denoiser) -> list[float]:
-    """The first teacher's N decreasing noise levels; every later grid takes every 2^k-th of them."""
-    grid = teacher_grid(teacher, config.start_steps, config.sigma_min, config.sigma_max, config.rho)
-    if math.isinf(grid[0]):
-        raise ConfigError("objective 'progressive': the teacher's sampling grid starts at pure noise (sigma = inf, a "
-                          "flow-matching teacher's t = 1); progressive distillation of flow teachers is not supported yet")
-    return grid
+    """The first teacher's N decreasing noise levels; every later grid takes every 2^k-th of them
+    (a flow teacher's starts at ``inf``, pure noise)."""
+    return teacher_grid(teacher, config.start_steps, config.sigma_min, config.sigma_max, config.rho)
+
+
+def prior_ratio(den: nn.Module, sigma: Tensor) -> Tensor:
+    """``prior_scale(sigma) / sigma``, 1 at ``sigma = inf`` (its limit for every denoiser here)."""
+    ratio = den.prior_scale(sigma) / sigma
+    return torch.where(torch.isinf(sigma), torch.ones_like(ratio), ratio)
 
 
 def stage_plan(config: ProgressiveConfig) -> list[int]:
@@ -138,14 +140,19 @@ class ProgressiveDistillation(Objective):
     def sample_cond(self, n: int, device) -> dict[str, Tensor]:
         return w_cond(self.default_w, n, device)
 
-    def target(self, teacher: nn.Module, z: Tensor, s_a: Tensor, s_m: Tensor, s_b: Tensor, cond: dict) -> Tensor:
-        """x_target = (z'' - (s_b/s_a) z) / (1 - s_b/s_a), z'' after two teacher DDIM steps s_a -> s_m -> s_b."""
-        a, m, b = (append_dims(s, z.ndim) for s in (s_a, s_m, s_b))
-        x1 = teacher(z, s_a, **cond)
-        z1 = x1 + (m / a) * (z - x1)  # DDIM in sigma space: x_b = x0 + (sigma_b / sigma_a)(x_a - x0)
+    def target(self, teacher: nn.Module, u: Tensor, s_a: Tensor, s_m: Tensor, s_b: Tensor, cond: dict) -> Tensor:
+        """x_target = (z'' - (s_b/s_a) z) / (1 - s_b/s_a), z'' after two teacher DDIM steps s_a -> s_m -> s_b.
+
+        ``u = z / prior_scale(s_a)`` is the noisy sample in units of the pure-noise scale, so that ``s_a``
+        may be ``inf`` (a flow teacher's t = 1, where ``u`` is the noise): with ``z / s_a = u q``,
+        ``q = prior_scale(s_a) / s_a`` (1 at ``inf``), the first step's ``(z - x1) / s_a`` is ``u q - x1 / s_a``."""
+        a, m, b = (append_dims(s, u.ndim) for s in (s_a, s_m, s_b))
+        q = append_dims(prior_ratio(teacher, s_a), u.ndim)
+        x1 = teacher.forward_scaled(u, s_a, **cond)
+        z1 = x1 + m * (u * q - x1 / a)  # DDIM in sigma space: x_b = x0 + (sigma_b / sigma_a)(x_a - x0)
         x2 = teacher(z1, s_m, **cond)
         z2 = x2 + (b / m) * (z1 - x2)
-        return (z2 - (b / a) * z) / (1 - b / a)
+        return (z2 - b * u * q) / (1 - b / a)
 
     def loss(self, phase: Phase, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """max(SNR, 1) ||x_hat(z, s_a) - x_target||^2, SNR = 1 / s_a^2 (truncated-SNR weighting)."""
@@ -156,10 +163,12 @@ class ProgressiveDistillation(Objective):
         sig = torch.cat([self.teacher_sigmas, self.teacher_sigmas.new_zeros(1)]).to(device=x0.device, dtype=x0.dtype)
         i = 2 * torch.randint(0, len(self.teacher_sigmas) // 2, (x0.shape[0],), device=x0.device)
         s_a, s_m, s_b = sig[i], sig[i + 1], sig[i + 2]
-        z = x0 + append_dims(s_a, x0.ndim) * torch.randn_like(x0)
+        teacher = nets["teacher"]
+        p = append_dims(teacher.prior_scale(s_a), x0.ndim)  # u = z / p = x0 / p + (s_a / p) n; at s_a = inf: n
+        u = x0 / p + append_dims(1 / prior_ratio(teacher, s_a), x0.ndim) * torch.randn_like(x0)
         with torch.no_grad():
-            target = self.target(nets["teacher"], z, s_a, s_m, s_b, cond)
-        pred = nets["student"](z, sigma=s_a, **cond)
+            target = self.target(teacher, u, s_a, s_m, s_b, cond)
+        pred = nets["student"](u, sigma=s_a, scaled=True, **cond)
         weight = (1 / s_a**2).clamp_min(1.0)
         loss = (weight * mean_chw((pred - target) ** 2)).mean()
         return loss, {"loss": loss.detach()}
