@@ -71,7 +71,7 @@ def test_importing_the_objectives_registers_them():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     names = next(l for l in out.stdout.splitlines() if l.startswith("NAMES ")).split()[1:]
-    assert set(names) == {"sid", "consistency", "fdistill", "progressive", "guidance"}
+    assert set(names) == {"sid", "consistency", "fdistill", "progressive", "guidance", "scm"}
     assert set(distilldiff.OBJECTIVES) >= set(names)
 
 
