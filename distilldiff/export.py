@@ -248,8 +248,7 @@ def _save_text_to_image(student: Student, folder: Path, scheduler) -> str:
         net = copy.deepcopy(net)
         net.fuse_lora()
         net.unload_lora()
-    pipe = den.components.pipeline(**{name: net}, scheduler=scheduler)
-    pipe.save_pretrained(str(folder), safe_serialization=True)
+    den.components.save(folder, **{name: net}, scheduler=scheduler)
     return cls.__name__
 
 

@@ -71,7 +71,7 @@ def build_flow_pipeline(cfg: FlowTeacherConfig):
 def save_flow_teacher(denoiser, folder: Path, info: dict) -> None:
     """Write the teacher (``denoiser``: the :class:`~distilldiff.teachers.FlowDenoiser` being trained,
     whose transformer may be the EMA copy) as a ``StableDiffusion3Pipeline`` folder with its T5 length."""
-    denoiser.components.pipeline(transformer=denoiser.model).save_pretrained(str(folder), safe_serialization=True)
+    denoiser.components.save(folder, transformer=denoiser.model)
     meta = {"sigma_data": denoiser.sigma_data, "max_sequence_length": denoiser.components.max_sequence_length, "training": info}
     (Path(folder) / TEACHER_INFO_FILE).write_text(json.dumps(meta, indent=2))
 

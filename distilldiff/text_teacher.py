@@ -143,7 +143,7 @@ def build_pipeline(cfg: TextToImageTeacherConfig, vae: nn.Module, tokenizer_dir:
 def save_text_to_image_teacher(denoiser, folder: Path, info: dict) -> None:
     """Write the teacher (``denoiser``: the :class:`~distilldiff.teachers.text.LatentDenoiser` being
     trained, whose UNet may be the EMA copy) as a ``StableDiffusionPipeline`` folder."""
-    denoiser.components.pipeline(unet=denoiser.model).save_pretrained(str(folder), safe_serialization=True)
+    denoiser.components.save(folder, unet=denoiser.model)
     meta = {"sigma_data": denoiser.sigma_data, "training": info}
     (Path(folder) / TEACHER_INFO_FILE).write_text(json.dumps(meta, indent=2))
 

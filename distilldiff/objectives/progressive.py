@@ -63,6 +63,14 @@ def full_grid(config: ProgressiveConfig, teacher: Denoiser) -> list[float]:
     return teacher_grid(teacher, config.start_steps, config.sigma_min, config.sigma_max, config.rho)
 
 
+def scaled_input(den: nn.Module, x0: Tensor, n: Tensor, sigma: Tensor) -> Tensor:
+    """``(x0 + sigma n) / prior_scale(sigma)`` of denoiser ``den`` (its ``forward_scaled`` input), written
+    ``x0 / p + n / q`` with ``q = p / sigma`` so that it is ``n`` at ``sigma = inf``."""
+    p = den.prior_scale(sigma)
+    p = torch.where(torch.isinf(sigma), torch.full_like(p, float("inf")), p)
+    return x0 / append_dims(p, x0.ndim) + n / append_dims(prior_ratio(den, sigma), x0.ndim)
+
+
 def prior_ratio(den: nn.Module, sigma: Tensor) -> Tensor:
     """``prior_scale(sigma) / sigma``, 1 at ``sigma = inf`` (its limit for every denoiser here)."""
     ratio = den.prior_scale(sigma) / sigma
@@ -163,12 +171,11 @@ class ProgressiveDistillation(Objective):
         sig = torch.cat([self.teacher_sigmas, self.teacher_sigmas.new_zeros(1)]).to(device=x0.device, dtype=x0.dtype)
         i = 2 * torch.randint(0, len(self.teacher_sigmas) // 2, (x0.shape[0],), device=x0.device)
         s_a, s_m, s_b = sig[i], sig[i + 1], sig[i + 2]
-        teacher = nets["teacher"]
-        p = append_dims(teacher.prior_scale(s_a), x0.ndim)  # u = z / p = x0 / p + (s_a / p) n; at s_a = inf: n
-        u = x0 / p + append_dims(1 / prior_ratio(teacher, s_a), x0.ndim) * torch.randn_like(x0)
+        teacher, student = nets["teacher"], nets["student"]
+        n = torch.randn_like(x0)  # z = x0 + s_a n, given to each network over its own prior scale
         with torch.no_grad():
-            target = self.target(teacher, u, s_a, s_m, s_b, cond)
-        pred = nets["student"](u, sigma=s_a, scaled=True, **cond)
+            target = self.target(teacher, scaled_input(teacher, x0, n, s_a), s_a, s_m, s_b, cond)
+        pred = student(scaled_input(getattr(student, "module", student).denoiser, x0, n, s_a), sigma=s_a, scaled=True, **cond)
         weight = (1 / s_a**2).clamp_min(1.0)
         loss = (weight * mean_chw((pred - target) ** 2)).mean()
         return loss, {"loss": loss.detach()}

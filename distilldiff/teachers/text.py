@@ -171,6 +171,19 @@ class PipelineComponents:
             settings["requires_safety_checker"] = False
         return cls(**parts, **settings)
 
+    def save(self, folder, **replace: Any) -> None:
+        """``pipeline(**replace).save_pretrained(folder)`` in safetensors, without diffusers' warning
+        for each component the pipeline lacks (SD3's T5: absent by design here)."""
+        import logging
+
+        log = logging.getLogger("diffusers.pipelines.pipeline_utils")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            self.pipeline(**replace).save_pretrained(str(folder), safe_serialization=True)
+        finally:
+            log.setLevel(level)
+
     # -- prompts ---------------------------------------------------------------------------------
 
     @torch.no_grad()
