@@ -278,3 +278,10 @@ def test_scm_trains_on_a_flow_teacher_and_exports_its_one_step_student(folders, 
     student_dir = distill(_cfg(folders, {"name": "scm", "tangent_warmup": 2}, tmp_path, data=str(_captioned(tmp_path))))
     meta = json.loads((student_dir / "distilldiff_student.json").read_text())
     assert meta["pipeline"] == "StableDiffusion3Pipeline" and meta["timesteps"] == [1000.0]
+
+
+def test_shipped_mini_flow_teacher_loads_with_its_prompts_and_t5_length():
+    teacher = load_teacher("builtin:mnist-t2i-flow")
+    assert isinstance(teacher, FlowDenoiser) and teacher.sample_shape == (4, 8, 8)
+    assert teacher.components.max_sequence_length == 16 and len(teacher.conditioning.prompts) == 1000
+    assert teacher.components.image_size == (32, 32)

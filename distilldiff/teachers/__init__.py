@@ -14,7 +14,7 @@ from .guidance import CFGDenoiser
 from .text import EmbeddingCache, LatentDenoiser, TextConditioned, TextEmbeddings, is_text_to_image, read_prompts
 from .vp import VPDenoiser, _read_teacher_info, ddim_timesteps, load_pipeline
 
-BUILTIN_TEACHERS = {"mnist": "mnist-teacher", "mnist-t2i": "mnist-t2i-teacher"}
+BUILTIN_TEACHERS = {"mnist": "mnist-teacher", "mnist-t2i": "mnist-t2i-teacher", "mnist-t2i-flow": "mnist-t2i-flow-teacher"}
 
 
 def builtin_teacher_path(name: str) -> Path:
