@@ -321,11 +321,8 @@ def save_student(student: Student, folder: str | Path, info: dict[str, Any] | No
         "lcm": lcm,
         "scheduler": scheduler_class,
         "lora": _lora_info(den),
-        **{k: v for k, v in (info or {}).items() if k != "default_guidance_scale"},
     }
-    (folder / STUDENT_INFO_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    (folder / "README.md").write_text(model_card(meta, path=folder.name))
-    return folder
+    return _write_student_info(folder, meta, info)
 
 
 def _save_flow(student: Student, folder: Path, info: dict[str, Any] | None) -> Path:
@@ -355,8 +352,14 @@ def _save_flow(student: Student, folder: Path, info: dict[str, Any] | None) -> P
                               and n not in type(den.components.pipe)._optional_components],
         "max_sequence_length": den.components.max_sequence_length,
         "call_sigmas": flow_call_sigmas(student),
-        **{k: v for k, v in (info or {}).items() if k != "default_guidance_scale"},
     }
+    return _write_student_info(folder, meta, info)
+
+
+def _write_student_info(folder: Path, meta: dict[str, Any], info: dict[str, Any] | None) -> Path:
+    """Write ``distilldiff_student.json`` (the student's own fields ``meta``, then the run's ``info``:
+    teacher, objective, step, ...) and the model card into ``folder``; returns ``folder``."""
+    meta = {**meta, **{k: v for k, v in (info or {}).items() if k != "default_guidance_scale"}}
     (folder / STUDENT_INFO_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     (folder / "README.md").write_text(model_card(meta, path=folder.name))
     return folder

@@ -14,16 +14,15 @@ import json
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .config import FlowTeacherConfig, to_dict
-from .data import RandomBatches, padded_digits
+from .data import padded_digits
 from .engine import TrainTask
 from .engine.stages import StagedRun
-from .metrics.background import grid_stats
 from .objectives.flow_matching import FlowMatchingObjective
-from .samplers import ddim_sample
 from .teachers.vp import TEACHER_INFO_FILE
+from .text_teacher import captioned_digits_task
 
 
 def clip_with_projection(text_encoder: nn.Module, seed: int) -> nn.Module:
@@ -78,9 +77,8 @@ def save_flow_teacher(denoiser, folder: Path, info: dict) -> None:
 
 def build_flow_task(cfg: FlowTeacherConfig) -> TrainTask:
     """The transformer's run on the latents of the base pipeline's autoencoder."""
-    from .captions import mnist5k_captions
     from .teachers.flow import FlowDenoiser
-    from .teachers.text import LatentCache, embeddings_of
+    from .teachers.text import LatentCache
 
     pipe = build_flow_pipeline(cfg)
     teacher = FlowDenoiser.from_pipeline(pipe, "mnist5k", max_sequence_length=cfg.max_sequence_length)
@@ -89,31 +87,9 @@ def build_flow_task(cfg: FlowTeacherConfig) -> TrainTask:
         raise ValueError(f"base: {cfg.base} makes {pipe.vae.config.in_channels}x{h}x{w} images; the digits need grey square ones of >= 28 pixels")
     images, _ = padded_digits(h)
     latents = LatentCache().get(teacher.components, images)
-    captions = mnist5k_captions()
-    teacher.set_prompts(sorted(set(captions)))
-    cond = embeddings_of(captions, teacher.conditioning.prompts, teacher.conditioning.embeds)
-    objective = FlowMatchingObjective(cfg.objective, teacher.conditioning)
-    sigmas = teacher.sampling_sigmas(cfg.sample_steps)
-
-    def sample_fn(model: nn.Module, noise: Tensor, c: dict, generator=None) -> Tensor:
-        return model.decode(ddim_sample(model, noise, sigmas, **c))  # DDIM in sigma space = the scheduler's Euler step
-
-    def grid_cond(n: int, device) -> dict:  # the captions of n digits spread evenly over the (class-sorted) set
-        idx = torch.arange(n) * (len(captions) // max(1, n)) % len(captions)
-        return {k: v[idx].to(device) for k, v in cond.items()}
-
-    return TrainTask(
-        objective=objective,
-        networks={"model": teacher},
-        sample_shape=teacher.sample_shape,
-        cond_fn=lambda n, dev: {},
-        data_fn=RandomBatches(latents, cond=cond),
-        grid_cond_fn=grid_cond,
-        sample_fn=sample_fn,
-        save_fn=save_flow_teacher,
-        info={"dataset": f"{cfg.dataset} with distilldiff.captions", "base": cfg.base},
-        image_stats=grid_stats,
-    )
+    return captioned_digits_task(teacher, lambda t: FlowMatchingObjective(cfg.objective, t.conditioning), latents,
+                                 cfg.sample_steps, save_flow_teacher,
+                                 {"dataset": f"{cfg.dataset} with distilldiff.captions", "base": cfg.base})
 
 
 def train_flow_teacher(cfg: FlowTeacherConfig, resume: str | None = None, output_dir: str | Path | None = None) -> Path:

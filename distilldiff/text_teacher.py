@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import string
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -153,8 +153,8 @@ def build_unet_task(cfg: TextToImageTeacherConfig, vae_folder: Path, work: Path)
     written to ``work``."""
     from diffusers import AutoencoderKL
 
-    from .captions import caption_vocabulary, mnist5k_captions
-    from .teachers.text import LatentDenoiser, embeddings_of
+    from .captions import caption_vocabulary
+    from .teachers.text import LatentDenoiser
 
     vae = AutoencoderKL.from_pretrained(str(vae_folder), use_safetensors=True)
     images, _ = padded_digits(cfg.image_size)
@@ -163,29 +163,44 @@ def build_unet_task(cfg: TextToImageTeacherConfig, vae_folder: Path, work: Path)
     pipe = build_pipeline(cfg, vae, write_word_tokenizer(work / "tokenizer", caption_vocabulary(), cfg.max_tokens), scaling)
     pipe.vae.load_state_dict(vae.state_dict())
     teacher = LatentDenoiser.from_pipeline(pipe, "mnist5k")
+    return captioned_digits_task(
+        teacher, lambda t: DenoisingObjective(cfg.objective, t.schedule.sigmas, t.prediction_type, t.conditioning),
+        latents * scaling, cfg.sample_steps, save_text_to_image_teacher,
+        {"dataset": f"{cfg.dataset} with distilldiff.captions", "scaling_factor": scaling})
+
+
+def captioned_digits_task(teacher, make_objective: Callable, latents: Tensor, sample_steps: int, save_fn: Callable,
+                          info: dict) -> TrainTask:
+    """The run of a latent text-to-image teacher's network (``teacher``: a denoiser with
+    :class:`~distilldiff.teachers.text.TextConditioned` prompts) on the latents ``[5000, ...]`` of the
+    captioned digits: prompts are the digits' distinct captions, ``make_objective(teacher)`` builds the
+    objective once they are set, and sample grids use ``sample_steps`` of the teacher's own sampling grid
+    with the captions of digits spread evenly over the (class-sorted) set."""
+    from .captions import mnist5k_captions
+    from .teachers.text import embeddings_of
+
     captions = mnist5k_captions()
     teacher.set_prompts(sorted(set(captions)))
     cond = embeddings_of(captions, teacher.conditioning.prompts, teacher.conditioning.embeds)
-    objective = DenoisingObjective(cfg.objective, teacher.schedule.sigmas, teacher.prediction_type, teacher.conditioning)
-    sigmas = teacher.discrete_sigmas(cfg.sample_steps, "trailing")
+    sigmas = teacher.sampling_sigmas(sample_steps)
 
     def sample_fn(model: nn.Module, noise: Tensor, c: dict, generator=None) -> Tensor:
-        return model.decode(ddim_sample(model, noise, sigmas, **c))
+        return model.decode(ddim_sample(model, noise, sigmas, **c))  # for flow teachers, the scheduler's Euler steps
 
-    def grid_cond(n: int, device) -> dict:  # the captions of n digits spread evenly over the (class-sorted) set
+    def grid_cond(n: int, device) -> dict:
         idx = torch.arange(n) * (len(captions) // max(1, n)) % len(captions)
         return {k: v[idx].to(device) for k, v in cond.items()}
 
     return TrainTask(
-        objective=objective,
+        objective=make_objective(teacher),
         networks={"model": teacher},
         sample_shape=teacher.sample_shape,
         cond_fn=lambda n, dev: {},
-        data_fn=RandomBatches(latents * scaling, cond=cond),
+        data_fn=RandomBatches(latents, cond=cond),
         grid_cond_fn=grid_cond,
         sample_fn=sample_fn,
-        save_fn=save_text_to_image_teacher,
-        info={"dataset": f"{cfg.dataset} with distilldiff.captions", "scaling_factor": scaling},
+        save_fn=save_fn,
+        info=info,
         image_stats=grid_stats,
     )
 

@@ -150,6 +150,16 @@ def check_student_keys(student: StudentConfig, objective: str, uses: Iterable[st
             raise ConfigError(f"student.{key}: objective '{objective}' sets its own noise levels and does not use it; remove the key")
 
 
+def drop_conditioning(conditioning, cond: dict[str, Any], prob: float, like: Tensor) -> dict[str, Any]:
+    """``cond`` with each sample's conditioning replaced, with probability ``prob``, by the model's
+    unconditional input (Ho & Salimans 2022, Alg. 1: so a model being trained also learns ``D_u`` for
+    classifier-free guidance); unchanged at ``prob`` 0 or without conditioning. ``like``: ``[B, ...]``."""
+    if not prob > 0 or not conditioning.split(cond)[0]:
+        return cond
+    drop = torch.rand(like.shape[0], device=like.device) < prob
+    return conditioning.null_where(cond, drop)
+
+
 def edm_sigma(batch: int, p_mean: float, p_std: float, like: Tensor) -> Tensor:
     """EDM training noise levels ``sigma = exp(N(P_mean, P_std^2))`` (Karras et al. 2022, sec. 5)."""
     return (torch.randn(batch, device=like.device, dtype=like.dtype) * p_std + p_mean).exp()

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..config import DenoisingConfig
 from ..teachers.conditioning import Conditioning
-from .base import Batch, Objective, Phase, denoising_loss
+from .base import Batch, Objective, Phase, denoising_loss, drop_conditioning
 
 __all__ = ["DenoisingConfig", "DenoisingObjective"]
 
@@ -56,10 +56,7 @@ class DenoisingObjective(Objective):
         x0 = batch.real
         t = torch.randint(0, len(self.sigmas), (x0.shape[0],))
         sigma = self.sigmas[t].to(x0)
-        cond = dict(batch.cond)
-        if self.conditioning.split(cond)[0] and self.config.cond_drop_prob > 0:
-            drop = torch.rand(x0.shape[0], device=x0.device) < self.config.cond_drop_prob
-            cond = self.conditioning.null_where(cond, drop)
+        cond = drop_conditioning(self.conditioning, dict(batch.cond), self.config.cond_drop_prob, x0)
         # per-pixel mean, as diffusers' MSE on the model output
         loss = denoising_loss(nets["model"], x0, sigma, self.weight(sigma), cond) / x0[0].numel()
         return loss, {"loss": loss.detach()}

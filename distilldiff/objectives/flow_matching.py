@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from ..config import FlowMatchingConfig
 from ..teachers.conditioning import Conditioning
-from .base import Batch, Objective, Phase, denoising_loss
+from .base import Batch, Objective, Phase, denoising_loss, drop_conditioning
 
 __all__ = ["FlowMatchingConfig", "FlowMatchingObjective"]
 
@@ -54,10 +54,7 @@ class FlowMatchingObjective(Objective):
     def loss(self, phase: Phase, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         x0 = batch.real
         sigma = self.draw_sigma(x0.shape[0], x0)
-        cond = dict(batch.cond)
-        if self.conditioning.split(cond)[0] and self.config.cond_drop_prob > 0:
-            drop = torch.rand(x0.shape[0], device=x0.device) < self.config.cond_drop_prob
-            cond = self.conditioning.null_where(cond, drop)
+        cond = drop_conditioning(self.conditioning, dict(batch.cond), self.config.cond_drop_prob, x0)
         # per-element mean, as diffusers' MSE on the velocity
         loss = denoising_loss(nets["model"], x0, sigma, self.weight(sigma), cond) / x0[0].numel()
         return loss, {"loss": loss.detach()}

@@ -66,9 +66,7 @@ def full_grid(config: ProgressiveConfig, teacher: Denoiser) -> list[float]:
 def scaled_input(den: nn.Module, x0: Tensor, n: Tensor, sigma: Tensor) -> Tensor:
     """``(x0 + sigma n) / prior_scale(sigma)`` of denoiser ``den`` (its ``forward_scaled`` input), written
     ``x0 / p + n / q`` with ``q = p / sigma`` so that it is ``n`` at ``sigma = inf``."""
-    p = den.prior_scale(sigma)
-    p = torch.where(torch.isinf(sigma), torch.full_like(p, float("inf")), p)
-    return x0 / append_dims(p, x0.ndim) + n / append_dims(prior_ratio(den, sigma), x0.ndim)
+    return x0 / append_dims(den.prior_scale(sigma), x0.ndim) + n / append_dims(prior_ratio(den, sigma), x0.ndim)  # x0 / inf = 0
 
 
 def prior_ratio(den: nn.Module, sigma: Tensor) -> Tensor:

@@ -194,15 +194,17 @@ class SCM(Objective):
         x0, cond = batch.real, dict(batch.cond)
         sigma = self.levels.draw(x0.shape[0], x0)
         t = torch.atan(sigma / self.sigma_data)
-        x_t = append_dims(t.cos(), x0.ndim) * (x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0))
+        c, s = append_dims(t.cos(), x0.ndim), append_dims(t.sin(), x0.ndim)
+        x_sigma = x0 + append_dims(sigma, x0.ndim) * torch.randn_like(x0)
+        x_t = c * x_sigma
         student = nets["student"]
         den = getattr(student, "module", student).denoiser
         with torch.no_grad():
             dxt_dt = self.teacher_velocity(nets["teacher"], x_t, t, cond)
         F_minus, dF = self.tangent(den, x_t, t, dxt_dt, cond)
         g = self.tangent_target(F_minus, dF, x_t, t, dxt_dt, self.warmup(batch.step))
-        d, u = student(x_t / append_dims(t.cos(), x0.ndim), sigma=sigma, log_weight=True, **cond)
-        F = (append_dims(t.cos(), x0.ndim) * x_t - d) / (self.sigma_data * append_dims(t.sin(), x0.ndim))
+        d, u = student(x_t / c, sigma=sigma, log_weight=True, **cond)  # D_theta at (x_t / cos t, sigma_d tan t)
+        F = (c * x_t - d) / (self.sigma_data * s)
         err = mean_chw((F - F_minus - g) ** 2)
         loss = (torch.exp(-u) * err + u).mean()
         return loss, {"loss": loss.detach(), "unweighted": err.mean().detach()}

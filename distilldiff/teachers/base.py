@@ -100,8 +100,12 @@ class Denoiser(nn.Module):
         return class_conditioning(self.num_classes, self.null_class)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters a trained copy of this denoiser updates (default: all of them; an
-        adapter such as LoRA returns only its own). The training engine optimises exactly these."""
+        """The parameters a trained copy of this denoiser updates: all of them, or only the LoRA
+        adapter's where its network (``self.model``) carries one (``student.lora_rank``). The training
+        engine optimises exactly these."""
+        model = getattr(self, "model", None)
+        if getattr(model, "peft_config", None):
+            return [p for n, p in model.named_parameters() if "lora_" in n]
         return list(self.parameters())
 
     def learning_rate_scales(self) -> dict[nn.Parameter, float]:

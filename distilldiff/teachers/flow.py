@@ -146,12 +146,6 @@ class FlowDenoiser(TextConditioned, Denoiser):
             raise ValueError("a guidance weight was given, but this transformer has no guidance input")
         return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in cond.items()}
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """All parameters, or only the LoRA adapter's where the network has one (``student.lora_rank``)."""
-        if getattr(self.model, "peft_config", None):
-            return [p for n, p in self.model.named_parameters() if "lora_" in n]
-        return list(self.parameters())
-
     @classmethod
     def from_pipeline(cls, pipe, source: str | os.PathLike = "", *, sigma_data: float | None = None,
                       max_sequence_length: int | None = None) -> "FlowDenoiser":

@@ -92,12 +92,6 @@ class VPDenoiser(Denoiser):
         alpha_bar = 1 / (1 + s**2)
         return vp_x0_from_output(x_t, out.to(x.dtype), alpha_bar, self.prediction_type)
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """All parameters, or only the LoRA adapter's where the network has one (``student.lora_rank``)."""
-        if getattr(self.model, "peft_config", None):
-            return [p for n, p in self.model.named_parameters() if "lora_" in n]
-        return list(self.parameters())
-
     @property
     def takes_guidance_scale(self) -> bool:
         """Whether the network takes the guidance weight ``w`` (``cond["guidance_scale"]``) as an input."""
