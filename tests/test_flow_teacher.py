@@ -286,3 +286,16 @@ def test_shipped_mini_flow_teacher_loads_with_its_prompts_and_t5_length():
     assert isinstance(teacher, FlowDenoiser) and teacher.sample_shape == (4, 8, 8)
     assert teacher.components.max_sequence_length == 16 and len(teacher.conditioning.prompts) == 1000
     assert teacher.components.image_size == (32, 32)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("shift", 0.0, "shift must be > 0"),
+    ("max_sequence_length", 600, r"max_sequence_length must be in \[1, 512\]"),
+    ("objective.logit_std", 0.0, "objective.logit_std must be > 0"),
+    ("objective.cond_drop_prob", 1.0, r"objective.cond_drop_prob must be in \[0, 1\)"),
+])
+def test_flow_teacher_config_errors(key, value, message):
+    from distilldiff.config import FlowTeacherConfig
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(FlowTeacherConfig, "configs/mnist/t2i_flow_teacher.yaml", [f"{key}={value}"])

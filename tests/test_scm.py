@@ -77,3 +77,18 @@ def test_scm_student_reproduces_the_mixture(steps, updates, tmp_path):
     assert before_near < 0.2
     torch.testing.assert_close(mass, torch.tensor(WEIGHTS, dtype=torch.float64), rtol=0, atol=0.05)
     assert near > 0.7
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"sample_steps": 3}, "sample_steps must be 1 or 2"),
+    ({"mid_time": 1.6}, "mid_time must be in .0, pi/2."),
+    ({"tangent_warmup": -1}, "tangent_warmup must be >= 0"),
+    ({"tangent_norm_const": 0.0}, "tangent_norm_const must be > 0"),
+    ({"p_std": 0.0}, "p_std must be > 0"),
+])
+def test_scm_config_errors(kwargs, message):
+    from distilldiff.config import ConfigError, DistillConfig, load_config
+
+    data = {"teacher": {"path": "builtin:mnist"}, "objective": {"name": "scm", **kwargs}}
+    with pytest.raises(ConfigError, match=message):
+        load_config(DistillConfig, data=data)
