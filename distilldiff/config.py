@@ -34,6 +34,10 @@ class TeacherConfig:
         sigma_data, num_classes, null_class: override the teacher's metadata.
         dtype: precision the frozen teacher is kept in (``bfloat16``/``float16`` halve its memory;
             the student and critics are copied from it before the cast and train in float32).
+        image_size: Flux teachers: the side in pixels of the square images distilled (unset: the
+            pipeline's default, 1024 for FLUX.1; its call's ``height``/``width``).
+        embedded_guidance: Flux teachers with a guidance input (FLUX.1-dev): its value for the
+            teacher and the student (unset: 3.5, ``FluxPipeline``'s default ``guidance_scale``).
     """
 
     path: str
@@ -42,6 +46,8 @@ class TeacherConfig:
     sigma_data: float | None = None
     num_classes: int | None = None
     null_class: int | None = None
+    image_size: int | None = None
+    embedded_guidance: float | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 

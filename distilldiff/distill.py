@@ -54,10 +54,13 @@ def build_teacher(cfg: TeacherConfig) -> RunTeacher:
     if (folder / "student" / STUDENT_INFO_FILE).is_file():
         folder = folder / "student"
     if (folder / STUDENT_INFO_FILE).is_file():
+        for key in ("image_size", "embedded_guidance"):
+            if getattr(cfg, key) is not None:
+                raise ConfigError(f"teacher.{key}: {cfg.path} is a distilldiff student, which keeps its own; remove the key")
         base = load_student(folder)[0].denoiser
     else:
         base = load_teacher(cfg.path, sigma_data=cfg.sigma_data, num_classes=cfg.num_classes, null_class=cfg.null_class,
-                            prompts=cfg.prompts)
+                            prompts=cfg.prompts, image_size=cfg.image_size, embedded_guidance=cfg.embedded_guidance)
     return RunTeacher(CFGDenoiser(base, cfg.guidance_scale) if cfg.guidance_scale else base, base)
 
 

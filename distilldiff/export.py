@@ -108,22 +108,29 @@ def stock_lcm_scheduler(student: Student):
 def flow_call_sigmas(student: Student) -> list[float] | None:
     """What a flow student's stock pipeline must be given as ``sigmas=`` to run on the student's noise
     levels: ``None`` where they are the ``K``-step grid of the teacher's own
-    ``FlowMatchEulerDiscreteScheduler`` (``num_inference_steps=K`` alone reproduces them), else the
-    scheduler's unshifted values, ``v = t / (s - (s - 1) t)`` (``set_timesteps(sigmas=v)`` applies the
-    shift ``s``; e.g. a progressive-distillation grid, which takes every other level of a finer one)."""
+    ``FlowMatchEulerDiscreteScheduler`` in its pipeline (``num_inference_steps=K`` alone reproduces
+    them), else the scheduler's unshifted values ``v``, whose shift (``set_timesteps(sigmas=v)``) gives
+    the student's times ``t``: ``v = t / (s - (s - 1) t)`` undoes the static shift ``s``,
+    ``v = 1 / (1 + e^mu (1/t - 1))`` the dynamic (exponential) one of resolution shift ``mu``
+    (e.g. a progressive-distillation grid, which takes every other level of a finer one)."""
     den = student.denoiser
     want = den.sampling_sigmas(student.num_steps).tolist()
     if all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(student.sigmas, want)):  # inf only matches inf
         return None
     cfg = den.scheduler_config
-    if cfg.get("use_dynamic_shifting") or any(cfg.get(k) for k in ("shift_terminal", "use_karras_sigmas",
-                                                                     "use_exponential_sigmas", "use_beta_sigmas")):
+    dynamic = bool(cfg.get("use_dynamic_shifting"))
+    if (any(cfg.get(k) for k in ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"))
+            or (dynamic and cfg.get("time_shift_type", "exponential") != "exponential")):
         raise ValueError(f"student noise levels {student.sigmas} are not the {student.num_steps}-step grid of the teacher's "
-                         "FlowMatchEulerDiscreteScheduler, whose configuration (dynamic shift or a sigma schedule) cannot "
+                         "FlowMatchEulerDiscreteScheduler, whose configuration (a terminal shift or a sigma schedule) cannot "
                          "be given other levels exactly")
-    shift = float(cfg.get("shift", 1.0))
     t = den.sigma_to_t(torch.tensor(student.sigmas, dtype=torch.float64))
-    return [float(v) for v in t / (shift - (shift - 1) * t)]
+    if dynamic:
+        v = 1 / (1 + math.exp(den.dynamic_shift_mu()) * (1 / t - 1))
+    else:
+        shift = float(cfg.get("shift", 1.0))
+        v = t / (shift - (shift - 1) * t)
+    return [float(x) for x in v]
 
 
 def _is_guided(den: VPDenoiser) -> bool:
@@ -135,11 +142,20 @@ def sampling_call(info: dict, path: str = "PATH") -> str:
     k = len(info["sigmas"])
     if info["pipeline"] in TEXT_TO_IMAGE_PIPELINES:
         w = info.get("guidance_scale")
+        flux = info["pipeline"] == "FluxPipeline"
         length = info.get("max_sequence_length")
-        extra = f", max_sequence_length={length}" if length not in (None, 256) else ""
+        extra = f", max_sequence_length={length}" if length not in (None, 512 if flux else 256) else ""
+        if info.get("image_size"):
+            extra += f", height={info['image_size']}, width={info['image_size']}"
         if info.get("call_sigmas"):  # a flow student off the scheduler's default grid
             extra += f", sigmas={info['call_sigmas']!r}"
-        if w is not None:  # the student's guidance input: diffusers feeds w = guidance_scale - 1
+        if flux:  # Flux's guidance_scale is its transformer's guidance input (FLUX.1-dev), not classifier-free guidance
+            g = info.get("embedded_guidance")
+            call = (f'images = pipe(["a prompt"] * 4, num_inference_steps={k}'
+                    + (f", guidance_scale={g:g}" if g is not None else "") + f"{extra}).images"
+                    + ("  # guidance_scale: the transformer's guidance input; no true CFG (the student learned the "
+                       "teacher's guided output)" if g is not None else ""))
+        elif w is not None:  # the student's guidance input: diffusers feeds w = guidance_scale - 1
             call = (f'images = pipe(["a prompt"] * 4, num_inference_steps={k}, guidance_scale={1 + w:g}{extra}).images'
                     f"  # the student's guidance input w = guidance_scale - 1 = {w:g} (any w it was trained on)")
         else:
@@ -184,7 +200,7 @@ def sampling_call(info: dict, path: str = "PATH") -> str:
 LORA_FOLDER = "lora"
 
 #: stock text-to-image pipelines a latent student exports as
-TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline")
+TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
 
 
 def export_problem(student: Student) -> str | None:
@@ -328,6 +344,8 @@ def save_student(student: Student, folder: str | Path, info: dict[str, Any] | No
 def _save_flow(student: Student, folder: Path, info: dict[str, Any] | None) -> Path:
     """Write a flow-matching student as the teacher's stock pipeline class with the teacher's own
     ``FlowMatchEulerDiscreteScheduler``, whose ``num_inference_steps=K`` grid is the student's."""
+    from .teachers.flow import FluxDenoiser
+
     den = student.denoiser
     folder.mkdir(parents=True, exist_ok=True)
     pipeline = _save_text_to_image(student, folder, den.make_scheduler())
@@ -352,6 +370,9 @@ def _save_flow(student: Student, folder: Path, info: dict[str, Any] | None) -> P
                               and n not in type(den.components.pipe)._optional_components],
         "max_sequence_length": den.components.max_sequence_length,
         "call_sigmas": flow_call_sigmas(student),
+        # Flux: the call's height/width and guidance input (the transformer takes any size)
+        "image_size": den.components.image_size[0] if isinstance(den, FluxDenoiser) else None,
+        "embedded_guidance": getattr(den, "embedded_guidance", None),
     }
     return _write_student_info(folder, meta, info)
 
@@ -405,14 +426,15 @@ def load_student(folder: str | Path) -> tuple[Student, dict]:
 
 
 def _load_text_to_image(folder: Path, meta: dict) -> Student:
-    from .teachers.flow import FlowDenoiser
+    from .teachers.flow import flow_denoiser_from_pipeline
     from .teachers.text import LatentDenoiser, read_prompts
     from .teachers.vp import load_pipeline
 
     if meta["prediction_type"] == "flow":
         _check_weights(folder / "transformer")
-        den = FlowDenoiser.from_pipeline(load_pipeline(folder), str(folder), sigma_data=meta["sigma_data"],
-                                         max_sequence_length=meta.get("max_sequence_length"))
+        den = flow_denoiser_from_pipeline(load_pipeline(folder), str(folder), sigma_data=meta["sigma_data"],
+                                          max_sequence_length=meta.get("max_sequence_length"),
+                                          image_size=meta.get("image_size"), embedded_guidance=meta.get("embedded_guidance"))
     else:
         _check_weights(folder / "unet")
         den = LatentDenoiser.from_pipeline(load_pipeline(folder), str(folder), sigma_data=meta["sigma_data"],
@@ -494,7 +516,7 @@ def model_card(meta: dict, fid: dict | None = None, path: str = "PATH") -> str:
         lines += [
             "Weights are safetensors. The student network is evaluated at the noise levels above, in EDM's",
             "sigma space (`x = x0 + sigma * eps`; inf is pure noise), fed to the flow network as",
-            "`x_t = x / (1 + sigma)` at time `t = sigma / (1 + sigma)` (timestep 1000 t): the stock",
+            "`x_t = x / (1 + sigma)` at time `t = sigma / (1 + sigma)` (SD3: timestep 1000 t; Flux: t): the stock",
             "FlowMatchEulerDiscreteScheduler's grid.",
             "",
         ]
@@ -587,5 +609,5 @@ def _check_destination(out: Path, run: Path, src: Path) -> None:
 _DERIVED_KEYS = {
     "format", "pipeline", "sampler", "sigmas", "timesteps", "prediction_type", "sigma_data",
     "num_classes", "null_class", "guidance_scale", "kind", "init_sigma", "fid", "consistency_boundary", "lora",
-    "lcm", "scheduler", "absent_components", "max_sequence_length", "call_sigmas",
+    "lcm", "scheduler", "absent_components", "max_sequence_length", "call_sigmas", "image_size", "embedded_guidance",
 }

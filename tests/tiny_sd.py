@@ -106,3 +106,48 @@ def tiny_sd3_pipeline(tmp: Path, seed: int = 0, shift: float = 3.0):
     return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=vae,
                                     text_encoder=enc1, tokenizer=tokenizer, text_encoder_2=enc2, tokenizer_2=tokenizer,
                                     text_encoder_3=None, tokenizer_3=None)
+
+
+def _t5_tokenizer(words=WORDS):
+    """A T5 (SentencePiece-style Unigram) tokenizer built in-process: each word of ``words`` one
+    piece, anything else single letters; ``</s>`` appended as T5 does."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    vocab += [("\u2581" + w, -1.0) for w in words] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789,.'-"]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+                           model_max_length=512)
+
+
+def tiny_flux_pipeline(tmp: Path, seed: int = 0, guidance_embeds: bool = True):
+    """A random-weight ``FluxPipeline``: CLIP (pooled output) and a tiny T5 encoder, a
+    ``FluxTransformer2DModel`` on 4-channel latents packed 2x2 (16 channels), a VAE with a shift
+    factor, the FLUX.1 scheduler (dynamic shift); 16x16 RGB images (pass ``height=width=16``)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = _tokenizer(tmp)
+    clip = _text_encoder(len(tokenizer), hidden=16, seed=seed)
+    t5_tokenizer = _t5_tokenizer()
+    torch.manual_seed(seed + 3)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
+                                 relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0,
+                                 eos_token_id=1)).eval()
+    torch.manual_seed(seed + 1)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                                         guidance_embeds=guidance_embeds, axes_dims_rope=[4, 4, 8]).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=2,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        sample_size=16, scaling_factor=1.5, shift_factor=0.1, use_quant_conv=False,
+                        use_post_quant_conv=False).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer,
+                        text_encoder_2=t5, tokenizer_2=t5_tokenizer)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .base import Denoiser
 from .conditioning import ClassLabels, Conditioning
-from .flow import FlowDenoiser, is_flow_text_to_image
+from .flow import FlowDenoiser, FluxDenoiser, flow_denoiser_from_pipeline, is_flow_text_to_image
 from .gmm import GaussianMixtureDenoiser
 from .guidance import CFGDenoiser
 from .text import EmbeddingCache, LatentDenoiser, TextConditioned, TextEmbeddings, is_text_to_image, read_prompts
@@ -101,13 +101,14 @@ def load_teacher(path: str, guidance_scale: float = 0.0, *, what: str = "teacher
 
     Pixel pipelines of the DDPM family become a :class:`VPDenoiser`; Stable Diffusion (1.x/2.x)
     and SDXL pipelines a :class:`~distilldiff.teachers.text.LatentDenoiser` and Stable Diffusion 3
-    pipelines a :class:`~distilldiff.teachers.flow.FlowDenoiser`, in their VAE's latent
+    and Flux pipelines a :class:`~distilldiff.teachers.flow.FlowDenoiser` (:class:`FluxDenoiser`), in their VAE's latent
     space, whose training conditioning is drawn from ``prompts`` (a text file, one per line, or a
     folder of image + caption pairs), their embeddings cached on disk unless ``cache_embeddings``
     is false.
 
     ``guidance_scale`` > 0 wraps it in :class:`CFGDenoiser`. ``overrides`` (``sigma_data``,
-    ``num_classes``, ``null_class``, ``prediction_type``) replace the folder's metadata. ``what``
+    ``num_classes``, ``null_class``, ``prediction_type``; Flux: ``image_size``, ``embedded_guidance``)
+    replace the folder's metadata. ``what``
     names where the path came from in error messages (``teacher.path``, ``--model``). A path that
     is no folder and no hub id, or a hub model that cannot be fetched (offline, unreachable, not
     cached, missing, gated), is a one-line ``FileNotFoundError``.
@@ -116,7 +117,8 @@ def load_teacher(path: str, guidance_scale: float = 0.0, *, what: str = "teacher
     kwargs = {k: v for k, v in overrides.items() if v is not None}
     if not Path(resolved).exists() and _check_hub_model(resolved, what):
         kwargs["local_files_only"] = True  # offline: diffusers would otherwise warn that it cannot connect
-    overrides = {k: kwargs.pop(k) for k in ("sigma_data", "num_classes", "null_class", "prediction_type") if k in kwargs}
+    overrides = {k: kwargs.pop(k) for k in ("sigma_data", "num_classes", "null_class", "prediction_type", "image_size",
+                                            "embedded_guidance") if k in kwargs}
     try:
         pipe = load_pipeline(resolved, **kwargs)
     except OSError as e:
@@ -130,8 +132,12 @@ def load_teacher(path: str, guidance_scale: float = 0.0, *, what: str = "teacher
             raise ValueError(f"teacher.prediction_type: {path} is a flow-matching pipeline (it predicts velocity); remove the key")
         info = _read_teacher_info(resolved) if Path(resolved).is_dir() else {}
         if flow:  # a folder may say which T5 length its model was trained with (the pipeline call's max_sequence_length)
-            teacher = FlowDenoiser.from_pipeline(pipe, path, max_sequence_length=info.get("max_sequence_length"), **overrides)
+            overrides.setdefault("image_size", info.get("image_size"))
+            teacher = flow_denoiser_from_pipeline(pipe, path, max_sequence_length=info.get("max_sequence_length"), **overrides)
         else:
+            for key in ("image_size", "embedded_guidance"):
+                if key in overrides:
+                    raise ValueError(f"teacher.{key}: applies to Flux teachers; {path} is a {type(pipe).__name__}; remove the key")
             teacher = LatentDenoiser.from_pipeline(pipe, path, **overrides)
         default = info.get("prompts")
         if prompts is None and default is not None:  # the folder names its own prompts (e.g. builtin:mnist-t2i's captions)
@@ -141,6 +147,9 @@ def load_teacher(path: str, guidance_scale: float = 0.0, *, what: str = "teacher
     else:
         if prompts is not None:
             raise ValueError(f"teacher.prompts: {path} is not a text-to-image pipeline (it takes no prompts); remove the key")
+        for key in ("image_size", "embedded_guidance"):
+            if key in overrides:
+                raise ValueError(f"teacher.{key}: applies to Flux teachers; {path} is a {type(pipe).__name__}; remove the key")
         teacher = VPDenoiser.from_pipeline(pipe, resolved, **overrides)
     return CFGDenoiser(teacher, guidance_scale) if guidance_scale else teacher
 
@@ -152,6 +161,7 @@ __all__ = [
     "VPDenoiser",
     "LatentDenoiser",
     "FlowDenoiser",
+    "FluxDenoiser",
     "TextConditioned",
     "TextEmbeddings",
     "GaussianMixtureDenoiser",

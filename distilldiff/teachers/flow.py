@@ -1,4 +1,4 @@
-"""Flow-matching latent text-to-image teachers (Stable Diffusion 3 family) behind ``D(x, sigma, **cond)``.
+"""Flow-matching latent text-to-image teachers (Stable Diffusion 3, Flux) behind ``D(x, sigma, **cond)``.
 
 A rectified-flow model (Liu et al. 2023; Esser et al. 2024, sec. 2) is trained on
 ``x_t = (1 - t) x0 + t eps`` and predicts the velocity ``v = eps - x0``. In EDM's sigma space
@@ -34,18 +34,28 @@ def flow_sigma_of_t(t: Tensor) -> Tensor:
     return torch.where(t >= 1, torch.full_like(t, float("inf")), t / (1 - t))
 
 
-class SD3Components(PipelineComponents):
-    """A Stable Diffusion 3 pipeline's frozen parts: VAE (scaling and shift factors), CLIP-L and
-    CLIP-G with pooled outputs, T5 optional (left out, the pipeline feeds zeros in its place)."""
+class T5Components(PipelineComponents):
+    """The frozen parts of a pipeline whose prompts are also read by T5 to a fixed token length
+    (the pipeline call's ``max_sequence_length``, which changes the embeddings and so the model's output)."""
 
-    TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
-    #: the T5 sequence length of diffusers' ``StableDiffusion3Pipeline.__call__`` by default
+    #: the pipeline call's default ``max_sequence_length``
     DEFAULT_MAX_SEQUENCE_LENGTH = 256
 
     def __init__(self, pipe, source: str = "", max_sequence_length: int | None = None):
         super().__init__(pipe, source)
         #: the T5 part's length (zeros without T5) the model was trained with: the pipeline call's ``max_sequence_length``
         self.max_sequence_length = int(max_sequence_length or self.DEFAULT_MAX_SEQUENCE_LENGTH)
+
+    def _fingerprint_extra(self) -> str:
+        return f"max_sequence_length={self.max_sequence_length}"
+
+
+class SD3Components(T5Components):
+    """A Stable Diffusion 3 pipeline's frozen parts: VAE (scaling and shift factors), CLIP-L and
+    CLIP-G with pooled outputs, T5 optional (left out, the pipeline feeds zeros in its place)."""
+
+    TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+    DEFAULT_MAX_SEQUENCE_LENGTH = 256  # StableDiffusion3Pipeline.__call__'s
 
     def _encode(self, prompts: list[str], device) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         cond, uncond, pooled, pooled_u = self.pipe.encode_prompt(prompts, None, None, device=device, num_images_per_prompt=1,
@@ -54,8 +64,40 @@ class SD3Components(PipelineComponents):
         return ({"encoder_hidden_states": cond.float().cpu(), "pooled_projections": pooled.float().cpu()},
                 {"encoder_hidden_states": uncond[:1].float().cpu(), "pooled_projections": pooled_u[:1].float().cpu()})
 
+
+class FluxComponents(T5Components):
+    """A Flux pipeline's frozen parts: VAE (scaling and shift factors), CLIP-L (pooled output only)
+    and T5 (the token sequence). The transformer takes any image size; :attr:`image_size` is the
+    one the denoiser draws (by default the pipeline's own, 1024 px for FLUX.1).
+
+    The unconditional input of classifier-free guidance is the empty prompt's embedding: what
+    ``FluxPipeline`` encodes for ``negative_prompt=""`` ("true CFG", ``true_cfg_scale``)."""
+
+    TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+    DEFAULT_MAX_SEQUENCE_LENGTH = 512  # FluxPipeline.__call__'s
+
+    def __init__(self, pipe, source: str = "", max_sequence_length: int | None = None, image_size: int | None = None):
+        super().__init__(pipe, source, max_sequence_length)
+        multiple = pipe.vae_scale_factor * 2  # the VAE's downsampling times the 2x2 packing
+        size = int(image_size or pipe.default_sample_size * pipe.vae_scale_factor)
+        if size < multiple or size % multiple:
+            raise ValueError(f"teacher.image_size: {size} must be a positive multiple of {multiple} for {source or 'this Flux pipeline'} "
+                             f"(its VAE's scale {pipe.vae_scale_factor} times the 2x2 packing of the latents)")
+        self._image_size = (size, size)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self._image_size
+
+    def _encode(self, prompts: list[str], device) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        def encode(texts: list[str]) -> dict[str, Tensor]:
+            seq, pooled, _ = self.pipe.encode_prompt(texts, device=device, max_sequence_length=self.max_sequence_length)
+            return {"encoder_hidden_states": seq.float().cpu(), "pooled_projections": pooled.float().cpu()}
+
+        return encode(prompts), encode([""])
+
     def _fingerprint_extra(self) -> str:
-        return f"max_sequence_length={self.max_sequence_length}"
+        return f"{super()._fingerprint_extra()}/flux"
 
 
 class FlowDenoiser(TextConditioned, Denoiser):
@@ -132,13 +174,21 @@ class FlowDenoiser(TextConditioned, Denoiser):
 
     def denoise_scaled(self, x_t: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         t = self.sigma_to_t(sigma)  # not detached: sCM's JVP differentiates through the time input
+        v = self.velocity(x_t, t, cond).to(x_t.dtype)
+        return flow_x0_from_velocity(x_t, v, append_dims(t.to(x_t.dtype), x_t.ndim))
+
+    def _model_dtype(self, like: Tensor) -> torch.dtype:
+        dtype = getattr(self.model, "dtype", like.dtype)
+        return dtype if isinstance(dtype, torch.dtype) else like.dtype
+
+    def velocity(self, x_t: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
+        """The network's velocity ``[B, C, h, w]`` at ``x_t`` ``[B, C, h, w]`` and flow time ``t`` ``[B]``
+        (SD3: ``model(hidden_states=x_t, timestep=1000 t, **cond)``)."""
         t_dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
         timestep = t.to(t_dtype) * self.num_train_timesteps  # as the scheduler computes its timesteps (float32)
-        model_dtype = getattr(self.model, "dtype", x_t.dtype)
-        model_dtype = model_dtype if isinstance(model_dtype, torch.dtype) else x_t.dtype
-        out = self.model(hidden_states=x_t.to(model_dtype), timestep=timestep, **self.network_kwargs(cond, model_dtype))
-        v = getattr(out, "sample", out).to(x_t.dtype)
-        return flow_x0_from_velocity(x_t, v, append_dims(t.to(x_t.dtype), x_t.ndim))
+        dtype = self._model_dtype(x_t)
+        out = self.model(hidden_states=x_t.to(dtype), timestep=timestep, **self.network_kwargs(cond, dtype))
+        return getattr(out, "sample", out)
 
     def network_kwargs(self, cond: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
         """The transformer's keyword arguments: the embeddings cast to its dtype."""
@@ -161,6 +211,123 @@ class FlowDenoiser(TextConditioned, Denoiser):
                    1.0 if sigma_data is None else sigma_data)
 
 
+class FluxDenoiser(FlowDenoiser):
+    """A Flux transformer (diffusers ``FluxTransformer2DModel``, Black Forest Labs 2024) in its VAE's latent space.
+
+    Samples are unpacked latents ``[B, C, h, w]`` (what ``FluxPipeline`` draws its noise in); the
+    network sees them packed into 2x2 patches, ``[B, h w / 4, 4 C]``, with the pipeline's position
+    ids, and takes the flow time ``t`` itself (``FluxPipeline`` passes ``timestep / 1000``).
+    Guidance-distilled models (FLUX.1-dev, ``guidance_embeds``) take a guidance strength as an
+    input: :attr:`embedded_guidance`, fixed for the teacher and its students (the pipeline call's
+    ``guidance_scale``, 3.5 by default). Classifier-free guidance on top (:class:`CFGDenoiser` with
+    w) equals ``FluxPipeline``'s ``true_cfg_scale = 1 + w`` with ``negative_prompt=""``.
+    Sampling grids are ``FluxPipeline``'s: ``sigmas = linspace(1, 1/K, K)``, shifted by the
+    scheduler's resolution-dependent ``mu``.
+
+    Args:
+        model, components, scheduler_config, sample_shape, sigma_data: as :class:`FlowDenoiser`
+            (``sample_shape`` is the unpacked ``(C, h, w)``).
+        embedded_guidance: the guidance input of a guidance-distilled transformer (None: the
+            pipeline's default, :attr:`DEFAULT_EMBEDDED_GUIDANCE`); refused for a transformer without one.
+    """
+
+    #: ``FluxPipeline.__call__``'s default ``guidance_scale``
+    DEFAULT_EMBEDDED_GUIDANCE = 3.5
+
+    def __init__(self, model: nn.Module, components: PipelineComponents, scheduler_config: dict,
+                 sample_shape: tuple[int, ...], sigma_data: float = 1.0, embedded_guidance: float | None = None):
+        super().__init__(model, components, scheduler_config, sample_shape, sigma_data)
+        takes = bool(getattr(model.config, "guidance_embeds", False))
+        if embedded_guidance is not None and not takes:
+            raise ValueError("teacher.embedded_guidance: this Flux transformer has no guidance input (guidance_embeds is "
+                             "false, as in FLUX.1-schnell); remove the key")
+        #: the guidance input of a guidance-distilled transformer (None: it has none)
+        self.embedded_guidance = (float(self.DEFAULT_EMBEDDED_GUIDANCE if embedded_guidance is None else embedded_guidance)
+                                  if takes else None)
+        c, h, w = self.sample_shape
+        if h % 2 or w % 2:
+            raise ValueError(f"Flux latents must have an even height and width (2x2 packing), got {h}x{w}")
+
+    def dynamic_shift_mu(self) -> float:
+        """``calculate_shift`` of the packed sequence length, as ``FluxPipeline`` computes it."""
+        c, h, w = self.sample_shape
+        cfg = self.scheduler_config
+        seq = (h // 2) * (w // 2)
+        base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+        base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+        m = (max_shift - base_shift) / (max_len - base_len)
+        return seq * m + base_shift - m * base_len
+
+    def sampling_sigmas(self, num_steps: int) -> Tensor:
+        """``FluxPipeline``'s ``num_steps``-step grid: ``set_timesteps(sigmas=linspace(1, 1/K, K), mu=mu)``."""
+        import numpy as np
+
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        scheduler = self.make_scheduler()
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=self.dynamic_shift_mu())
+        return flow_sigma_of_t(scheduler.sigmas[:-1].to(torch.float64))
+
+    @staticmethod
+    def pack(x: Tensor) -> Tensor:
+        """``[B, C, h, w]`` -> ``[B, h w / 4, 4 C]`` (``FluxPipeline._pack_latents``)."""
+        b, c, h, w = x.shape
+        return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+    @staticmethod
+    def unpack(x: Tensor, h: int, w: int) -> Tensor:
+        """The inverse of :meth:`pack`: ``[B, h w / 4, 4 C]`` -> ``[B, C, h, w]``."""
+        b, n, d = x.shape
+        return x.reshape(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+
+    def velocity(self, x_t: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
+        b, c, h, w = x_t.shape
+        dtype = self._model_dtype(x_t)
+        kwargs = self.network_kwargs(cond, dtype)
+        img_ids = torch.zeros(h // 2, w // 2, 3, device=x_t.device, dtype=dtype)  # FluxPipeline._prepare_latent_image_ids
+        img_ids[..., 1] += torch.arange(h // 2, device=x_t.device, dtype=dtype)[:, None]
+        img_ids[..., 2] += torch.arange(w // 2, device=x_t.device, dtype=dtype)[None, :]
+        txt_ids = torch.zeros(kwargs["encoder_hidden_states"].shape[1], 3, device=x_t.device, dtype=dtype)
+        guidance = (None if self.embedded_guidance is None
+                    else torch.full((b,), self.embedded_guidance, device=x_t.device, dtype=torch.float32))
+        t_dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+        out = self.model(hidden_states=self.pack(x_t.to(dtype)), timestep=t.to(t_dtype), guidance=guidance,
+                         img_ids=img_ids.reshape(-1, 3), txt_ids=txt_ids, return_dict=False, **kwargs)[0]
+        return self.unpack(out, h, w)
+
+    @classmethod
+    def from_pipeline(cls, pipe, source: str | os.PathLike = "", *, sigma_data: float | None = None,
+                      max_sequence_length: int | None = None, image_size: int | None = None,
+                      embedded_guidance: float | None = None) -> "FluxDenoiser":
+        """The denoiser of a loaded ``FluxPipeline``; ``max_sequence_length`` (unset: 512) and
+        ``image_size`` (pixels, square; unset: the pipeline's default) as the pipeline call's."""
+        transformer, scheduler = pipe.transformer, pipe.scheduler
+        if type(scheduler).__name__ != "FlowMatchEulerDiscreteScheduler":
+            raise ValueError(f"{source}: a flow-matching pipeline needs a FlowMatchEulerDiscreteScheduler, got {type(scheduler).__name__}")
+        components = FluxComponents(pipe, str(source), max_sequence_length, image_size)
+        h = 2 * (components.image_size[0] // (pipe.vae_scale_factor * 2))
+        w = 2 * (components.image_size[1] // (pipe.vae_scale_factor * 2))
+        return cls(transformer, components, dict(scheduler.config), (transformer.config.in_channels // 4, h, w),
+                   1.0 if sigma_data is None else sigma_data, embedded_guidance)
+
+
+def is_flux(pipe) -> bool:
+    """Whether a loaded pipeline is a Flux text-to-image pipeline (``FluxPipeline``)."""
+    return type(pipe).__name__ == "FluxPipeline" and getattr(pipe, "transformer", None) is not None
+
+
 def is_flow_text_to_image(pipe) -> bool:
-    """Whether a loaded pipeline is a flow-matching text-to-image pipeline this module handles (SD3 family)."""
-    return type(pipe).__name__.startswith("StableDiffusion3") and getattr(pipe, "transformer", None) is not None
+    """Whether a loaded pipeline is a flow-matching text-to-image pipeline this module handles (SD3 family, Flux)."""
+    return is_flux(pipe) or (type(pipe).__name__.startswith("StableDiffusion3") and getattr(pipe, "transformer", None) is not None)
+
+
+def flow_denoiser_from_pipeline(pipe, source: str | os.PathLike = "", *, image_size: int | None = None,
+                                embedded_guidance: float | None = None, **kwargs) -> FlowDenoiser:
+    """:class:`FluxDenoiser` or :class:`FlowDenoiser` (SD3) of a loaded flow pipeline; ``image_size``
+    and ``embedded_guidance`` are Flux's (refused, naming the key, for other pipelines)."""
+    if is_flux(pipe):
+        return FluxDenoiser.from_pipeline(pipe, source, image_size=image_size, embedded_guidance=embedded_guidance, **kwargs)
+    for key, value in (("image_size", image_size), ("embedded_guidance", embedded_guidance)):
+        if value is not None:
+            raise ValueError(f"teacher.{key}: applies to Flux teachers; {source} is a {type(pipe).__name__}; remove the key")
+    return FlowDenoiser.from_pipeline(pipe, source, **kwargs)
