@@ -161,7 +161,10 @@ def sampling_call(info: dict, path: str = "PATH") -> str:
         else:
             call = (f'images = pipe(["a prompt"] * 4, num_inference_steps={k}, guidance_scale=1.0{extra}).images'
                     "  # guidance_scale 1: no classifier-free guidance (the student learned the teacher's guided output)")
-        if info.get("sampler") == "multistep":
+        if info.get("sampler") == "multistep" and info.get("prediction_type") == "flow":
+            call = ("torch.manual_seed(0)  # the pipeline draws the re-noising of its stochastic steps from torch's global generator\n"
+                    + call + f"\n# {k} stochastic FlowMatchEulerDiscreteScheduler step(s) (stochastic_sampling: predict x0, re-noise)")
+        elif info.get("sampler") == "multistep":
             call += f"\n# {k} LCMScheduler step(s); pass generator=torch.Generator().manual_seed(...) to fix the re-noising too"
         if info.get("lora") and info.get("teacher"):
             scheduler = info.get("scheduler") or "DDIMScheduler"
@@ -174,7 +177,7 @@ def sampling_call(info: dict, path: str = "PATH") -> str:
                 + call
             )
         absent = "".join(f", {n}=None" for n in info.get("absent_components") or [])
-        return (f"from diffusers import {info['pipeline']}\n"
+        return (("import torch\n" if "torch.manual_seed" in call else "") + f"from diffusers import {info['pipeline']}\n"
                 f'pipe = {info["pipeline"]}.from_pretrained("{path}", use_safetensors=True{absent})\n' + call)
     if info["pipeline"] == "DDIMPipeline":
         return (
@@ -212,15 +215,19 @@ def export_problem(student: Student) -> str | None:
     it: a deterministic student on a DDIM "trailing" grid of the teacher's training timesteps
     (:func:`stock_ddim_scheduler`), or a multistep LCM student (:func:`stock_lcm_scheduler`).
     """
-    from .teachers.flow import FlowDenoiser
+    from .teachers.flow import FlowDenoiser, FluxDenoiser
     from .teachers.text import LatentDenoiser
 
     den = student.denoiser
     base = den.inner if isinstance(den, ConsistencyDenoiser) else den
     if isinstance(base, FlowDenoiser):
-        if den is not base or student.sampler != "ddim":
+        if den is not base:
             return ("students of flow-matching teachers export as stock pipelines with a FlowMatchEulerDiscreteScheduler, "
-                    "which samples deterministically: consistency (multistep) students of them are not supported yet")
+                    "which has no consistency boundary scalings: consistency students of them are not supported "
+                    "(objective scm's students are the network itself and export)")
+        if student.sampler == "multistep" and isinstance(base, FluxDenoiser):
+            return ("multistep (re-noising) students of Flux teachers are not supported yet: FluxPipeline draws the "
+                    "re-noising of its stochastic steps in its packed layout, which distilldiff's sampler does not reproduce")
         return None
     if not isinstance(base, LatentDenoiser):
         if isinstance(den, LCMConsistencyDenoiser):
@@ -343,12 +350,17 @@ def save_student(student: Student, folder: str | Path, info: dict[str, Any] | No
 
 def _save_flow(student: Student, folder: Path, info: dict[str, Any] | None) -> Path:
     """Write a flow-matching student as the teacher's stock pipeline class with the teacher's own
-    ``FlowMatchEulerDiscreteScheduler``, whose ``num_inference_steps=K`` grid is the student's."""
+    ``FlowMatchEulerDiscreteScheduler``, whose ``num_inference_steps=K`` grid (or the call's ``sigmas=``,
+    :func:`flow_call_sigmas`) is the student's; a multistep (consistency) student's scheduler takes
+    stochastic steps (``stochastic_sampling``: predict x0, re-noise to the next level), its sampler's."""
     from .teachers.flow import FluxDenoiser
 
     den = student.denoiser
     folder.mkdir(parents=True, exist_ok=True)
-    pipeline = _save_text_to_image(student, folder, den.make_scheduler())
+    scheduler = den.make_scheduler()
+    if student.sampler == "multistep":  # its stochastic step: x0 = x_t - t v, then x_t' = (1 - t') x0 + t' n (re-noising)
+        scheduler = type(scheduler).from_config({**scheduler.config, "stochastic_sampling": True})
+    pipeline = _save_text_to_image(student, folder, scheduler)
     t = den.sigma_to_t(torch.tensor(student.sigmas, dtype=torch.float64))
     meta = {
         "format": FORMAT_VERSION,

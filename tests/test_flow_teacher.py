@@ -151,6 +151,8 @@ import json, sys, torch
 from diffusers import StableDiffusion3Pipeline
 folder, prompt, k, latents, out = sys.argv[1:6]
 extra = json.loads(sys.argv[6]) if len(sys.argv) > 6 else {}
+if "seed" in extra:  # the re-noising of stochastic steps: the pipeline draws it from torch's global generator
+    torch.manual_seed(extra.pop("seed"))
 pipe = StableDiffusion3Pipeline.from_pretrained(folder, use_safetensors=True, text_encoder_3=None, tokenizer_3=None)
 z = torch.load(latents)
 images = pipe([prompt] * z.shape[0], num_inference_steps=int(k), guidance_scale=1.0, latents=z, output_type="pt", **extra).images
@@ -202,8 +204,8 @@ def test_progressive_student_of_a_flow_teacher_runs_in_plain_diffusers(folders, 
 
 
 def test_unsupported_flow_settings_are_one_line_errors(folders, tmp_path):
-    with pytest.raises(ConfigError, match="consistency .multistep. students of them are not supported yet"):
-        build_distill_task(_cfg(folders, {"name": "scm", "sample_steps": 2}, tmp_path, data=str(tmp_path)))
+    with pytest.raises(ConfigError, match="no consistency boundary scalings: consistency students of them are not supported"):
+        build_distill_task(_cfg(folders, {"name": "consistency", "sample_steps": 2}, tmp_path, data=str(tmp_path)))
     with pytest.raises(ValueError, match="flow-matching pipeline .it predicts velocity.; remove the key"):
         load_teacher(str(folders["sd3"]), prediction_type="epsilon")
     with pytest.raises(ValueError, match="not defined at sigma = inf"):
@@ -279,6 +281,36 @@ def test_scm_trains_on_a_flow_teacher_and_exports_its_one_step_student(folders, 
     student_dir = distill(_cfg(folders, {"name": "scm", "tangent_warmup": 2}, tmp_path, data=str(_captioned(tmp_path))))
     meta = json.loads((student_dir / "distilldiff_student.json").read_text())
     assert meta["pipeline"] == "StableDiffusion3Pipeline" and meta["timesteps"] == [1000.0]
+
+
+def test_two_step_scm_student_runs_in_plain_diffusers_with_stochastic_steps(folders, tmp_path):
+    """A 2-step sCM student (t = 1, then re-noised to mid_time) exports as the stock pipeline with a
+    FlowMatchEulerDiscreteScheduler taking stochastic steps (x0 = x_t - t v; x_t' = (1 - t') x0 + t' n) at
+    the call's sigmas=; the stock pipeline draws the re-noising from torch's global generator, so with
+    torch.manual_seed(s) before the call plain diffusers draws our images of re-noising seed s."""
+    from distilldiff.export import export_run
+
+    distill(_cfg(folders, {"name": "scm", "sample_steps": 2, "tangent_warmup": 2}, tmp_path, data=str(_captioned(tmp_path))))
+    out = export_run(tmp_path / "run", tmp_path / "export")
+    meta = json.loads((out / "distilldiff_student.json").read_text())
+    assert meta["sampler"] == "multistep" and math.isinf(meta["sigmas"][0]) and len(meta["call_sigmas"]) == 2
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["stochastic_sampling"] is True
+    card = (out / "README.md").read_text()
+    assert "stochastic FlowMatchEulerDiscreteScheduler step(s)" in card
+    assert "import torch\nfrom diffusers import StableDiffusion3Pipeline" in card
+    prompt, n = PROMPTS[3], 2
+    sampler = load_sampler(str(out), device="cpu")
+    z = torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    cond = sampler.denoiser.prompt_cond([prompt] * n, "cpu")
+    ours = (sampler.denoiser.decode(sampler.draw(z, cond, torch.Generator().manual_seed(11))) + 1) / 2
+    other = (sampler.denoiser.decode(sampler.draw(z, cond, torch.Generator().manual_seed(12))) + 1) / 2
+    assert (ours - other).abs().max() > 1e-3  # the re-noising matters
+    torch.save(z, tmp_path / "z.pt")
+    proc = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(out), prompt, "2", str(tmp_path / "z.pt"),
+                           str(tmp_path / "theirs.pt"), json.dumps({"sigmas": meta["call_sigmas"], "seed": 11})],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    torch.testing.assert_close(ours, torch.load(tmp_path / "theirs.pt"), rtol=0, atol=1e-5)
 
 
 def test_shipped_mini_flow_teacher_loads_with_its_prompts_and_t5_length():
