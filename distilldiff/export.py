@@ -144,7 +144,8 @@ def sampling_call(info: dict, path: str = "PATH") -> str:
         w = info.get("guidance_scale")
         flux = info["pipeline"] == "FluxPipeline"
         length = info.get("max_sequence_length")
-        extra = f", max_sequence_length={length}" if length not in (None, 512 if flux else 256) else ""
+        default_length = {"FluxPipeline": 512, "SanaPipeline": 300}.get(info["pipeline"], 256)
+        extra = f", max_sequence_length={length}" if length not in (None, default_length) else ""
         if info.get("image_size"):
             extra += f", height={info['image_size']}, width={info['image_size']}"
         if info.get("call_sigmas"):  # a flow student off the scheduler's default grid
@@ -203,7 +204,8 @@ def sampling_call(info: dict, path: str = "PATH") -> str:
 LORA_FOLDER = "lora"
 
 #: stock text-to-image pipelines a latent student exports as
-TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+TEXT_TO_IMAGE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
+                           "SanaPipeline")
 
 
 def export_problem(student: Student) -> str | None:

@@ -151,3 +151,49 @@ def tiny_flux_pipeline(tmp: Path, seed: int = 0, guidance_embeds: bool = True):
                                                 base_image_seq_len=256, max_image_seq_len=4096)
     return FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer,
                         text_encoder_2=t5, tokenizer_2=t5_tokenizer)
+
+
+def _gemma_tokenizer(words=WORDS):
+    """A Gemma (SentencePiece-style Unigram) tokenizer built in-process: ``<bos>`` first, each word of
+    ``words`` one piece, anything else single characters (SANA's long default instruction included)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import GemmaTokenizerFast
+
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789,.'\"-:;!?()[]/&\n"
+    vocab = [("<pad>", 0.0), ("<eos>", 0.0), ("<bos>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    vocab += [("\u2581" + w, -1.0) for w in words] + [(c, -5.0) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=3, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 2)])
+    return GemmaTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+                              model_max_length=8192)
+
+
+def tiny_sana_pipeline(seed: int = 0, dpm_solver: bool = True):
+    """A random-weight ``SanaPipeline``: a tiny Gemma-2 text encoder, a ``SanaTransformer2DModel`` on
+    4x16x16 latents of a tiny ``AutoencoderDC`` (32x32 RGB images; call with ``height=width=32,
+    use_resolution_binning=False``), and SANA's ``DPMSolverMultistepScheduler`` in flow mode (shift 3)
+    or, with ``dpm_solver=False``, the ``FlowMatchEulerDiscreteScheduler`` of the same shift."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = _gemma_tokenizer()
+    torch.manual_seed(seed)
+    encoder = Gemma2Model(Gemma2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=4096,
+                                       pad_token_id=0, bos_token_id=2, eos_token_id=1)).eval()
+    torch.manual_seed(seed + 1)
+    transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_attention_heads=2,
+                                         attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4,
+                                         cross_attention_dim=8, caption_channels=16, sample_size=16).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock", "EfficientViTBlock"),
+                        decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
+                        decoder_block_out_channels=(8, 8), encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+                        encoder_layers_per_block=(1, 1), decoder_layers_per_block=[1, 1], downsample_block_type="conv",
+                        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+                        scaling_factor=0.41407).eval()
+    scheduler = (DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")
+                 if dpm_solver else FlowMatchEulerDiscreteScheduler(shift=3.0))
+    return SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer, scheduler=scheduler)

@@ -101,7 +101,8 @@ def load_teacher(path: str, guidance_scale: float = 0.0, *, what: str = "teacher
 
     Pixel pipelines of the DDPM family become a :class:`VPDenoiser`; Stable Diffusion (1.x/2.x)
     and SDXL pipelines a :class:`~distilldiff.teachers.text.LatentDenoiser` and Stable Diffusion 3
-    and Flux pipelines a :class:`~distilldiff.teachers.flow.FlowDenoiser` (:class:`FluxDenoiser`), in their VAE's latent
+    Flux and SANA pipelines a :class:`~distilldiff.teachers.flow.FlowDenoiser` (:class:`FluxDenoiser`,
+    :class:`~distilldiff.teachers.flow.SanaDenoiser`), in their VAE's latent
     space, whose training conditioning is drawn from ``prompts`` (a text file, one per line, or a
     folder of image + caption pairs), their embeddings cached on disk unless ``cache_embeddings``
     is false.

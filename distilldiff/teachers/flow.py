@@ -1,4 +1,4 @@
-"""Flow-matching latent text-to-image teachers (Stable Diffusion 3, Flux) behind ``D(x, sigma, **cond)``.
+"""Flow-matching latent text-to-image teachers (Stable Diffusion 3, Flux, SANA) behind ``D(x, sigma, **cond)``.
 
 A rectified-flow model (Liu et al. 2023; Esser et al. 2024, sec. 2) is trained on
 ``x_t = (1 - t) x0 + t eps`` and predicts the velocity ``v = eps - x0``. In EDM's sigma space
@@ -34,9 +34,10 @@ def flow_sigma_of_t(t: Tensor) -> Tensor:
     return torch.where(t >= 1, torch.full_like(t, float("inf")), t / (1 - t))
 
 
-class T5Components(PipelineComponents):
-    """The frozen parts of a pipeline whose prompts are also read by T5 to a fixed token length
-    (the pipeline call's ``max_sequence_length``, which changes the embeddings and so the model's output)."""
+class SequenceComponents(PipelineComponents):
+    """The frozen parts of a pipeline whose prompts are encoded to a fixed token length (T5 in SD3
+    and Flux, Gemma in SANA): the pipeline call's ``max_sequence_length``, which changes the
+    embeddings and so the model's output."""
 
     #: the pipeline call's default ``max_sequence_length``
     DEFAULT_MAX_SEQUENCE_LENGTH = 256
@@ -50,7 +51,7 @@ class T5Components(PipelineComponents):
         return f"max_sequence_length={self.max_sequence_length}"
 
 
-class SD3Components(T5Components):
+class SD3Components(SequenceComponents):
     """A Stable Diffusion 3 pipeline's frozen parts: VAE (scaling and shift factors), CLIP-L and
     CLIP-G with pooled outputs, T5 optional (left out, the pipeline feeds zeros in its place)."""
 
@@ -65,7 +66,7 @@ class SD3Components(T5Components):
                 {"encoder_hidden_states": uncond[:1].float().cpu(), "pooled_projections": pooled_u[:1].float().cpu()})
 
 
-class FluxComponents(T5Components):
+class FluxComponents(SequenceComponents):
     """A Flux pipeline's frozen parts: VAE (scaling and shift factors), CLIP-L (pooled output only)
     and T5 (the token sequence). The transformer takes any image size; :attr:`image_size` is the
     one the denoiser draws (by default the pipeline's own, 1024 px for FLUX.1).
@@ -311,23 +312,101 @@ class FluxDenoiser(FlowDenoiser):
                    1.0 if sigma_data is None else sigma_data, embedded_guidance)
 
 
+class SanaComponents(SequenceComponents):
+    """A SANA pipeline's frozen parts (Xie et al. 2025): the deep-compression autoencoder
+    (``AutoencoderDC``, 32x; scaling factor, no shift) and the Gemma-2 text encoder, whose token
+    states and attention mask are the conditioning. Prompts are encoded as ``SanaPipeline``
+    encodes them by default: behind its "complex human instruction" (the call's default), the
+    first token and the last ``max_sequence_length - 1`` kept; the unconditional input is the empty
+    negative prompt's, encoded without the instruction."""
+
+    TEXT_PARTS = ("text_encoder", "tokenizer")
+    DEFAULT_MAX_SEQUENCE_LENGTH = 300  # SanaPipeline.__call__'s
+
+    def __init__(self, pipe, source: str = "", max_sequence_length: int | None = None):
+        import inspect
+
+        super().__init__(pipe, source, max_sequence_length)
+        #: the pipeline call's default instruction placed before every prompt
+        self.complex_human_instruction = inspect.signature(type(pipe).__call__).parameters["complex_human_instruction"].default
+
+    def _encode(self, prompts: list[str], device) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        cond, mask, uncond, mask_u = self.pipe.encode_prompt(
+            prompts, do_classifier_free_guidance=True, negative_prompt="", device=device,
+            max_sequence_length=self.max_sequence_length, complex_human_instruction=self.complex_human_instruction)
+        return ({"encoder_hidden_states": cond.float().cpu(), "encoder_attention_mask": mask.cpu()},
+                {"encoder_hidden_states": uncond[:1].float().cpu(), "encoder_attention_mask": mask_u[:1].cpu()})
+
+    def _fingerprint_extra(self) -> str:
+        return f"{super()._fingerprint_extra()}/sana/" + "\n".join(self.complex_human_instruction or [])
+
+
+class SanaDenoiser(FlowDenoiser):
+    """A SANA transformer (diffusers ``SanaTransformer2DModel``; Xie et al. 2025) in its DC-AE's latent space.
+
+    ``cond`` holds ``encoder_hidden_states`` ``[B, L, D]`` and ``encoder_attention_mask`` ``[B, L]``;
+    the network takes ``timestep = 1000 t`` times its ``timestep_scale``. SANA's pipelines sample with
+    ``DPMSolverMultistepScheduler`` in flow mode (``flow_shift``): the denoiser's grid, sampler and the
+    students' exports use the ``FlowMatchEulerDiscreteScheduler`` of the same shift instead (Euler,
+    t from 1; ``SanaPipeline`` runs with it). CFG at w equals the pipeline's ``guidance_scale = 1 + w``."""
+
+    def velocity(self, x_t: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
+        t_dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
+        timestep = t.to(t_dtype) * self.num_train_timesteps * float(getattr(self.model.config, "timestep_scale", 1.0))
+        dtype = self._model_dtype(x_t)
+        out = self.model(x_t.to(dtype), timestep=timestep, return_dict=False, **self.network_kwargs(cond, dtype))[0]
+        if out.shape[1] == 2 * x_t.shape[1]:  # a learned variance: the pipeline keeps the first half
+            out = out[:, : x_t.shape[1]]
+        return out
+
+    @staticmethod
+    def euler_scheduler_config(scheduler) -> dict:
+        """The ``FlowMatchEulerDiscreteScheduler`` config equivalent to a SANA pipeline's scheduler."""
+        name, cfg = type(scheduler).__name__, scheduler.config
+        if name == "FlowMatchEulerDiscreteScheduler":
+            return dict(cfg)
+        if name == "DPMSolverMultistepScheduler" and cfg.get("use_flow_sigmas") and cfg.get("prediction_type") == "flow_prediction":
+            return {"num_train_timesteps": cfg.num_train_timesteps, "shift": float(cfg.flow_shift)}
+        raise ValueError(f"a SANA pipeline needs a flow-matching scheduler (FlowMatchEulerDiscreteScheduler, or "
+                         f"DPMSolverMultistepScheduler with use_flow_sigmas and flow_prediction), got {name}")
+
+    @classmethod
+    def from_pipeline(cls, pipe, source: str | os.PathLike = "", *, sigma_data: float | None = None,
+                      max_sequence_length: int | None = None) -> "SanaDenoiser":
+        """The denoiser of a loaded ``SanaPipeline``; ``max_sequence_length`` as the pipeline call's (unset: 300)."""
+        try:
+            config = cls.euler_scheduler_config(pipe.scheduler)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+        transformer = pipe.transformer
+        s = transformer.config.sample_size
+        h, w = (s, s) if isinstance(s, int) else tuple(s)
+        return cls(transformer, SanaComponents(pipe, str(source), max_sequence_length), config,
+                   (transformer.config.in_channels, h, w), 1.0 if sigma_data is None else sigma_data)
+
+
+def is_sana(pipe) -> bool:
+    """Whether a loaded pipeline is a SANA text-to-image pipeline (``SanaPipeline``)."""
+    return type(pipe).__name__ == "SanaPipeline" and getattr(pipe, "transformer", None) is not None
+
+
 def is_flux(pipe) -> bool:
     """Whether a loaded pipeline is a Flux text-to-image pipeline (``FluxPipeline``)."""
     return type(pipe).__name__ == "FluxPipeline" and getattr(pipe, "transformer", None) is not None
 
 
 def is_flow_text_to_image(pipe) -> bool:
-    """Whether a loaded pipeline is a flow-matching text-to-image pipeline this module handles (SD3 family, Flux)."""
-    return is_flux(pipe) or (type(pipe).__name__.startswith("StableDiffusion3") and getattr(pipe, "transformer", None) is not None)
+    """Whether a loaded pipeline is a flow-matching text-to-image pipeline this module handles (SD3 family, Flux, SANA)."""
+    return is_flux(pipe) or is_sana(pipe) or (type(pipe).__name__.startswith("StableDiffusion3") and getattr(pipe, "transformer", None) is not None)
 
 
 def flow_denoiser_from_pipeline(pipe, source: str | os.PathLike = "", *, image_size: int | None = None,
                                 embedded_guidance: float | None = None, **kwargs) -> FlowDenoiser:
-    """:class:`FluxDenoiser` or :class:`FlowDenoiser` (SD3) of a loaded flow pipeline; ``image_size``
-    and ``embedded_guidance`` are Flux's (refused, naming the key, for other pipelines)."""
+    """:class:`FluxDenoiser`, :class:`SanaDenoiser` or :class:`FlowDenoiser` (SD3) of a loaded flow
+    pipeline; ``image_size`` and ``embedded_guidance`` are Flux's (refused, naming the key, for other pipelines)."""
     if is_flux(pipe):
         return FluxDenoiser.from_pipeline(pipe, source, image_size=image_size, embedded_guidance=embedded_guidance, **kwargs)
     for key, value in (("image_size", image_size), ("embedded_guidance", embedded_guidance)):
         if value is not None:
             raise ValueError(f"teacher.{key}: applies to Flux teachers; {source} is a {type(pipe).__name__}; remove the key")
-    return FlowDenoiser.from_pipeline(pipe, source, **kwargs)
+    return (SanaDenoiser if is_sana(pipe) else FlowDenoiser).from_pipeline(pipe, source, **kwargs)

@@ -127,7 +127,7 @@ class PipelineComponents:
         cfg = pipe.vae.config
         self.scaling_factor = float(cfg.scaling_factor)
         self.shift_factor = float(cfg.get("shift_factor", None) or 0.0)
-        self.vae_scale = 2 ** (len(cfg.block_out_channels) - 1)
+        self.vae_scale = 2 ** (len(cfg.get("block_out_channels") or cfg.get("encoder_block_out_channels")) - 1)
         for m in self.networks():
             m.requires_grad_(False).eval()
 
@@ -252,7 +252,8 @@ class PipelineComponents:
         noise that diffusion adds)."""
         vae = self.pipe.vae
         vae.to(images.device)
-        z = vae.encode(images.to(vae.dtype)).latent_dist.mode()
+        out = vae.encode(images.to(vae.dtype))
+        z = out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latent  # AutoencoderDC is deterministic
         return ((z - self.shift_factor) * self.scaling_factor).float()
 
     def vae_fingerprint(self) -> str:
