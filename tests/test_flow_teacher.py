@@ -146,6 +146,23 @@ def test_one_step_objectives_train_on_a_flow_teacher(folders, objective, tmp_pat
     assert any(not torch.equal(teacher_net[k], v) for k, v in student_net.items())
 
 
+def test_dmd2_discriminator_head_reads_the_transformers_token_features(folders, tmp_path):
+    """DMD2's GAN term on a flow teacher: the head sits on the fake score's final norm (image tokens, averaged),
+    one feature vector per sample, and a short run trains it."""
+    from distilldiff.objectives.critic import ScoreWithHead, feature_module
+
+    teacher = load_teacher(str(folders["sd3"]), prompts=str(folders["prompts"]))
+    assert feature_module(teacher) is teacher.model.norm_out
+    critic = ScoreWithHead(teacher)
+    cond = teacher.conditioning.grid(3, "cpu")
+    d, logit = critic(torch.randn(3, 4, 8, 8), torch.full((3,), 2.0), with_logit=True, **cond)
+    assert d.shape == (3, 4, 8, 8) and logit.shape == (3,)
+    assert critic.head[0].in_features == teacher.model.config.num_attention_heads * teacher.model.config.attention_head_dim
+    objective = {"name": "fdistill", "divergence": "reverse_kl", "gan_weight": 0.01, "noise": "lognormal", "p_mean": 0.0, "p_std": 1.0}
+    student_dir = distill(_cfg(folders, objective, tmp_path, data=str(_captioned(tmp_path))))
+    assert json.loads((student_dir / "distilldiff_student.json").read_text())["pipeline"] == "StableDiffusion3Pipeline"
+
+
 PLAIN_DIFFUSERS = r"""
 import json, sys, torch
 from diffusers import StableDiffusion3Pipeline

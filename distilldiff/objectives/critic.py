@@ -25,7 +25,8 @@ from .noise import NoiseLevels
 
 def feature_module(den: nn.Module) -> nn.Module:
     """The layer whose output is ``den``'s bottleneck features: a diffusers UNet's ``mid_block``,
-    the last hidden layer of an MLP denoiser, or what ``den.feature_module()`` names."""
+    the last hidden layer of an MLP denoiser, or what ``den.feature_module()`` names (flow
+    transformers: their final norm, whose token features the head averages)."""
     own = getattr(den, "feature_module", None)
     if callable(own):
         return own()
@@ -49,7 +50,7 @@ class ScoreWithHead(Denoiser):
 
     ``forward(x, sigma, with_logit=True)`` returns ``(D [B, *shape], logit [B])`` from one network
     evaluation: the logit is a small MLP (zero-initialised output, so the logit starts at 0,
-    i.e. r = 1) on the spatial mean of the bottleneck features, plus a class projection term for
+    i.e. r = 1) on the spatial (or token) mean of the bottleneck features, plus a class projection term for
     class-conditional scores. With ``detach_features=True`` the head's loss does not reach the
     fake score's own parameters.
 
@@ -80,8 +81,12 @@ class ScoreWithHead(Denoiser):
         self.register_buffer("r_bin_mean", torch.ones(ratio_bins, dtype=torch.float64))
 
     def _keep_features(self, module: nn.Module, args: Any, output: Any) -> None:
-        out = output[0] if isinstance(output, tuple) else output
-        self._features.append(out.float().mean(dim=tuple(range(2, out.ndim))) if out.ndim > 2 else out.float())
+        out = (output[0] if isinstance(output, tuple) else output).float()
+        if out.ndim == 3:  # transformer tokens [B, N, D]: their mean
+            out = out.mean(dim=1)
+        elif out.ndim > 3:  # feature maps [B, C, H, W]: their spatial mean
+            out = out.mean(dim=tuple(range(2, out.ndim)))
+        self._features.append(out)
 
     @torch.no_grad()
     def _feature_width(self) -> int:

@@ -134,6 +134,11 @@ class FlowDenoiser(TextConditioned, Denoiser):
         self.sigma_data = float(sigma_data)
         self.sample_shape = tuple(sample_shape)
 
+    def feature_module(self) -> nn.Module:
+        """Where a discriminator head reads this network's features: the transformer's final norm
+        (``norm_out``, the image tokens ``[B, N, D]`` before the output projection; SD3, Flux, SANA)."""
+        return self.model.norm_out
+
     def make_scheduler(self):
         """A fresh ``FlowMatchEulerDiscreteScheduler`` of the teacher's config."""
         from diffusers import FlowMatchEulerDiscreteScheduler
