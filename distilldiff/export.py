@@ -225,8 +225,8 @@ def export_problem(student: Student) -> str | None:
     if isinstance(base, FlowDenoiser):
         if den is not base:
             return ("students of flow-matching teachers export as stock pipelines with a FlowMatchEulerDiscreteScheduler, "
-                    "which has no consistency boundary scalings: consistency students of them are not supported "
-                    "(objective scm's students are the network itself and export)")
+                    "which has no consistency boundary scalings: consistency students of them export with "
+                    "objective.schedule: flow (and objective scm), whose students are the network itself")
         if student.sampler == "multistep" and isinstance(base, FluxDenoiser):
             return ("multistep (re-noising) students of Flux teachers are not supported yet: FluxPipeline draws the "
                     "re-noising of its stochastic steps in its packed layout, which distilldiff's sampler does not reproduce")

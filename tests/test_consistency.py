@@ -38,6 +38,8 @@ def test_teacher_ode_step_follows_the_exact_flow(solver):
     assert err < (1e-3 if solver == "euler" else 1e-5)  # local error O(h^2) vs O(h^3), h = 0.02 (measured 1.2e-4, 1.6e-6)
 
 
+@pytest.mark.slow  # minutes on 2 cores; the default suite keeps one-step CD on the mixture in 500 updates
+# (test_parameterization.py::test_consistency_to_one_step_needs_a_bounded_output) and LCM's in 1, 2 and 4 steps
 def test_one_step_consistency_student_reproduces_the_mixture(tmp_path):
     """CD on the 2-D 4-mode mixture with the exact teacher, from an MLP copy of the teacher."""
     cd = ConsistencyDistillation.build(ConsistencyConfig(num_scales=18, target_ema=0.95), teacher())

@@ -85,7 +85,9 @@ def test_generator_gradient_is_the_weighted_score_difference():
     torch.testing.assert_close(grad, g / g.numel(), rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("divergence", ["reverse_kl", "js"])
+# reverse KL (DMD) is slow-marked: the default suite keeps JS (the density-ratio discriminator path) and checks
+# reverse KL's generator gradient term by term above; each 3000-update run is several minutes on 2 cores
+@pytest.mark.parametrize("divergence", [pytest.param("reverse_kl", marks=pytest.mark.slow), "js"])
 def test_one_step_student_reproduces_the_mixture(tmp_path, divergence):
     """Reverse KL (DMD: data-free, no discriminator) and JS (density-ratio discriminator on GMM samples).
 

@@ -221,8 +221,12 @@ def test_progressive_student_of_a_flow_teacher_runs_in_plain_diffusers(folders, 
 
 
 def test_unsupported_flow_settings_are_one_line_errors(folders, tmp_path):
-    with pytest.raises(ConfigError, match="no consistency boundary scalings: consistency students of them are not supported"):
+    with pytest.raises(ConfigError, match="no consistency boundary scalings: consistency students of them export with objective.schedule: flow"):
         build_distill_task(_cfg(folders, {"name": "consistency", "sample_steps": 2}, tmp_path, data=str(tmp_path)))
+    with pytest.raises(ConfigError, match="schedule: flow needs a flow-matching teacher; VPDenoiser"):
+        build_distill_task(load_config(DistillConfig, data={"teacher": {"path": "builtin:mnist"}, "data": "mnist5k",
+                                                            "objective": {"name": "consistency", "schedule": "flow"},
+                                                            "output_dir": str(tmp_path / "run2")}))
     with pytest.raises(ValueError, match="flow-matching pipeline .it predicts velocity.; remove the key"):
         load_teacher(str(folders["sd3"]), prediction_type="epsilon")
     with pytest.raises(ValueError, match="not defined at sigma = inf"):
@@ -328,6 +332,44 @@ def test_two_step_scm_student_runs_in_plain_diffusers_with_stochastic_steps(fold
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     torch.testing.assert_close(ours, torch.load(tmp_path / "theirs.pt"), rtol=0, atol=1e-5)
+
+
+def test_consistency_on_a_flow_teachers_grid(folders, tmp_path):
+    """schedule: flow: the teacher's N-step grid from t = 1 above the boundary t = 0; in float64 the teacher's
+    Euler step from t = 1 is our sampler's first step, Heun's last step to t = 0 is Euler's, and the consistency
+    function is the input itself at t = 0. A 2-step student trains, exports with stochastic steps, and the stock
+    pipeline draws its images (re-noising from torch's global generator)."""
+    from distilldiff.objectives.consistency import ConsistencyConfig, ConsistencyDistillation, FlowConsistencyDistillation
+
+    teacher = load_teacher(str(folders["sd3"]), prompts=str(folders["prompts"])).double()
+    cd = ConsistencyDistillation.build(ConsistencyConfig(schedule="flow", num_scales=4, sample_steps=2), teacher)
+    assert isinstance(cd, FlowConsistencyDistillation)
+    torch.testing.assert_close(cd.sigmas[1:], teacher.sampling_sigmas(4).flip(0), rtol=0, atol=0)
+    assert cd.sigmas[0] == 0 and math.isinf(cd.sigmas[-1])
+    cond = {k: v.double() for k, v in teacher.conditioning.grid(2, "cpu").items()}
+    n = torch.randn(2, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    inf, s = torch.full((2,), math.inf, dtype=torch.float64), cd.sigmas[2].expand(2)
+    with torch.no_grad():
+        euler = ConsistencyDistillation.build(ConsistencyConfig(schedule="flow", num_scales=4, solver="euler"), teacher).flow_step(
+            teacher, n, inf, s, cond)
+        torch.testing.assert_close(euler, (teacher.forward_scaled(n, inf, **cond) + s[0] * n) / (1 + s[0]), rtol=1e-12, atol=1e-12)
+        x = torch.randn_like(n)
+        zero = torch.zeros(2, dtype=torch.float64)
+        assert cd.config.solver == "heun"  # whose last step, to t = 0, is Euler's: the teacher's x0
+        torch.testing.assert_close(cd.flow_step(teacher, x, s, zero, cond), teacher(x * (1 + s[0]), s, **cond), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(teacher.forward_scaled(x, zero, **cond), x, rtol=0, atol=0)
+    objective = {"name": "consistency", "schedule": "flow", "num_scales": 4, "sample_steps": 2, "solver": "euler"}
+    student_dir = distill(_cfg(folders, objective, tmp_path, data=str(_captioned(tmp_path))))
+    meta = json.loads((student_dir / "distilldiff_student.json").read_text())
+    assert meta["sampler"] == "multistep" and math.isinf(meta["sigmas"][0]) and meta["sigmas"][1] == pytest.approx(float(cd.sigmas[2]))
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    sampler = load_sampler(str(student_dir), device="cpu")
+    cond = sampler.denoiser.prompt_cond([PROMPTS[0]] * 2, "cpu")
+    ours = sampler.draw(z, cond, torch.Generator().manual_seed(9))
+    torch.manual_seed(9)
+    theirs = _pipeline(student_dir)([PROMPTS[0]] * 2, num_inference_steps=2, guidance_scale=1.0, latents=z.clone(),
+                                     sigmas=meta["call_sigmas"], output_type="latent").images
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_shipped_mini_flow_teacher_loads_with_its_prompts_and_t5_length():

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError, ObjectiveConfig, StudentConfig
-from ..samplers import karras_sigmas, lcm_grid_timesteps, multistep_sigmas, vp_base
+from ..samplers import base_denoiser, karras_sigmas, lcm_grid_timesteps, multistep_sigmas, vp_base
 from ..students import ConsistencyDenoiser, LCMConsistencyDenoiser, Student, guidance_conditioned_copy, set_parameterization, student_copy
 from ..teachers.base import Denoiser
 from ..teachers.guidance import CFGDenoiser
@@ -31,7 +31,12 @@ class ConsistencyConfig(ObjectiveConfig):
             (skipping step ``k = T // N``) above the boundary ``t = 0``, with LCM's scalings
             (:class:`~distilldiff.students.LCMConsistencyDenoiser`); needs a diffusers (VP)
             teacher; the student samples on the timesteps diffusers' ``LCMScheduler`` chooses, so
-            a text-to-image student exports as a stock pipeline with that scheduler.
+            a text-to-image student exports as a stock pipeline with that scheduler. ``flow``
+            (flow-matching teachers): the teacher's own N-step sampling grid, from t = 1 (sigma =
+            inf), above the boundary t = 0, where the flow parameterisation itself gives
+            ``f(x, 0) = x`` (no boundary scalings, as sCM): the student is the network, the
+            teacher's ODE step is taken in flow time, and a text-to-image student exports as the
+            stock pipeline with stochastic Euler steps (:class:`FlowConsistencyDistillation`).
         num_scales: N, the number of noise levels of the discretisation (18 on CIFAR-10; LCM: 50).
         sigma_min, sigma_max, rho: the Karras grid (default: the teacher's range clipped to
             EDM's [0.002, 80]); ``sigma_min`` is also where ``f(x, sigma_min) = x`` holds.
@@ -56,7 +61,7 @@ class ConsistencyConfig(ObjectiveConfig):
 
     name: ClassVar[str] = "consistency"
 
-    schedule: Literal["karras", "lcm"] = "karras"
+    schedule: Literal["karras", "lcm", "flow"] = "karras"
     num_scales: int = 18
     timestep_scaling: float = 10.0
     sigma_min: float | None = None
@@ -88,12 +93,18 @@ class ConsistencyConfig(ObjectiveConfig):
             raise ValueError(f"objective.num_scales must be >= 2, got {self.num_scales}")
         if not 0 <= self.target_ema < 1:
             raise ValueError(f"objective.target_ema must be in [0, 1), got {self.target_ema}")
-        if self.schedule == "lcm":
+        if self.schedule in ("lcm", "flow"):
             for key in ("sigma_min", "sigma_max"):
                 if getattr(self, key) is not None:
-                    raise ValueError(f"objective.{key}: schedule 'lcm' runs on the teacher's own timesteps; remove the key")
+                    raise ValueError(f"objective.{key}: schedule '{self.schedule}' runs on the teacher's own grid; remove the key")
             if not 1 <= self.sample_steps <= self.num_scales:
-                raise ValueError(f"objective.sample_steps must be in [1, num_scales] with schedule 'lcm', got {self.sample_steps}")
+                raise ValueError(f"objective.sample_steps must be in [1, num_scales] with schedule '{self.schedule}', "
+                                 f"got {self.sample_steps}")
+            if self.schedule == "flow" and self.timestep_scaling != 10.0:
+                raise ValueError("objective.timestep_scaling applies with schedule: lcm only")
+            if self.schedule == "flow" and self.guided:
+                raise ValueError("objective.w_min/w_max: a guidance-weight input is not supported with schedule: flow "
+                                 "(distil the guided teacher: teacher.guidance_scale)")
         else:
             if self.timestep_scaling != 10.0:
                 raise ValueError("objective.timestep_scaling applies with schedule: lcm only")
@@ -121,6 +132,15 @@ class ConsistencyDistillation(Objective):
     def build(cls, config: ConsistencyConfig, teacher: nn.Module) -> "ConsistencyDistillation":
         if config.guided:
             check_guidance_teacher(teacher, "consistency distillation with w_min/w_max")
+        if config.schedule == "flow":
+            from ..teachers.flow import FlowDenoiser
+
+            base = base_denoiser(teacher)
+            if not isinstance(base, FlowDenoiser):
+                raise ConfigError(f"objective.schedule: flow needs a flow-matching teacher; {type(base).__name__} is not one "
+                                 "(use schedule: karras)")
+            grid = base.sampling_sigmas(config.num_scales).flip(0)  # increasing, ending at inf (t = 1)
+            return FlowConsistencyDistillation(config, torch.cat([torch.zeros(1, dtype=grid.dtype), grid]))
         if config.schedule == "lcm":
             base = vp_base(teacher)
             if base is None:
@@ -225,5 +245,54 @@ class ConsistencyDistillation(Objective):
             x_lo = self.ode_step(teacher, x_hi, s_hi, s_lo, cond)
             target = nets["target"](x_lo, s_lo, **cond_f)
         online = nets["student"](x_hi, sigma=s_hi, **cond_f)
+        loss = self.distance(online, target).mean()
+        return loss, {"loss": loss.detach()}
+
+
+class FlowConsistencyDistillation(ConsistencyDistillation):
+    """Consistency distillation on a flow-matching teacher's own grid (``schedule: flow``).
+
+    The levels are the teacher's ``N``-step sampling grid, from ``t = 1`` (pure noise, ``sigma =
+    inf``) down, and the boundary ``t = 0``. Samples are handled in the network's own input
+    ``x_t = (1 - t) x0 + t n`` (finite at ``t = 1``); the teacher's probability-flow step is Euler
+    (or Heun, where the next level is above 0) on its velocity ``v = (x_t - D) / t`` in flow time.
+    The consistency function is the student's own denoiser ``D(x_t, t) = x_t - t v``, which is
+    ``x_t`` at ``t = 0``: the boundary condition holds by construction, as in sCM.
+    """
+
+    def make_student(self, teacher: Denoiser, student: StudentConfig) -> Student:
+        """The network itself at ``sample_steps`` grid levels from ``t = 1``, re-noised between them."""
+        check_student_keys(student, self.name, uses=("lora_rank", "lora_alpha"))
+        return Student(student_copy(teacher, student), multistep_sigmas(self.sigmas.tolist(), self.config.sample_steps), "multistep")
+
+    def flow_step(self, teacher: nn.Module, x_t: Tensor, s_from: Tensor, s_to: Tensor, cond: dict) -> Tensor:
+        """One step of the teacher's flow ODE ``dx_t/dt = v`` from level ``s_from`` to ``s_to`` ``[B]``
+        (sigma space; ``inf`` is t = 1), on inputs ``x_t`` ``[B, ...]`` (the network's own scale)."""
+        from ..teachers.flow import flow_t_of_sigma
+
+        t_from, t_to = flow_t_of_sigma(s_from), flow_t_of_sigma(s_to)
+        a, b = append_dims(t_from, x_t.ndim), append_dims(t_to, x_t.ndim)
+        v = (x_t - teacher.forward_scaled(x_t, s_from, **cond)) / a
+        x_next = x_t + (b - a) * v
+        if self.config.solver == "euler":
+            return x_next
+        v2 = (x_next - teacher.forward_scaled(x_next, s_to, **cond)) / b.clamp_min(1e-12)
+        return torch.where(b > 0, x_t + (b - a) * (v + v2) / 2, x_next)  # Heun above t = 0 (EDM Alg. 1)
+
+    def loss(self, phase: Phase, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """d(f_theta(x_{t_{n+1}}, t_{n+1}), f_theta-(x_hat_{t_n}, t_n)) (Song et al. 2023, eq. 7) in flow time."""
+        from ..teachers.flow import flow_t_of_sigma
+
+        x0 = batch.real
+        sig = self.sigmas.to(device=x0.device, dtype=x0.dtype)
+        n = torch.randint(0, len(sig) - 1, (x0.shape[0],), device=x0.device)
+        s_hi, s_lo = sig[n + 1], sig[n]
+        t_hi = append_dims(flow_t_of_sigma(s_hi), x0.ndim)
+        x_hi = (1 - t_hi) * x0 + t_hi * torch.randn_like(x0)
+        cond = dict(batch.cond)
+        with torch.no_grad():
+            x_lo = self.flow_step(nets["teacher"], x_hi, s_hi, s_lo, cond)
+            target = nets["target"].forward_scaled(x_lo, s_lo, **cond)
+        online = nets["student"](x_hi, sigma=s_hi, scaled=True, **cond)
         loss = self.distance(online, target).mean()
         return loss, {"loss": loss.detach()}
