@@ -19,9 +19,9 @@ from distilldiff.samplers import sample_loop, teacher_grid
 from distilldiff.students import OneStepGenerator
 from distilldiff.teachers import CFGDenoiser, FlowDenoiser, load_teacher
 from distilldiff.teachers.flow import flow_sigma_of_t, flow_t_of_sigma
-from tiny_sd import save_pipeline, tiny_sd3_pipeline
+from tiny_sd import PROMPTS, save_pipeline, tiny_run_config, tiny_sd3_pipeline
 
-PROMPTS = ["a thick seven", "a thin one", "a slanted four", "a small two"]
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +31,6 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     out["prompts"] = root / "prompts.txt"
     return out
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DISTILLDIFF_CACHE", str(tmp_path / "cache"))
 
 
 def _pipeline(folder: Path):
@@ -119,15 +114,7 @@ def test_one_step_generator_starts_from_pure_noise(folders):
 
 
 def _cfg(folders, objective: dict, tmp_path: Path, **extra) -> DistillConfig:
-    data = {
-        "teacher": {"path": str(folders["sd3"]), "prompts": str(folders["prompts"]), "guidance_scale": 1.0},
-        "objective": objective,
-        "train": {"max_steps": 2, "batch_size": 2, "checkpoint_every": 2, "sample_every": 2, "num_sample_images": 4,
-                  "log_every": 1},
-        "output_dir": str(tmp_path / "run"),
-        **extra,
-    }
-    return load_config(DistillConfig, data=data)
+    return tiny_run_config({"path": str(folders["sd3"]), "prompts": str(folders["prompts"]), "guidance_scale": 1.0}, objective, tmp_path, **extra)
 
 
 @pytest.mark.parametrize("objective", [

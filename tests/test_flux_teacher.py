@@ -17,9 +17,9 @@ from distilldiff.config import ConfigError, DistillConfig, load_config
 from distilldiff.distill import distill
 from distilldiff.inference import load_sampler
 from distilldiff.teachers import FluxDenoiser, load_teacher
-from tiny_sd import save_pipeline, tiny_flux_pipeline, tiny_sd3_pipeline
+from tiny_sd import PROMPTS, save_pipeline, tiny_flux_pipeline, tiny_run_config, tiny_sd3_pipeline
 
-PROMPTS = ["a thick seven", "a thin one", "a slanted four", "a small two"]
+pytestmark = pytest.mark.usefixtures("private_cache")
 #: the tiny pipelines draw 16x16 images (4x8x8 latents, 16 packed tokens of 16 channels); prompts to 16 T5 tokens
 INFO = {"image_size": 16, "max_sequence_length": 16}
 
@@ -34,11 +34,6 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     out["prompts"] = root / "prompts.txt"
     return out
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DISTILLDIFF_CACHE", str(tmp_path / "cache"))
 
 
 def _stock(folder: Path, prompts: list[str], z: torch.Tensor, **call) -> torch.Tensor:
@@ -127,15 +122,7 @@ def test_flux_only_keys_are_refused_for_other_teachers(tmp_path):
 
 
 def _cfg(folders, objective: dict, tmp_path: Path, **extra) -> DistillConfig:
-    data = {
-        "teacher": {"path": str(folders["dev"]), "prompts": str(folders["prompts"]), "embedded_guidance": 2.5},
-        "objective": objective,
-        "train": {"max_steps": 2, "batch_size": 2, "checkpoint_every": 2, "sample_every": 2, "num_sample_images": 4,
-                  "log_every": 1},
-        "output_dir": str(tmp_path / "run"),
-        **extra,
-    }
-    return load_config(DistillConfig, data=data)
+    return tiny_run_config({"path": str(folders["dev"]), "prompts": str(folders["prompts"]), "embedded_guidance": 2.5}, objective, tmp_path, **extra)
 
 
 def test_sid_trains_a_one_step_flux_student(folders, tmp_path):

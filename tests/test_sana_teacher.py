@@ -13,15 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from distilldiff.config import DistillConfig, load_config
 from distilldiff.distill import distill
 from distilldiff.inference import load_sampler
 from distilldiff.samplers import sample_loop
 from distilldiff.teachers import load_teacher
 from distilldiff.teachers.flow import SanaDenoiser
-from tiny_sd import save_pipeline, tiny_sana_pipeline
+from tiny_sd import PROMPTS, save_pipeline, tiny_run_config, tiny_sana_pipeline
 
-PROMPTS = ["a thick seven", "a thin one", "a slanted four", "a small two"]
+pytestmark = pytest.mark.usefixtures("private_cache")
 CALL = {"height": 32, "width": 32, "max_sequence_length": 16, "use_resolution_binning": False}
 
 
@@ -33,11 +32,6 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     out["prompts"] = root / "prompts.txt"
     return out
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DISTILLDIFF_CACHE", str(tmp_path / "cache"))
 
 
 def _euler_pipeline(folder: Path):
@@ -108,12 +102,8 @@ assert not any(m.startswith("distilldiff") for m in sys.modules), "plain diffuse
 def test_one_step_sana_student_trains_and_runs_in_plain_diffusers_in_a_fresh_process(folders, tmp_path):
     from distilldiff.export import export_run
 
-    cfg = load_config(DistillConfig, data={
-        "teacher": {"path": str(folders["sana"]), "prompts": str(folders["prompts"]), "guidance_scale": 1.0},
-        "objective": {"name": "sid"},
-        "train": {"max_steps": 2, "batch_size": 2, "checkpoint_every": 2, "sample_every": 2, "num_sample_images": 4, "log_every": 1},
-        "output_dir": str(tmp_path / "run")})
-    distill(cfg)
+    distill(tiny_run_config({"path": str(folders["sana"]), "prompts": str(folders["prompts"]), "guidance_scale": 1.0},
+                            {"name": "sid"}, tmp_path))
     out = export_run(tmp_path / "run", tmp_path / "export")
     meta = json.loads((out / "distilldiff_student.json").read_text())
     assert meta["pipeline"] == "SanaPipeline" and math.isinf(meta["sigmas"][0]) and meta["max_sequence_length"] == 16

@@ -20,9 +20,9 @@ from distilldiff.distill import build_distill_task, distill
 from distilldiff.inference import load_sampler
 from distilldiff.teachers import CFGDenoiser, LatentDenoiser, load_teacher
 from distilldiff.teachers.text import EmbeddingCache, read_prompts
-from tiny_sd import save_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+from tiny_sd import PROMPTS, save_pipeline, tiny_run_config, tiny_sd_pipeline, tiny_sdxl_pipeline
 
-PROMPTS = ["a thick seven", "a thin one", "a slanted four", "a small two"]
+pytestmark = pytest.mark.usefixtures("private_cache")
 KINDS = ["sd", "sdxl"]
 
 
@@ -38,11 +38,6 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     (root / "prompts.txt").write_text("\n".join(PROMPTS[:2]) + "\n\n" + "\n".join(PROMPTS[2:]) + "\n")
     out["prompts"] = root / "prompts.txt"
     return out
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("DISTILLDIFF_CACHE", str(tmp_path / "cache"))
 
 
 def _pipeline(folder: Path):
@@ -151,15 +146,7 @@ def test_read_prompts_from_file_and_caption_folder(tmp_path, folders):
 
 
 def _cfg(folders, kind: str, objective: dict, tmp_path: Path, **extra) -> DistillConfig:
-    data = {
-        "teacher": {"path": str(folders[kind]), "prompts": str(folders["prompts"]), "guidance_scale": 1.0},
-        "objective": objective,
-        "train": {"max_steps": 2, "batch_size": 2, "checkpoint_every": 2, "sample_every": 2, "num_sample_images": 4,
-                  "log_every": 1},
-        "output_dir": str(tmp_path / "run"),
-        **extra,
-    }
-    return load_config(DistillConfig, data=data)
+    return tiny_run_config({"path": str(folders[kind]), "prompts": str(folders["prompts"]), "guidance_scale": 1.0}, objective, tmp_path, **extra)
 
 
 OBJECTIVES = {

@@ -11,6 +11,9 @@ import torch
 
 from distilldiff.text_teacher import write_word_tokenizer
 
+#: the prompts the tiny pipelines' tests train and sample with
+PROMPTS = ["a thick seven", "a thin one", "a slanted four", "a small two"]
+
 #: words the tiny tokenizer knows whole (anything else falls back to single characters)
 WORDS = ["a", "an", "the", "digit", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
          "thick", "thin", "slanted", "upright", "small", "large", "handwritten", "photo", "of", "cat", "dog"]
@@ -197,3 +200,19 @@ def tiny_sana_pipeline(seed: int = 0, dpm_solver: bool = True):
     scheduler = (DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")
                  if dpm_solver else FlowMatchEulerDiscreteScheduler(shift=3.0))
     return SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+
+
+def tiny_run_config(teacher: dict, objective: dict, tmp_path: Path, **extra):
+    """A 2-update run of ``objective`` on the ``teacher`` section (batch 2, a checkpoint, a sample grid and
+    the exported student at update 2) in ``tmp_path / "run"``; ``extra``: further top-level sections."""
+    from distilldiff.config import DistillConfig, load_config
+
+    data = {
+        "teacher": teacher,
+        "objective": objective,
+        "train": {"max_steps": 2, "batch_size": 2, "checkpoint_every": 2, "sample_every": 2, "num_sample_images": 4,
+                  "log_every": 1},
+        "output_dir": str(tmp_path / "run"),
+        **extra,
+    }
+    return load_config(DistillConfig, data=data)

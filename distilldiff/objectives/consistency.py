@@ -96,7 +96,8 @@ class ConsistencyConfig(ObjectiveConfig):
         if self.schedule in ("lcm", "flow"):
             for key in ("sigma_min", "sigma_max"):
                 if getattr(self, key) is not None:
-                    raise ValueError(f"objective.{key}: schedule '{self.schedule}' runs on the teacher's own grid; remove the key")
+                    own = "timesteps" if self.schedule == "lcm" else "sampling grid"
+                    raise ValueError(f"objective.{key}: schedule '{self.schedule}' runs on the teacher's own {own}; remove the key")
             if not 1 <= self.sample_steps <= self.num_scales:
                 raise ValueError(f"objective.sample_steps must be in [1, num_scales] with schedule '{self.schedule}', "
                                  f"got {self.sample_steps}")
