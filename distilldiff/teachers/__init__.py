@@ -125,6 +125,10 @@ def load_teacher(path: str, guidance_scale: float = 0.0, *, what: str = "teacher
     except OSError as e:
         raise FileNotFoundError(f"{what} {path!r}: could not load a diffusers pipeline ({_first_line(e)})") from None
     flow = is_flow_text_to_image(pipe)
+    if not flow:  # flow pipelines: flow_denoiser_from_pipeline checks these itself
+        for key in ("image_size", "embedded_guidance"):
+            if key in overrides:
+                raise ValueError(f"teacher.{key}: applies to Flux teachers; {path} is a {type(pipe).__name__}; remove the key")
     if flow or is_text_to_image(pipe):
         for key in ("num_classes", "null_class"):
             if key in overrides:
@@ -136,9 +140,6 @@ def load_teacher(path: str, guidance_scale: float = 0.0, *, what: str = "teacher
             overrides.setdefault("image_size", info.get("image_size"))
             teacher = flow_denoiser_from_pipeline(pipe, path, max_sequence_length=info.get("max_sequence_length"), **overrides)
         else:
-            for key in ("image_size", "embedded_guidance"):
-                if key in overrides:
-                    raise ValueError(f"teacher.{key}: applies to Flux teachers; {path} is a {type(pipe).__name__}; remove the key")
             teacher = LatentDenoiser.from_pipeline(pipe, path, **overrides)
         default = info.get("prompts")
         if prompts is None and default is not None:  # the folder names its own prompts (e.g. builtin:mnist-t2i's captions)
@@ -148,9 +149,6 @@ def load_teacher(path: str, guidance_scale: float = 0.0, *, what: str = "teacher
     else:
         if prompts is not None:
             raise ValueError(f"teacher.prompts: {path} is not a text-to-image pipeline (it takes no prompts); remove the key")
-        for key in ("image_size", "embedded_guidance"):
-            if key in overrides:
-                raise ValueError(f"teacher.{key}: applies to Flux teachers; {path} is a {type(pipe).__name__}; remove the key")
         teacher = VPDenoiser.from_pipeline(pipe, resolved, **overrides)
     return CFGDenoiser(teacher, guidance_scale) if guidance_scale else teacher
 

@@ -164,16 +164,22 @@ class FlowDenoiser(TextConditioned, Denoiser):
         scheduler.set_timesteps(num_steps, **kwargs)
         return flow_sigma_of_t(scheduler.sigmas[:-1].to(torch.float64))
 
+    #: the pipeline's ``max_shift`` where the scheduler config has none (SD3's ``calculate_shift`` call)
+    DEFAULT_MAX_SHIFT = 1.16
+
+    def image_seq_len(self) -> int:
+        """Image tokens the transformer sees at the default image size (patches of ``patch_size``)."""
+        c, h, w = self.sample_shape
+        patch = getattr(self.model.config, "patch_size", 1) or 1
+        return (h // patch) * (w // patch)
+
     def dynamic_shift_mu(self) -> float:
         """The resolution-dependent shift of the default image size (diffusers' ``calculate_shift``)."""
         cfg = self.scheduler_config
-        c, h, w = self.sample_shape
-        patch = getattr(self.model.config, "patch_size", 1) or 1
-        seq = (h // patch) * (w // patch)
         base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
-        base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.16)
+        base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", self.DEFAULT_MAX_SHIFT)
         m = (max_shift - base_shift) / (max_len - base_len)
-        return seq * m + base_shift - m * base_len
+        return self.image_seq_len() * m + base_shift - m * base_len
 
     def denoise(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         return self.denoise_scaled(x / append_dims(1 + sigma, x.ndim), sigma, **cond)
@@ -254,15 +260,12 @@ class FluxDenoiser(FlowDenoiser):
         if h % 2 or w % 2:
             raise ValueError(f"Flux latents must have an even height and width (2x2 packing), got {h}x{w}")
 
-    def dynamic_shift_mu(self) -> float:
-        """``calculate_shift`` of the packed sequence length, as ``FluxPipeline`` computes it."""
+    DEFAULT_MAX_SHIFT = 1.15  # FluxPipeline's calculate_shift call
+
+    def image_seq_len(self) -> int:
+        """The packed sequence length (2x2 patches), as ``FluxPipeline`` computes its shift from it."""
         c, h, w = self.sample_shape
-        cfg = self.scheduler_config
-        seq = (h // 2) * (w // 2)
-        base_len, max_len = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
-        base_shift, max_shift = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
-        m = (max_shift - base_shift) / (max_len - base_len)
-        return seq * m + base_shift - m * base_len
+        return (h // 2) * (w // 2)
 
     def sampling_sigmas(self, num_steps: int) -> Tensor:
         """``FluxPipeline``'s ``num_steps``-step grid: ``set_timesteps(sigmas=linspace(1, 1/K, K), mu=mu)``."""
