@@ -377,3 +377,27 @@ def test_flow_teacher_config_errors(key, value, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(FlowTeacherConfig, "configs/mnist/t2i_flow_teacher.yaml", [f"{key}={value}"])
+
+
+def test_scm_with_ladd_on_a_flow_teacher(folders, tmp_path):
+    """sCM + LADD (SANA-Sprint's recipe) on the SD3 transformer: the discriminator is a frozen copy of the
+    teacher with a head on its final norm's tokens; its fake samples include the student's one-step samples
+    from t = 1 (adv_top_prob = 1 here); two updates train the head and leave the copy as the teacher."""
+    from safetensors.torch import load_file
+
+    student_dir = distill(_cfg(folders, {"name": "scm", "adv_weight": 0.5, "adv_top_prob": 1.0, "tangent_warmup": 2},
+                               tmp_path, data=str(_captioned(tmp_path))))
+    assert json.loads((student_dir / "distilldiff_student.json").read_text())["timesteps"] == [1000.0]
+    checkpoint = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))[-1]
+    disc = load_file(checkpoint / "model_1.safetensors")  # the second trained network (accelerate's naming)
+    assert float(disc["head.2.weight"].abs().sum()) > 0  # zero-initialised, then trained
+    teacher_net = _pipeline(folders["sd3"]).transformer.state_dict()
+    frozen = {k[len("denoiser.model."):]: v for k, v in disc.items() if k.startswith("denoiser.model.")}
+    assert frozen and all(torch.equal(teacher_net[k], v) for k, v in frozen.items())
+
+
+def test_scm_with_ladd_refuses_a_lora_critic(folders, tmp_path):
+    from distilldiff.config import ConfigError
+
+    with pytest.raises(ConfigError, match="critic.lora_rank: sCM's discriminator trains only a head"):
+        distill(_cfg(folders, {"name": "scm", "adv_weight": 0.5}, tmp_path, data=str(_captioned(tmp_path)), critic={"lora_rank": 4}))

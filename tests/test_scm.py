@@ -85,6 +85,9 @@ def test_scm_student_reproduces_the_mixture(steps, updates, tmp_path):
     ({"tangent_warmup": -1}, "tangent_warmup must be >= 0"),
     ({"tangent_norm_const": 0.0}, "tangent_norm_const must be > 0"),
     ({"p_std": 0.0}, "p_std must be > 0"),
+    ({"adv_weight": -0.1}, "adv_weight must be >= 0"),
+    ({"adv_top_prob": 1.5}, "adv_top_prob must be in .0, 1."),
+    ({"disc_p_std": 0.0}, "disc_p_std must be > 0"),
 ])
 def test_scm_config_errors(kwargs, message):
     from distilldiff.config import ConfigError, DistillConfig, load_config
@@ -92,3 +95,67 @@ def test_scm_config_errors(kwargs, message):
     data = {"teacher": {"path": "builtin:mnist"}, "objective": {"name": "scm", **kwargs}}
     with pytest.raises(ConfigError, match=message):
         load_config(DistillConfig, data=data)
+
+
+def test_ladd_discriminator_is_a_frozen_teacher_copy_with_a_trained_head(tmp_path):
+    """sCM + LADD: a second phase trains only the discriminator's head (the copy of the teacher under it stays
+    as it was); the student's loss gains the adversarial term, whose gradient reaches the student through the
+    frozen discriminator; against a student that draws one blurred point, the head learns to tell real from fake."""
+    from distilldiff.objectives.critic import ScoreWithHead, hinge_generator_loss, noised
+
+    assert "discriminator" not in SCM.build(SCMConfig(), teacher()).networks
+    scm = SCM.build(SCMConfig(adv_weight=0.5, tangent_warmup=0), teacher())
+    assert scm.networks == {"teacher": "frozen", "student": "student", "discriminator": "critic"}
+    assert [p.name for p in scm.phases()] == ["scm", "discriminator"]
+    student = scm.make_student(fitted_copy(), StudentConfig())
+    task = task_for(scm, student)
+    disc = task.networks["discriminator"]
+    assert isinstance(disc, ScoreWithHead) and not disc.train_backbone
+    head_ids = {id(p) for p in list(disc.head.parameters())}
+    assert {id(p) for p in disc.trainable_parameters()} == head_ids
+    backbone = {k: v.clone() for k, v in disc.denoiser.state_dict().items()}
+    head = {k: v.clone() for k, v in disc.head.state_dict().items()}
+    engine = Engine(task, train_config(max_steps=60, lr=1e-12, critic_lr=3e-3, seed=0), tmp_path)
+    engine.train()
+    trained = engine.accelerator.unwrap_model(engine.models["discriminator"])
+    assert all(torch.equal(backbone[k], v) for k, v in trained.denoiser.state_dict().items())
+    assert any(not torch.equal(head[k], v) for k, v in trained.head.state_dict().items())
+    # the (nearly) fixed student (lr 1e-12) predicts near the mixture's mean from sigma = 80: the head separates it from real data
+    x0 = teacher().sample(512, generator=torch.Generator().manual_seed(3))[0].float()
+    torch.manual_seed(4)
+    with torch.no_grad():
+        fake = scm.student_prediction(student, x0, {})
+        s = scm.disc_levels.draw(512, x0)
+        _, l_real = trained(noised(x0, s), s, with_logit=True)
+        _, l_fake = trained(noised(fake, s), s, with_logit=True)
+    assert float(((l_real > 0).float().mean() + (l_fake < 0).float().mean()) / 2) > 0.6
+    # the generator phase's adversarial term: a gradient to the student through the frozen discriminator
+    nets = {"teacher": teacher(), "student": student, "discriminator": trained}
+    batch = engine._batch()
+    torch.manual_seed(9)
+    total, logs = scm.loss(scm.phases()[0], nets, batch)
+    torch.manual_seed(9)
+    consistency, _ = scm.consistency_loss(nets, batch)  # its draws come first
+    torch.testing.assert_close(total.detach(), consistency.detach() + 0.5 * logs["adv_loss"])
+    for p in student.trainable_parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    x_fake = scm.student_prediction(student, x0, {})
+    _, logit = trained(noised(x_fake, s), s, with_logit=True)
+    hinge_generator_loss(logit).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.trainable_parameters())
+    assert all(p.grad is None for p in trained.denoiser.parameters())
+
+
+def test_ladd_predictions_start_from_the_first_level_with_adv_top_prob():
+    """adv_top_prob = 1: every fake sample is the student's one-step sample of the pure-noise part of the input."""
+    scm = SCM.build(SCMConfig(adv_weight=0.5, adv_top_prob=1.0), teacher())
+    student = scm.make_student(fitted_copy(), StudentConfig())
+    x0 = torch.randn(64, 2)
+    torch.manual_seed(0)
+    got = scm.student_prediction(student, x0, {})
+    torch.manual_seed(0)
+    scm.levels.draw(64, x0), torch.rand(64)  # the same draws as student_prediction, before its noise
+    n = torch.randn_like(x0)
+    want = student.denoiser(x0 + 80.0 * n, torch.full((64,), 80.0))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

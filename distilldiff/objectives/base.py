@@ -74,13 +74,14 @@ class Objective(abc.ABC):
         networks: role of every network the objective uses: ``"student"`` (the trained result,
             whose EMA is kept), ``"critic"`` (trained helper, e.g. a fake score), ``"frozen"``
             (the teacher) or ``"target"`` (a frozen copy of the student that the objective moves
-            itself in :meth:`update_targets`, e.g. consistency distillation's EMA target).
+            itself in :meth:`update_targets`, e.g. consistency distillation's EMA target). An objective
+            whose config adds a network (sCM's LADD discriminator) sets its own ``networks`` in ``__init__``.
         needs_real_data: whether batches must carry real data.
     """
 
     config_class: ClassVar[type[ObjectiveConfig]]
     name: ClassVar[str]
-    networks: ClassVar[Mapping[str, str]]
+    networks: Mapping[str, str]
     needs_real_data: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs):

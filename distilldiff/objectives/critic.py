@@ -61,11 +61,14 @@ class ScoreWithHead(Denoiser):
         score: the fake score (a trainable copy of the teacher).
         ratio_bins: size of ``r_bin_mean`` (per-noise-bin means of the density ratio; 0: none).
         h_init: initial value of ``h_mean`` (the weighting at r = 1).
+        train_backbone: whether training updates ``score``'s own parameters; ``False`` makes a
+            discriminator of frozen features and a trained head (LADD's, on a copy of the teacher).
     """
 
-    def __init__(self, score: Denoiser, ratio_bins: int = 0, h_init: float = 1.0):
+    def __init__(self, score: Denoiser, ratio_bins: int = 0, h_init: float = 1.0, train_backbone: bool = True):
         super().__init__()
         self.denoiser = score
+        self.train_backbone = train_backbone
         for attr in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes", "null_class"):
             setattr(self, attr, getattr(score, attr))
         self._features: list[Tensor] = []
@@ -108,7 +111,7 @@ class ScoreWithHead(Denoiser):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         head = list(self.head.parameters()) + (list(self.class_embed.parameters()) if self.class_embed is not None else [])
-        return list(self.denoiser.trainable_parameters()) + head
+        return (list(self.denoiser.trainable_parameters()) if self.train_backbone else []) + head
 
     def forward(self, x: Tensor, sigma: Tensor | float, *, with_logit: bool = False, detach_features: bool = False, **cond: Any):
         """``D(x, sigma)``, or ``(D, logit [B])`` with ``with_logit``."""
@@ -183,6 +186,17 @@ def critic_loss(
 def gan_generator_loss(logit: Tensor) -> Tensor:
     """The non-saturating generator term ``mean_B softplus(-l(x_t))`` (DMD2 eq. 6, SiDA)."""
     return F.softplus(-logit).mean()
+
+
+def hinge_discriminator_loss(logit_real: Tensor, logit_fake: Tensor) -> Tensor:
+    """``(mean_B relu(1 - l(real_t)) + mean_B relu(1 + l(fake_t))) / 2``, the hinge loss of LADD's
+    discriminator (Sauer et al. 2024, sec. 3; SANA-Sprint, Chen et al. 2025, sec. 3.3)."""
+    return (F.relu(1 - logit_real).mean() + F.relu(1 + logit_fake).mean()) / 2
+
+
+def hinge_generator_loss(logit_fake: Tensor) -> Tensor:
+    """The generator's hinge term ``-mean_B l(fake_t)`` (LADD)."""
+    return -logit_fake.mean()
 
 
 def global_sum(values: Tensor) -> Tensor:

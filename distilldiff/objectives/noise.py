@@ -1,4 +1,5 @@
-"""Noise-level distributions of the score-distillation objectives (SiD, f-distill/DMD/DMD2).
+"""Noise-level distributions of the score-distillation objectives (SiD, f-distill/DMD/DMD2), and noisy
+inputs at those levels that stay finite at ``sigma = inf`` (:func:`scaled_input`).
 
 Every distribution here draws inside the teacher's trained range ``[sigma_lo, sigma_hi]``: a
 teacher evaluated outside it is evaluated at a noise level it never saw (a VP teacher below its
@@ -14,9 +15,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import ConfigError
+from ..tensors import append_dims
 
 #: the noise distributions an objective config can name (``noise``, ``fake_score_noise``)
 NoiseKind = Literal["karras", "lognormal", "timesteps"]
@@ -152,4 +154,17 @@ def make_noise_levels(kind: str, teacher, *, sigma_min: float | None, sigma_max:
     raise ConfigError(f"unknown noise distribution {kind!r}; expected 'karras', 'lognormal' or 'timesteps'")
 
 
-__all__ = ["NoiseKind", "check_time_range", "EDM_SIGMA_MIN", "EDM_SIGMA_MAX", "NoiseLevels", "KarrasTime", "LogNormal", "Timesteps", "make_noise_levels", "noise_range"]
+
+def scaled_input(den: nn.Module, x0: Tensor, n: Tensor, sigma: Tensor) -> Tensor:
+    """``(x0 + sigma n) / prior_scale(sigma)`` of denoiser ``den`` (its ``forward_scaled`` input), written
+    ``x0 / p + n / q`` with ``q = p / sigma`` so that it is ``n`` at ``sigma = inf``."""
+    return x0 / append_dims(den.prior_scale(sigma), x0.ndim) + n / append_dims(prior_ratio(den, sigma), x0.ndim)  # x0 / inf = 0
+
+
+def prior_ratio(den: nn.Module, sigma: Tensor) -> Tensor:
+    """``prior_scale(sigma) / sigma``, 1 at ``sigma = inf`` (its limit for every denoiser here)."""
+    ratio = den.prior_scale(sigma) / sigma
+    return torch.where(torch.isinf(sigma), torch.ones_like(ratio), ratio)
+
+
+__all__ = ["NoiseKind", "check_time_range", "EDM_SIGMA_MIN", "EDM_SIGMA_MAX", "NoiseLevels", "KarrasTime", "LogNormal", "Timesteps", "make_noise_levels", "noise_range", "prior_ratio", "scaled_input"]

@@ -22,6 +22,7 @@ from ..teachers.base import Denoiser
 from ..tensors import append_dims, mean_chw
 from .base import Batch, Objective, Phase, Stage, check_student_keys
 from .guidance_weights import check_w_range, draw_w, resolved_default_w, w_cond
+from .noise import prior_ratio, scaled_input
 
 
 @dataclass
@@ -61,18 +62,6 @@ def full_grid(config: ProgressiveConfig, teacher: Denoiser) -> list[float]:
     """The first teacher's N decreasing noise levels; every later grid takes every 2^k-th of them
     (a flow teacher's starts at ``inf``, pure noise)."""
     return teacher_grid(teacher, config.start_steps, config.sigma_min, config.sigma_max, config.rho)
-
-
-def scaled_input(den: nn.Module, x0: Tensor, n: Tensor, sigma: Tensor) -> Tensor:
-    """``(x0 + sigma n) / prior_scale(sigma)`` of denoiser ``den`` (its ``forward_scaled`` input), written
-    ``x0 / p + n / q`` with ``q = p / sigma`` so that it is ``n`` at ``sigma = inf``."""
-    return x0 / append_dims(den.prior_scale(sigma), x0.ndim) + n / append_dims(prior_ratio(den, sigma), x0.ndim)  # x0 / inf = 0
-
-
-def prior_ratio(den: nn.Module, sigma: Tensor) -> Tensor:
-    """``prior_scale(sigma) / sigma``, 1 at ``sigma = inf`` (its limit for every denoiser here)."""
-    ratio = den.prior_scale(sigma) / sigma
-    return torch.where(torch.isinf(sigma), torch.ones_like(ratio), ratio)
 
 
 def stage_plan(config: ProgressiveConfig) -> list[int]:

@@ -6,6 +6,10 @@ Any denoiser D is a TrigFlow consistency function ``f(x_t, t) = D(x_t / cos t, s
 (exactly ``x_t`` at ``t = 0``), and its network output in TrigFlow's parameterisation is
 ``F = (cos(t) x_t - f) / (sigma_d sin t)`` (Lu & Song 2025, eq. 6 solved for F). So every
 teacher converts to TrigFlow without retraining (a flow teacher through sigma = t_flow / (1 - t_flow)).
+
+With ``adv_weight > 0`` the student's loss adds LADD's adversarial term (Sauer et al. 2024), as
+SANA-Sprint does (Chen et al. 2025, sec. 3.3): a discriminator made of a frozen copy of the teacher
+and a trained head on its features judges the student's predictions against real data, both noised.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ from typing import Any, Callable, ClassVar, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..config import ObjectiveConfig, StudentConfig
-from ..students import Student, student_copy
+from ..config import ConfigError, ObjectiveConfig, StudentConfig
+from ..students import LoRAFakeScore, Student, student_copy, trainable_copy
 from ..teachers.base import Denoiser
 from ..tensors import append_dims, mean_chw
 from .base import Batch, Objective, Phase, check_student_keys
-from .noise import LogNormal, noise_range
+from .critic import ScoreWithHead, hinge_discriminator_loss, hinge_generator_loss, noised
+from .noise import LogNormal, noise_range, scaled_input
 
 
 @dataclass
@@ -41,6 +46,14 @@ class SCMConfig(ObjectiveConfig):
         tangent_norm_const: c of the tangent normalisation ``g / (||g|| + c)`` (0.1).
         adaptive_weighting: learn the loss weight ``exp(-u(t))`` with ``+ u(t)`` (Lu & Song 2025,
             eq. 9; EDM2's uncertainty weighting), ``u`` a small network trained with the student.
+        adv_weight: weight of LADD's adversarial term in the student's loss (SANA-Sprint: 0.5; 0: sCM
+            alone). A discriminator (a frozen copy of the teacher with a trained head on its
+            features) then learns in a second phase of every step, with the hinge loss.
+        adv_top_prob: share of the adversarial term's student predictions made from the student's first
+            noise level (pure noise for flow teachers: its one-step samples); the others denoise real
+            data noised at training levels (SANA-Sprint: 0.5).
+        disc_p_mean, disc_p_std: the discriminator's noise levels, log-normal sigma as ``p_mean``/``p_std``
+            (SANA-Sprint: -0.6, 1.0).
     """
 
     name: ClassVar[str] = "scm"
@@ -54,6 +67,10 @@ class SCMConfig(ObjectiveConfig):
     tangent_warmup: int = 10000
     tangent_norm_const: float = 0.1
     adaptive_weighting: bool = True
+    adv_weight: float = 0.0
+    adv_top_prob: float = 0.5
+    disc_p_mean: float = -0.6
+    disc_p_std: float = 1.0
 
     def __post_init__(self):
         if self.sample_steps not in (1, 2):
@@ -66,6 +83,12 @@ class SCMConfig(ObjectiveConfig):
             raise ValueError(f"objective.tangent_norm_const must be > 0, got {self.tangent_norm_const}")
         if not self.p_std > 0:
             raise ValueError(f"objective.p_std must be > 0, got {self.p_std}")
+        if self.adv_weight < 0:
+            raise ValueError(f"objective.adv_weight must be >= 0, got {self.adv_weight}")
+        if not 0 <= self.adv_top_prob <= 1:
+            raise ValueError(f"objective.adv_top_prob must be in [0, 1], got {self.adv_top_prob}")
+        if not self.disc_p_std > 0:
+            raise ValueError(f"objective.disc_p_std must be > 0, got {self.disc_p_std}")
 
 
 class AdaptiveWeight(nn.Module):
@@ -125,24 +148,42 @@ class SCM(Objective):
     normalised ``g / (||g|| + c)``, and the loss ``exp(-u) mean_d ||F_theta - F^- - g||^2 + u``.
     ``r`` ramps from 0 to 1 over ``tangent_warmup`` updates (tangent warm-up).
 
-    Networks: ``teacher`` (frozen, guided where configured), ``student``. Needs real data.
+    With ``adv_weight`` > 0 (LADD), the student's loss adds ``adv_weight * -mean l(x_hat_s)``, ``x_hat``
+    the student's prediction (from its first noise level with probability ``adv_top_prob``, else from real
+    data noised at a training level) noised again at ``s`` from the discriminator's levels, and a second
+    phase trains the discriminator's head ``l`` with the hinge loss on such predictions and noised real data.
+
+    Networks: ``teacher`` (frozen, guided where configured), ``student``, and with LADD ``discriminator``
+    (a critic). Needs real data.
     """
 
     config_class: ClassVar[type[ObjectiveConfig]] = SCMConfig
-    networks: ClassVar[Mapping[str, str]] = {"teacher": "frozen", "student": "student"}
+    networks: Mapping[str, str] = {"teacher": "frozen", "student": "student"}  # per instance: + discriminator with LADD
     needs_real_data: ClassVar[bool] = True
 
-    def __init__(self, config: SCMConfig, sigma_data: float, levels: LogNormal, top_sigma: float):
+    def __init__(self, config: SCMConfig, sigma_data: float, levels: LogNormal, top_sigma: float,
+                 disc_levels: LogNormal | None = None):
         self.config = config
         self.sigma_data = float(sigma_data)
         self.levels = levels
         #: the student's first noise level: the teacher's largest (inf for flow teachers: pure noise, t = pi/2)
         self.top_sigma = float(top_sigma)
+        #: the discriminator's noise levels (LADD; ``None`` without it)
+        self.disc_levels = disc_levels if config.adv_weight > 0 else None
+        if config.adv_weight > 0:
+            if disc_levels is None:
+                raise ValueError("objective.adv_weight > 0 needs the discriminator's noise levels")
+            self.networks = {**SCM.networks, "discriminator": "critic"}
 
     @classmethod
     def build(cls, config: SCMConfig, teacher: nn.Module) -> "SCM":
         lo, hi = noise_range(teacher, config.sigma_min, config.sigma_max)
-        return cls(config, teacher.sigma_data, LogNormal(lo, hi, config.p_mean, config.p_std), teacher.sigma_max)
+        disc = LogNormal(lo, hi, config.disc_p_mean, config.disc_p_std)
+        return cls(config, teacher.sigma_data, LogNormal(lo, hi, config.p_mean, config.p_std), teacher.sigma_max, disc)
+
+    @property
+    def adversarial(self) -> bool:
+        return self.disc_levels is not None
 
     @property
     def student_sigmas(self) -> list[float]:
@@ -159,8 +200,15 @@ class SCM(Objective):
         sampler = "ddim" if self.config.sample_steps == 1 else "multistep"  # one step: no re-noising either way
         return SCMStudent(student_copy(teacher, student), self.student_sigmas, sampler, weighting)
 
+    def make_critic(self, name: str, teacher: Denoiser) -> nn.Module:
+        """LADD's discriminator: a frozen copy of the (unguided) teacher, a trained head on its features."""
+        if isinstance(teacher, LoRAFakeScore):
+            raise ConfigError("critic.lora_rank: sCM's discriminator trains only a head on a frozen copy of the teacher "
+                              "(no adapter); remove the critic section")
+        return ScoreWithHead(trainable_copy(teacher), train_backbone=False)
+
     def phases(self) -> list[Phase]:
-        return [Phase("scm", "student")]
+        return [Phase("scm", "student")] + ([Phase("discriminator", "discriminator")] if self.adversarial else [])
 
     def warmup(self, step: int) -> float:
         """``r`` of the tangent warm-up after ``step`` updates."""
@@ -190,7 +238,44 @@ class SCM(Objective):
         norm = g.flatten(1).norm(dim=1)
         return g / append_dims(norm + self.config.tangent_norm_const, g.ndim)
 
+    def student_prediction(self, student: nn.Module, x0: Tensor, cond: Mapping[str, Any]) -> Tensor:
+        """LADD's fake samples: the student's ``D(x0 + sigma n, sigma)`` ``[B, *shape]`` at training levels, each
+        replaced by the first level (pure noise for flow teachers) with probability ``adv_top_prob``."""
+        sigma = self.levels.draw(x0.shape[0], x0)
+        top = torch.rand(x0.shape[0], device=x0.device) < self.config.adv_top_prob
+        sigma = torch.where(top, torch.full_like(sigma, self.top_sigma), sigma)
+        den = getattr(student, "module", student).denoiser
+        return student(scaled_input(den, x0, torch.randn_like(x0), sigma), sigma=sigma, scaled=True, **cond)
+
     def loss(self, phase: Phase, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        if phase.name == "discriminator":
+            return self.discriminator_loss(nets, batch)
+        loss, logs = self.consistency_loss(nets, batch)
+        if self.adversarial:
+            x_fake = self.student_prediction(nets["student"], batch.real, batch.cond)
+            s = self.disc_levels.draw(x_fake.shape[0], x_fake)
+            _, logit = nets["discriminator"](noised(x_fake, s), s, with_logit=True, **batch.cond)
+            adv = hinge_generator_loss(logit)
+            loss = loss + self.config.adv_weight * adv
+            logs = {**logs, "loss": loss.detach(), "adv_loss": adv.detach()}
+        return loss, logs
+
+    def discriminator_loss(self, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """LADD's discriminator update: the hinge loss on the student's predictions and on real data, both
+        noised at the same levels from the discriminator's distribution (no gradient to the student)."""
+        x0, cond = batch.real, batch.cond
+        with torch.no_grad():
+            x_fake = self.student_prediction(nets["student"], x0, cond)
+        s = self.disc_levels.draw(x0.shape[0], x0)
+        disc = nets["discriminator"]
+        _, logit_fake = disc(noised(x_fake, s), s, with_logit=True, **cond)
+        _, logit_real = disc(noised(x0, s), s, with_logit=True, **cond)
+        loss = hinge_discriminator_loss(logit_real, logit_fake)
+        accuracy = ((logit_real > 0).float().mean() + (logit_fake < 0).float().mean()) / 2
+        return loss, {"loss": loss.detach(), "disc_accuracy": accuracy.detach()}
+
+    def consistency_loss(self, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """The sCD loss of the docstring above (Lu & Song 2025, Alg. 1)."""
         x0, cond = batch.real, dict(batch.cond)
         sigma = self.levels.draw(x0.shape[0], x0)
         t = torch.atan(sigma / self.sigma_data)
