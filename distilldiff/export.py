@@ -217,7 +217,7 @@ def export_problem(student: Student) -> str | None:
     it: a deterministic student on a DDIM "trailing" grid of the teacher's training timesteps
     (:func:`stock_ddim_scheduler`), or a multistep LCM student (:func:`stock_lcm_scheduler`).
     """
-    from .teachers.flow import FlowDenoiser, FluxDenoiser
+    from .teachers.flow import FlowDenoiser
     from .teachers.text import LatentDenoiser
 
     den = student.denoiser
@@ -227,9 +227,6 @@ def export_problem(student: Student) -> str | None:
             return ("students of flow-matching teachers export as stock pipelines with a FlowMatchEulerDiscreteScheduler, "
                     "which has no consistency boundary scalings: consistency students of them export with "
                     "objective.schedule: flow (and objective scm), whose students are the network itself")
-        if student.sampler == "multistep" and isinstance(base, FluxDenoiser):
-            return ("multistep (re-noising) students of Flux teachers are not supported yet: FluxPipeline draws the "
-                    "re-noising of its stochastic steps in its packed layout, which distilldiff's sampler does not reproduce")
         return None
     if not isinstance(base, LatentDenoiser):
         if isinstance(den, LCMConsistencyDenoiser):

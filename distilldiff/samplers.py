@@ -100,7 +100,7 @@ def sample_loop(
     noise, t = 1 of a flow teacher) is evaluated as ``denoiser.forward_scaled(noise, inf)``. Between evaluations,
     ``"ddim"`` moves deterministically, ``x_b = x0 + (sigma_b / sigma_a) (x_a - x0)`` (DDIM =
     Euler in sigma space), and ``"multistep"`` re-noises, ``x_b = x0 + sigma_b * n`` with fresh
-    ``n`` from ``generator`` (consistency sampling). The last evaluation's x0 is returned.
+    ``n`` from ``generator`` (consistency sampling; :meth:`~distilldiff.teachers.Denoiser.fresh_noise`). The last evaluation's x0 is returned.
     Gradients flow (students train through this); wrap in ``torch.no_grad()`` to sample.
     """
     if sampler not in SAMPLERS:
@@ -115,8 +115,7 @@ def sample_loop(
         if sampler == "ddim":  # from sigma = inf, (x - x0) / sigma is the noise (its limit)
             x = x0 + sigmas[i + 1] * noise if pure and i == 0 else x0 + (sigmas[i + 1] / s) * (x - x0)
         else:
-            fresh = torch.randn(noise.shape, generator=generator, dtype=noise.dtype, device="cpu").to(noise.device)
-            x = x0 + sigmas[i + 1] * fresh
+            x = x0 + sigmas[i + 1] * denoiser.fresh_noise(noise, generator)
     return x
 
 

@@ -140,12 +140,15 @@ PLAIN_DIFFUSERS = r"""
 import json, sys, torch
 from diffusers import FluxPipeline
 folder, prompt, k, latents, out, extra = sys.argv[1:7]
+extra = json.loads(extra)
 pipe = FluxPipeline.from_pretrained(folder, use_safetensors=True)
+if "seed" in extra:  # the re-noising of stochastic steps: the pipeline draws it from torch's global generator
+    torch.manual_seed(extra.pop("seed"))
 z = torch.load(latents)
 b, c, h, w = z.shape
 packed = z.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
 images = pipe([prompt] * b, num_inference_steps=int(k), height=16, width=16, max_sequence_length=16, latents=packed,
-              output_type="pt", **json.loads(extra)).images
+              output_type="pt", **extra).images
 torch.save(images, out)
 assert not any(m.startswith("distilldiff") for m in sys.modules), "plain diffusers must not import distilldiff"
 """
@@ -173,6 +176,41 @@ def test_progressive_flux_student_runs_in_plain_diffusers_in_a_fresh_process(fol
     theirs = torch.load(tmp_path / "theirs.pt")
     assert theirs.shape == ours.shape == (n, 3, 16, 16)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_two_step_flux_student_runs_in_plain_diffusers_with_stochastic_steps(folders, tmp_path):
+    """A 2-step sCM student of a Flux teacher (t = 1, then re-noised): the stock FluxPipeline with a stochastic
+    FlowMatchEulerDiscreteScheduler draws the re-noising from torch's global generator in its packed layout,
+    which the Flux denoiser's fresh_noise reproduces: torch.manual_seed(s) before the call gives our seed s."""
+    from distilldiff.export import export_run
+    from test_flow_teacher import _captioned
+
+    distill(_cfg(folders, {"name": "scm", "sample_steps": 2, "tangent_warmup": 2}, tmp_path, data=str(_captioned(tmp_path))))
+    out = export_run(tmp_path / "run", tmp_path / "export")
+    meta = json.loads((out / "distilldiff_student.json").read_text())
+    assert meta["sampler"] == "multistep" and meta["pipeline"] == "FluxPipeline" and len(meta["call_sigmas"]) == 2
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["stochastic_sampling"] is True
+    assert "torch.manual_seed(0)" in (out / "README.md").read_text()
+    prompt, n = PROMPTS[1], 2
+    sampler = load_sampler(str(out), device="cpu")
+    z = torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    cond = sampler.denoiser.prompt_cond([prompt] * n, "cpu")
+    ours = (sampler.denoiser.decode(sampler.draw(z, cond, torch.Generator().manual_seed(11))) + 1) / 2
+    other = (sampler.denoiser.decode(sampler.draw(z, cond, torch.Generator().manual_seed(12))) + 1) / 2
+    assert (ours - other).abs().max() > 1e-3  # the re-noising matters
+    torch.save(z, tmp_path / "z.pt")
+    extra = {"guidance_scale": 2.5, "sigmas": meta["call_sigmas"], "seed": 11}
+    proc = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(out), prompt, "2", str(tmp_path / "z.pt"),
+                           str(tmp_path / "theirs.pt"), json.dumps(extra)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = torch.load(tmp_path / "theirs.pt")
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    # the packed draw matters: noise drawn in the unpacked layout gives other images
+    g = torch.Generator().manual_seed(11)
+    unpacked = torch.randn((n, 4, 8, 8), generator=g)
+    packed = FluxDenoiser.unpack(torch.randn((n, 16, 16), generator=torch.Generator().manual_seed(11)), 8, 8)
+    assert not torch.equal(unpacked, packed)
+    torch.testing.assert_close(sampler.denoiser.fresh_noise(z, torch.Generator().manual_seed(11)), packed, rtol=0, atol=0)
 
 
 def test_off_grid_flux_students_get_the_sigmas_that_the_dynamic_shift_maps_to_their_levels(folders):

@@ -55,6 +55,12 @@ class Denoiser(nn.Module):
             raise ValueError(f"sigma has {sigma.shape[0]} entries but x has batch size {x.shape[0]}")
         return sigma
 
+    def fresh_noise(self, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Standard-normal noise shaped like ``like`` ``[B, *sample_shape]``, drawn on the CPU from ``generator``
+        in the order the model's stock pipeline draws it (the re-noising of multistep sampling): by
+        default in this layout, as ``torch.randn(like.shape)``."""
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device="cpu").to(like.device)
+
     def prior_scale(self, sigma: Tensor) -> Tensor:
         """Scale s such that ``s * z`` (z ~ N(0, I)) is this model's pure-noise input at ``sigma``.
 

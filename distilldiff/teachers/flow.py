@@ -289,6 +289,13 @@ class FluxDenoiser(FlowDenoiser):
         b, n, d = x.shape
         return x.reshape(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
 
+    def fresh_noise(self, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Noise drawn as ``FluxPipeline``'s stochastic scheduler steps draw it, in the packed layout
+        ``[B, h w / 4, 4 C]``, then unpacked to ``like``'s ``[B, C, h, w]``."""
+        b, c, h, w = like.shape
+        packed = torch.randn((b, (h // 2) * (w // 2), 4 * c), generator=generator, dtype=like.dtype, device="cpu")
+        return self.unpack(packed, h, w).to(like.device)
+
     def velocity(self, x_t: Tensor, t: Tensor, cond: dict[str, Any]) -> Tensor:
         b, c, h, w = x_t.shape
         dtype = self._model_dtype(x_t)
