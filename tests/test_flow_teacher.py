@@ -19,7 +19,7 @@ from distilldiff.samplers import sample_loop, teacher_grid
 from distilldiff.students import OneStepGenerator
 from distilldiff.teachers import CFGDenoiser, FlowDenoiser, load_teacher
 from distilldiff.teachers.flow import flow_sigma_of_t, flow_t_of_sigma
-from tiny_sd import PROMPTS, save_pipeline, tiny_run_config, tiny_sd3_pipeline
+from tiny_sd import PROMPTS, plain_diffusers_images, renoised_draws, save_pipeline, tiny_run_config, tiny_sd3_pipeline
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 
@@ -306,19 +306,10 @@ def test_two_step_scm_student_runs_in_plain_diffusers_with_stochastic_steps(fold
     card = (out / "README.md").read_text()
     assert "stochastic FlowMatchEulerDiscreteScheduler step(s)" in card
     assert "import torch\nfrom diffusers import StableDiffusion3Pipeline" in card
-    prompt, n = PROMPTS[3], 2
-    sampler = load_sampler(str(out), device="cpu")
-    z = torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(7))
-    cond = sampler.denoiser.prompt_cond([prompt] * n, "cpu")
-    ours = (sampler.denoiser.decode(sampler.draw(z, cond, torch.Generator().manual_seed(11))) + 1) / 2
-    other = (sampler.denoiser.decode(sampler.draw(z, cond, torch.Generator().manual_seed(12))) + 1) / 2
+    z, (ours, other) = renoised_draws(out, PROMPTS[3])
     assert (ours - other).abs().max() > 1e-3  # the re-noising matters
-    torch.save(z, tmp_path / "z.pt")
-    proc = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(out), prompt, "2", str(tmp_path / "z.pt"),
-                           str(tmp_path / "theirs.pt"), json.dumps({"sigmas": meta["call_sigmas"], "seed": 11})],
-                          capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    torch.testing.assert_close(ours, torch.load(tmp_path / "theirs.pt"), rtol=0, atol=1e-5)
+    theirs = plain_diffusers_images(PLAIN_DIFFUSERS, out, PROMPTS[3], 2, z, tmp_path, {"sigmas": meta["call_sigmas"], "seed": 11})
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
 def test_consistency_on_a_flow_teachers_grid(folders, tmp_path):

@@ -17,7 +17,8 @@ from distilldiff.config import ConfigError, DistillConfig, load_config
 from distilldiff.distill import distill
 from distilldiff.inference import load_sampler
 from distilldiff.teachers import FluxDenoiser, load_teacher
-from tiny_sd import PROMPTS, save_pipeline, tiny_flux_pipeline, tiny_run_config, tiny_sd3_pipeline
+from tiny_sd import (PROMPTS, plain_diffusers_images, renoised_draws, save_pipeline, tiny_flux_pipeline, tiny_run_config,
+                     tiny_sd3_pipeline)
 
 pytestmark = pytest.mark.usefixtures("private_cache")
 #: the tiny pipelines draw 16x16 images (4x8x8 latents, 16 packed tokens of 16 channels); prompts to 16 T5 tokens
@@ -191,26 +192,17 @@ def test_two_step_flux_student_runs_in_plain_diffusers_with_stochastic_steps(fol
     assert meta["sampler"] == "multistep" and meta["pipeline"] == "FluxPipeline" and len(meta["call_sigmas"]) == 2
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["stochastic_sampling"] is True
     assert "torch.manual_seed(0)" in (out / "README.md").read_text()
-    prompt, n = PROMPTS[1], 2
-    sampler = load_sampler(str(out), device="cpu")
-    z = torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(7))
-    cond = sampler.denoiser.prompt_cond([prompt] * n, "cpu")
-    ours = (sampler.denoiser.decode(sampler.draw(z, cond, torch.Generator().manual_seed(11))) + 1) / 2
-    other = (sampler.denoiser.decode(sampler.draw(z, cond, torch.Generator().manual_seed(12))) + 1) / 2
+    z, (ours, other) = renoised_draws(out, PROMPTS[1])
     assert (ours - other).abs().max() > 1e-3  # the re-noising matters
-    torch.save(z, tmp_path / "z.pt")
-    extra = {"guidance_scale": 2.5, "sigmas": meta["call_sigmas"], "seed": 11}
-    proc = subprocess.run([sys.executable, "-c", PLAIN_DIFFUSERS, str(out), prompt, "2", str(tmp_path / "z.pt"),
-                           str(tmp_path / "theirs.pt"), json.dumps(extra)], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    theirs = torch.load(tmp_path / "theirs.pt")
+    theirs = plain_diffusers_images(PLAIN_DIFFUSERS, out, PROMPTS[1], 2, z, tmp_path,
+                                    {"guidance_scale": 2.5, "sigmas": meta["call_sigmas"], "seed": 11})
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
     # the packed draw matters: noise drawn in the unpacked layout gives other images
     g = torch.Generator().manual_seed(11)
-    unpacked = torch.randn((n, 4, 8, 8), generator=g)
-    packed = FluxDenoiser.unpack(torch.randn((n, 16, 16), generator=torch.Generator().manual_seed(11)), 8, 8)
+    unpacked = torch.randn((2, 4, 8, 8), generator=g)
+    packed = FluxDenoiser.unpack(torch.randn((2, 16, 16), generator=torch.Generator().manual_seed(11)), 8, 8)
     assert not torch.equal(unpacked, packed)
-    torch.testing.assert_close(sampler.denoiser.fresh_noise(z, torch.Generator().manual_seed(11)), packed, rtol=0, atol=0)
+    torch.testing.assert_close(load_teacher(str(folders["dev"])).fresh_noise(z, torch.Generator().manual_seed(11)), packed, rtol=0, atol=0)
 
 
 def test_off_grid_flux_students_get_the_sigmas_that_the_dynamic_shift_maps_to_their_levels(folders):

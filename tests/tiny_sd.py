@@ -216,3 +216,29 @@ def tiny_run_config(teacher: dict, objective: dict, tmp_path: Path, **extra):
         **extra,
     }
     return load_config(DistillConfig, data=data)
+
+
+def renoised_draws(folder: Path, prompt: str, n: int = 2, seeds: tuple[int, ...] = (11, 12)) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(z, images)``: an exported multistep student's images in [0, 1] of ``prompt`` from latents ``z``
+    (seed 7), one batch per re-noising seed in ``seeds`` (distilldiff's sampler)."""
+    from distilldiff.inference import load_sampler
+
+    sampler = load_sampler(str(folder), device="cpu")
+    z = torch.randn((n, *sampler.denoiser.sample_shape), generator=torch.Generator().manual_seed(7))
+    cond = sampler.denoiser.prompt_cond([prompt] * n, "cpu")
+    return z, [(sampler.denoiser.decode(sampler.draw(z, cond, torch.Generator().manual_seed(s))) + 1) / 2 for s in seeds]
+
+
+def plain_diffusers_images(script: str, folder: Path, prompt: str, steps: int, z: torch.Tensor, tmp_path: Path,
+                           extra: dict) -> torch.Tensor:
+    """The images that ``script`` (run in a fresh Python process, arguments ``folder prompt steps latents.pt
+    out.pt extra-json``) saves for ``folder`` from latents ``z``."""
+    import json
+    import subprocess
+    import sys
+
+    torch.save(z, tmp_path / "z.pt")
+    proc = subprocess.run([sys.executable, "-c", script, str(folder), prompt, str(steps), str(tmp_path / "z.pt"),
+                           str(tmp_path / "theirs.pt"), json.dumps(extra)], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return torch.load(tmp_path / "theirs.pt")
