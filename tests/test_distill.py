@@ -1,8 +1,9 @@
-"""Building a run from a config: reproducible networks."""
+"""Building a run from a config: reproducible networks, keys that would be ignored."""
 
+import pytest
 import torch
 
-from distilldiff.config import DistillConfig, load_config
+from distilldiff.config import ConfigError, DistillConfig, load_config
 from distilldiff.distill import build_distill_task
 
 
@@ -13,3 +14,12 @@ def test_fresh_layers_start_from_the_seed():
     assert all(torch.equal(a[k], b[k]) for k in a)
     other = build_distill_task(load_config(DistillConfig, "configs/mnist/guidance.yaml", ["train.seed=1"])).networks["student"].state_dict()
     assert any(not torch.equal(a[k], other[k]) for k in a)
+
+
+@pytest.mark.parametrize("config,overrides", [
+    ("configs/mnist/consistency.yaml", ["train.critic_lr=0.0001"]),
+    ("configs/mnist/t2i_flow_scm_ladd.yaml", ["objective.adv_weight=0"]),  # sCM without LADD has no discriminator
+])
+def test_critic_lr_without_a_critic_is_refused(config, overrides):
+    with pytest.raises(ConfigError, match="train.critic_lr: objective '(consistency|scm)' trains no critic"):
+        build_distill_task(load_config(DistillConfig, config, overrides))
