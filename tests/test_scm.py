@@ -129,6 +129,7 @@ def test_ladd_discriminator_is_a_frozen_teacher_copy_with_a_trained_head(tmp_pat
         _, l_real = trained(noised(x0, s), s, with_logit=True)
         _, l_fake = trained(noised(fake, s), s, with_logit=True)
     assert float(((l_real > 0).float().mean() + (l_fake < 0).float().mean()) / 2) > 0.6
+    assert engine.history.latest()["discriminator/logit_gap"] > 0  # logged: real above fake
     # the generator phase's adversarial term: a gradient to the student through the frozen discriminator
     nets = {"teacher": teacher(), "student": student, "discriminator": trained}
     batch = engine._batch()

@@ -272,7 +272,8 @@ class SCM(Objective):
         _, logit_real = disc(noised(x0, s), s, with_logit=True, **cond)
         loss = hinge_discriminator_loss(logit_real, logit_fake)
         accuracy = ((logit_real > 0).float().mean() + (logit_fake < 0).float().mean()) / 2
-        return loss, {"loss": loss.detach(), "disc_accuracy": accuracy.detach()}
+        gap = logit_real.mean() - logit_fake.mean()  # what the hinge loss separates (it ignores a common shift)
+        return loss, {"loss": loss.detach(), "disc_accuracy": accuracy.detach(), "logit_gap": gap.detach()}
 
     def consistency_loss(self, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """The sCD loss of the docstring above (Lu & Song 2025, Alg. 1)."""
