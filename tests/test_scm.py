@@ -88,6 +88,7 @@ def test_scm_student_reproduces_the_mixture(steps, updates, tmp_path):
     ({"adv_weight": -0.1}, "adv_weight must be >= 0"),
     ({"adv_top_prob": 1.5}, "adv_top_prob must be in .0, 1."),
     ({"disc_p_std": 0.0}, "disc_p_std must be > 0"),
+    ({"disc_ratio": 0}, "disc_ratio must be >= 1"),
 ])
 def test_scm_config_errors(kwargs, message):
     from distilldiff.config import ConfigError, DistillConfig, load_config
@@ -106,7 +107,8 @@ def test_ladd_discriminator_is_a_frozen_teacher_copy_with_a_trained_head(tmp_pat
     assert "discriminator" not in SCM.build(SCMConfig(), teacher()).networks
     scm = SCM.build(SCMConfig(adv_weight=0.5, tangent_warmup=0), teacher())
     assert scm.networks == {"teacher": "frozen", "student": "student", "discriminator": "critic"}
-    assert [p.name for p in scm.phases()] == ["scm", "discriminator"]
+    assert [(p.name, p.repeats) for p in scm.phases()] == [("scm", 1), ("discriminator", 1)]
+    assert SCM.build(SCMConfig(adv_weight=0.5, disc_ratio=3), teacher()).phases()[1].repeats == 3
     student = scm.make_student(fitted_copy(), StudentConfig())
     task = task_for(scm, student)
     disc = task.networks["discriminator"]

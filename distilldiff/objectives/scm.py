@@ -54,6 +54,7 @@ class SCMConfig(ObjectiveConfig):
             data noised at training levels (SANA-Sprint: 0.5).
         disc_p_mean, disc_p_std: the discriminator's noise levels, log-normal sigma as ``p_mean``/``p_std``
             (SANA-Sprint: -0.6, 1.0).
+        disc_ratio: discriminator updates per student update (SANA-Sprint: 1).
     """
 
     name: ClassVar[str] = "scm"
@@ -71,6 +72,7 @@ class SCMConfig(ObjectiveConfig):
     adv_top_prob: float = 0.5
     disc_p_mean: float = -0.6
     disc_p_std: float = 1.0
+    disc_ratio: int = 1
 
     def __post_init__(self):
         if self.sample_steps not in (1, 2):
@@ -89,6 +91,8 @@ class SCMConfig(ObjectiveConfig):
             raise ValueError(f"objective.adv_top_prob must be in [0, 1], got {self.adv_top_prob}")
         if not self.disc_p_std > 0:
             raise ValueError(f"objective.disc_p_std must be > 0, got {self.disc_p_std}")
+        if self.disc_ratio < 1:
+            raise ValueError(f"objective.disc_ratio must be >= 1, got {self.disc_ratio}")
 
 
 class AdaptiveWeight(nn.Module):
@@ -208,7 +212,8 @@ class SCM(Objective):
         return ScoreWithHead(trainable_copy(teacher), train_backbone=False)
 
     def phases(self) -> list[Phase]:
-        return [Phase("scm", "student")] + ([Phase("discriminator", "discriminator")] if self.adversarial else [])
+        disc = [Phase("discriminator", "discriminator", repeats=self.config.disc_ratio)] if self.adversarial else []
+        return [Phase("scm", "student")] + disc
 
     def warmup(self, step: int) -> float:
         """``r`` of the tangent warm-up after ``step`` updates."""
