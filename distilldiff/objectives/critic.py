@@ -178,7 +178,7 @@ def critic_loss(
         disc_loss = (F.softplus(logit_fake) + F.softplus(-logit_real)).mean()
         loss = loss + disc_weight * disc_loss
         logs["disc_loss"] = disc_loss.detach()
-        logs["disc_accuracy"] = (((logit_real > 0).float().mean() + (logit_fake < 0).float().mean()) / 2).detach()
+        logs["disc_accuracy"] = disc_accuracy(logit_real, logit_fake).detach()
     logs["loss"] = loss.detach()
     return loss, logs
 
@@ -186,6 +186,11 @@ def critic_loss(
 def gan_generator_loss(logit: Tensor) -> Tensor:
     """The non-saturating generator term ``mean_B softplus(-l(x_t))`` (DMD2 eq. 6, SiDA)."""
     return F.softplus(-logit).mean()
+
+
+def disc_accuracy(logit_real: Tensor, logit_fake: Tensor) -> Tensor:
+    """The share of real samples with a positive logit and fake ones with a negative one, averaged."""
+    return ((logit_real > 0).float().mean() + (logit_fake < 0).float().mean()) / 2
 
 
 def hinge_discriminator_loss(logit_real: Tensor, logit_fake: Tensor) -> Tensor:

@@ -154,7 +154,6 @@ def make_noise_levels(kind: str, teacher, *, sigma_min: float | None, sigma_max:
     raise ConfigError(f"unknown noise distribution {kind!r}; expected 'karras', 'lognormal' or 'timesteps'")
 
 
-
 def scaled_input(den: nn.Module, x0: Tensor, n: Tensor, sigma: Tensor) -> Tensor:
     """``(x0 + sigma n) / prior_scale(sigma)`` of denoiser ``den`` (its ``forward_scaled`` input), written
     ``x0 / p + n / q`` with ``q = p / sigma`` so that it is ``n`` at ``sigma = inf``."""

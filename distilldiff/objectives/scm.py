@@ -26,7 +26,7 @@ from ..students import LoRAFakeScore, Student, student_copy, trainable_copy
 from ..teachers.base import Denoiser
 from ..tensors import append_dims, mean_chw
 from .base import Batch, Objective, Phase, check_student_keys
-from .critic import ScoreWithHead, hinge_discriminator_loss, hinge_generator_loss, noised
+from .critic import ScoreWithHead, disc_accuracy, hinge_discriminator_loss, hinge_generator_loss, noised
 from .noise import LogNormal, noise_range, scaled_input
 
 
@@ -276,7 +276,7 @@ class SCM(Objective):
         _, logit_fake = disc(noised(x_fake, s), s, with_logit=True, **cond)
         _, logit_real = disc(noised(x0, s), s, with_logit=True, **cond)
         loss = hinge_discriminator_loss(logit_real, logit_fake)
-        accuracy = ((logit_real > 0).float().mean() + (logit_fake < 0).float().mean()) / 2
+        accuracy = disc_accuracy(logit_real, logit_fake)
         gap = logit_real.mean() - logit_fake.mean()  # what the hinge loss separates (it ignores a common shift)
         return loss, {"loss": loss.detach(), "disc_accuracy": accuracy.detach(), "logit_gap": gap.detach()}
 
