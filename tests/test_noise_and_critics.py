@@ -189,6 +189,36 @@ def test_sida_and_dmd2_need_real_data_and_plain_sid_does_not():
     assert FDistill.build(FDistillConfig(gan_weight=0.01), t).needs_real_data
 
 
+def test_sida_generator_term_is_on_sids_scale():
+    """SiDA's generator loss is SiD's plus adv_weight * mean_B[CHW softplus(-l(x_t)) / w] at the same x_t: the
+    authors' code counts the GAN loss once per element and divides it by SiD's per-sample normaliser w."""
+    import torch.nn.functional as F
+
+    t = GaussianMixtureDenoiser(WEIGHTS, MEANS, [STD] * 4).float()
+    sida = SiD.build(SiDConfig(adv_weight=0.01), t)
+    critic = sida.make_critic("fake_score", copy.deepcopy(fitted_copy()))
+    torch.manual_seed(0)
+    for p in critic.head.parameters():  # a head whose logits differ between samples (it starts at 0)
+        p.data.normal_(0.0, 0.5)
+    gen = OneStepGenerator(copy.deepcopy(fitted_copy()), 2.5)
+    nets = {"teacher": t, "fake_score": critic, "generator": gen}
+    batch = Batch(noise=torch.randn(256, 2), real=gmm_data(256, "cpu")[0])
+    torch.manual_seed(1)
+    total, logs = sida.generator_loss(nets, batch)
+    torch.manual_seed(1)  # replay the draws: the noise levels, then the noise
+    x_g = gen(batch.noise)
+    sigma = sida.generator_sigma(256, x_g)
+    x_t = x_g + sigma[:, None] * torch.randn_like(x_g)
+    y_real = t(x_t, sigma)
+    y_fake, logit = critic(x_t, sigma, with_logit=True)
+    sid_loss, _ = sida.generator_loss_from(x_g, y_real, y_fake)
+    w = (x_g - y_real).abs().mean(1)
+    adv = (2 * F.softplus(-logit) / w).mean()  # C*H*W = 2 elements per sample here
+    assert logit.std() > 0.1 and adv > 0.01 * abs(sid_loss)  # the term is not negligible in this check
+    torch.testing.assert_close(total, sid_loss + 0.01 * adv)
+    torch.testing.assert_close(logs["adv_loss"], F.softplus(-logit).mean())  # logged unscaled
+
+
 def test_near_black_share_measures_background_noise():
     from distilldiff.data import mnist5k
     from distilldiff.metrics.background import near_black_share

@@ -183,9 +183,11 @@ def critic_loss(
     return loss, logs
 
 
-def gan_generator_loss(logit: Tensor) -> Tensor:
-    """The non-saturating generator term ``mean_B softplus(-l(x_t))`` (DMD2 eq. 6, SiDA)."""
-    return F.softplus(-logit).mean()
+def gan_generator_loss(logit: Tensor, reduce: bool = True) -> Tensor:
+    """The non-saturating generator term ``mean_B softplus(-l(x_t))`` of logits ``[B]`` (DMD2 eq. 6,
+    SiDA); per sample (``[B]``) with ``reduce=False``."""
+    per_sample = F.softplus(-logit)
+    return per_sample.mean() if reduce else per_sample
 
 
 def disc_accuracy(logit_real: Tensor, logit_fake: Tensor) -> Tensor:

@@ -38,8 +38,11 @@ class SiDConfig(ObjectiveConfig):
         loss_scale: multiplier of the generator loss (100 in the official code).
         critic_ratio: fake-score updates per generator update.
         adv_weight: SiDA (Zhou et al. 2025): weight of the generator's adversarial term
-            softplus(-l(x_t)), l a discriminator head on the fake score's features trained on real
-            and generated data in the critic update; 0 (default): plain, data-free SiD.
+            ``mean_B[CHW softplus(-l(x_t)) / w]``, l a discriminator head on the fake score's features
+            trained on real and generated data in the critic update, w the generator loss's
+            per-sample normaliser (the official code puts the GAN loss on the scale of SiD's
+            per-pixel sum this way; its CIFAR-10 run uses 0.01 with ``loss_scale`` 100);
+            0 (default): plain, data-free SiD.
         disc_weight: weight of the discriminator loss in the critic update (SiDA only).
         disc_trains_fake_score: whether that loss also trains the fake score's own layers (SiDA: yes).
         fake_guidance_train, fake_guidance_eval: SiD-LSG's guidance of the fake score (Zhou et al.
@@ -166,16 +169,25 @@ class SiD(Objective):
             return self.generator_loss_from(x_g, y_real, y_fake)
         y_fake, logit = nets["fake_score"](x_t, sigma, with_logit=True, **batch.cond)
         loss, logs = self.generator_loss_from(x_g, y_real, y_fake)
-        adv = gan_generator_loss(logit)
+        adv = self.adversarial_loss(logit, x_g, y_real)
         loss = loss + self.config.adv_weight * adv
-        return loss, {**logs, "adv_loss": adv.detach(), "loss": loss.detach()}
+        return loss, {**logs, "adv_loss": gan_generator_loss(logit.detach()), "loss": loss.detach()}
+
+    def normaliser(self, x_g: Tensor, y_real: Tensor) -> Tensor:
+        """Per-sample w ``[B]`` of the generator loss: mean_CHW |x_g - y_real| (no gradient), or 1."""
+        with torch.no_grad():
+            w = mean_chw((x_g - y_real).abs()).clamp_min(1e-5)
+        return torch.ones_like(w) if self.config.generator_weighting == "none" else w
+
+    def adversarial_loss(self, logit: Tensor, x_g: Tensor, y_real: Tensor) -> Tensor:
+        """SiDA's generator term on SiD's scale, ``mean_B[CHW softplus(-l(x_t)) / w]`` (``logit`` ``[B]``):
+        the non-saturating GAN loss counted once per element and divided by the same w as SiD's loss."""
+        per_sample = gan_generator_loss(logit, reduce=False) * x_g[0].numel() / self.normaliser(x_g, y_real)
+        return per_sample.mean()
 
     def generator_loss_from(self, x_g: Tensor, y_real: Tensor, y_fake: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss given the generated images and both scores' denoised estimates at x_t."""
-        with torch.no_grad():
-            w = mean_chw((x_g - y_real).abs()).clamp_min(1e-5)
-            if self.config.generator_weighting == "none":
-                w = torch.ones_like(w)
+        w = self.normaliser(x_g, y_real)
         per_sample = sum_chw((y_real - y_fake) * ((y_real - x_g) - self.config.alpha * (y_real - y_fake))) / w
         loss = per_sample.mean() * self.config.loss_scale
         return loss, {"loss": loss.detach(), "w": w.mean()}
