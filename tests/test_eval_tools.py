@@ -40,3 +40,10 @@ def test_eval_mnist_scores_the_teacher(tmp_path):
     assert 0.5 <= row["class_accuracy"] <= 1.0  # the teacher's 2-step DDIM: 0.96 on 5,000 images
     assert 0.0 < row["near_black"] < 1.0 and row["class_spread"] > 0.0
     assert not out.with_name(out.name + ".tmp").exists()
+
+
+def test_eval_mnist_bad_model_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "tools/eval_mnist.py", "--model", str(tmp_path / "missing"), "--num", "4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{tmp_path / 'missing'}" in r.stderr.strip().splitlines()[-1]

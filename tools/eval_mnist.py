@@ -84,7 +84,10 @@ def main() -> None:
         else:
             from distilldiff.inference import load_sampler
 
-            sampler = load_sampler(args.model, steps=steps, guidance_scale=args.w, device=args.device)
+            try:
+                sampler = load_sampler(args.model, steps=steps, guidance_scale=args.w, device=args.device)
+            except (FileNotFoundError, ValueError) as e:  # a missing folder, a step count the model cannot take
+                p.error(str(e))
             t0 = time.time()
             images, labels = sampler.sample(args.num, seed=args.seed), torch.arange(args.num) % 10
             row = {"model": args.model, "sampler": sampler.description, "steps": sampler.num_steps, "w": args.w,
