@@ -180,6 +180,32 @@ def test_discriminator_loss_trains_the_head_and_the_fake_score_as_configured(tra
     assert not any(p.grad is not None for p in gen.parameters())  # no gradient reaches the generator
 
 
+@pytest.mark.parametrize("objective", [SiD.build(SiDConfig(adv_weight=0.01, head_lr_scale=20.0), narrow_teacher()),
+                                       FDistill.build(FDistillConfig(gan_weight=0.01, head_lr_scale=20.0), narrow_teacher())],
+                         ids=["sida", "dmd2"])
+def test_head_learns_at_its_own_multiple_of_the_learning_rate(objective):
+    """head_lr_scale puts the discriminator head (and only it) in its own optimiser group at that multiple of lr."""
+    from distilldiff.engine.engine import param_groups
+
+    critic = objective.make_critic("fake_score", copy.deepcopy(fitted_copy()))
+    groups = param_groups(critic, critic.trainable_parameters(), 1e-4)
+    by_scale = {g["lr_scale"]: (g["lr"], {id(p) for p in g["params"]}) for g in groups}
+    assert set(by_scale) == {1.0, 20.0}
+    assert by_scale[20.0] == (pytest.approx(2e-3), {id(p) for p in critic.head_parameters()})
+    assert by_scale[1.0] == (pytest.approx(1e-4), {id(p) for p in critic.denoiser.parameters()})
+    default = SiD.build(SiDConfig(adv_weight=0.01), narrow_teacher()).make_critic("fake_score", fitted_copy())
+    assert param_groups(default, default.trainable_parameters(), 1e-4) == default.trainable_parameters()  # one group
+
+
+def test_head_lr_scale_needs_a_head_and_a_positive_value():
+    with pytest.raises(ValueError, match="head_lr_scale needs a discriminator head"):
+        SiDConfig(head_lr_scale=10.0)  # plain SiD has no head
+    with pytest.raises(ValueError, match="head_lr_scale needs a discriminator head"):
+        FDistillConfig(head_lr_scale=10.0)  # DMD (reverse KL, no GAN term) has none either
+    with pytest.raises(ValueError, match="head_lr_scale must be > 0"):
+        SiDConfig(adv_weight=0.01, head_lr_scale=0.0)
+
+
 def test_sida_and_dmd2_need_real_data_and_plain_sid_does_not():
     t = GaussianMixtureDenoiser(WEIGHTS, MEANS, [STD] * 4)
     assert not SiD.build(SiDConfig(), t).needs_real_data

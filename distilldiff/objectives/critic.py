@@ -63,12 +63,19 @@ class ScoreWithHead(Denoiser):
         h_init: initial value of ``h_mean`` (the weighting at r = 1).
         train_backbone: whether training updates ``score``'s own parameters; ``False`` makes a
             discriminator of frozen features and a trained head (LADD's, on a copy of the teacher).
+        head_lr_scale: the head's learning rate as a multiple of the fake score's
+            (:meth:`learning_rate_scales`): the zero-started head otherwise moves by about lr per
+            update, and at short budgets stays at chance.
     """
 
-    def __init__(self, score: Denoiser, ratio_bins: int = 0, h_init: float = 1.0, train_backbone: bool = True):
+    def __init__(self, score: Denoiser, ratio_bins: int = 0, h_init: float = 1.0, train_backbone: bool = True,
+                 head_lr_scale: float = 1.0):
         super().__init__()
+        if not head_lr_scale > 0:
+            raise ValueError(f"head_lr_scale must be > 0, got {head_lr_scale}")
         self.denoiser = score
         self.train_backbone = train_backbone
+        self.head_lr_scale = float(head_lr_scale)
         for attr in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes", "null_class"):
             setattr(self, attr, getattr(score, attr))
         self._features: list[Tensor] = []
@@ -109,9 +116,19 @@ class ScoreWithHead(Denoiser):
     def prior_scale(self, sigma: Tensor) -> Tensor:
         return self.denoiser.prior_scale(sigma)
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The discriminator's own parameters (its MLP and class projection)."""
+        return list(self.head.parameters()) + (list(self.class_embed.parameters()) if self.class_embed is not None else [])
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        head = list(self.head.parameters()) + (list(self.class_embed.parameters()) if self.class_embed is not None else [])
-        return (list(self.denoiser.trainable_parameters()) if self.train_backbone else []) + head
+        return (list(self.denoiser.trainable_parameters()) if self.train_backbone else []) + self.head_parameters()
+
+    def learning_rate_scales(self) -> dict[nn.Parameter, float]:
+        """The fake score's own multiples, and ``head_lr_scale`` for the head (when not 1)."""
+        scales = dict(self.denoiser.learning_rate_scales()) if self.train_backbone else {}
+        if self.head_lr_scale != 1.0:
+            scales.update({p: self.head_lr_scale for p in self.head_parameters()})
+        return scales
 
     def forward(self, x: Tensor, sigma: Tensor | float, *, with_logit: bool = False, detach_features: bool = False, **cond: Any):
         """``D(x, sigma)``, or ``(D, logit [B])`` with ``with_logit``."""
@@ -129,6 +146,14 @@ class ScoreWithHead(Denoiser):
         if self.class_embed is not None and labels is not None:
             logit = logit + (self.class_embed(labels.long()) * h).sum(1)
         return d, logit.to(x.dtype)
+
+
+def check_head_lr_scale(scale: float, has_discriminator: bool, needs: str) -> None:
+    """Config check of an objective's ``head_lr_scale``: positive, and left at 1 without a head."""
+    if not scale > 0:
+        raise ValueError(f"objective.head_lr_scale must be > 0, got {scale}")
+    if scale != 1.0 and not has_discriminator:
+        raise ValueError(f"objective.head_lr_scale needs a discriminator head ({needs}); remove the key")
 
 
 def has_head(net: Any) -> bool:

@@ -17,7 +17,7 @@ from ..students import trainable_copy
 from ..teachers.base import Denoiser
 from ..tensors import append_dims, mean_chw
 from .base import Batch, Objective, Phase
-from .critic import ScoreWithHead, critic_loss, gan_generator_loss, global_sum
+from .critic import ScoreWithHead, check_head_lr_scale, critic_loss, gan_generator_loss, global_sum
 from .noise import NoiseKind, check_time_range, make_noise_levels
 
 #: h(r) = r^2 f''(r) (up to a positive constant) for r = p_teacher / q_student (f-distill, Table 1)
@@ -64,6 +64,8 @@ class FDistillConfig(ObjectiveConfig):
             denoising loss has weight 1; DMD2 uses 1e-2 on ImageNet-64).
         disc_trains_fake_score: whether the discriminator loss also trains the fake score's own
             layers (DMD2, SiDA) or only the head.
+        head_lr_scale: the discriminator head's learning rate as a multiple of the fake score's
+            (only with a head; the official DMD2 code: 1).
         logit_clip: the discriminator logit log r is clamped to [-logit_clip, logit_clip].
         ratio_min, ratio_max: r is clipped to this range before h(r) (0.1, 20).
         ratio_bins: if > 0, divide r by its running mean in its noise bin (``ratio_bins`` bins equally
@@ -93,6 +95,7 @@ class FDistillConfig(ObjectiveConfig):
     critic_ratio: int = 1
     disc_weight: float = 1.0
     disc_trains_fake_score: bool = True
+    head_lr_scale: float = 1.0
     logit_clip: float = 10.0
     ratio_min: float = 0.1
     ratio_max: float = 20.0
@@ -126,6 +129,7 @@ class FDistillConfig(ObjectiveConfig):
         if not 0 <= self.norm_decay < 1:
             raise ValueError(f"objective.norm_decay must be in [0, 1), got {self.norm_decay}")
         check_time_range(self.tmin, self.tmax)
+        check_head_lr_scale(self.head_lr_scale, self.uses_discriminator, "a divergence other than reverse_kl or gan_weight > 0")
 
     @property
     def uses_discriminator(self) -> bool:
@@ -162,7 +166,7 @@ class FDistill(Objective):
     def make_critic(self, name: str, teacher: Denoiser) -> nn.Module:
         """The fake score: a trainable copy of the teacher, with a discriminator head if used."""
         score = trainable_copy(teacher)
-        return ScoreWithHead(score, self.config.ratio_bins, self.h_at_one) if self.config.uses_discriminator else score
+        return ScoreWithHead(score, self.config.ratio_bins, self.h_at_one, head_lr_scale=self.config.head_lr_scale) if self.config.uses_discriminator else score
 
     def phases(self) -> list[Phase]:
         return [Phase("fake_score", "fake_score", repeats=self.config.critic_ratio), Phase("generator", "generator")]

@@ -14,7 +14,7 @@ from ..teachers.base import Denoiser
 from ..teachers.guidance import CFGDenoiser
 from ..tensors import append_dims, mean_chw, sum_chw
 from .base import Batch, Objective, Phase
-from .critic import ScoreWithHead, critic_loss, gan_generator_loss
+from .critic import ScoreWithHead, check_head_lr_scale, critic_loss, gan_generator_loss
 from .noise import NoiseKind, check_time_range, make_noise_levels
 
 
@@ -45,6 +45,8 @@ class SiDConfig(ObjectiveConfig):
             0 (default): plain, data-free SiD.
         disc_weight: weight of the discriminator loss in the critic update (SiDA only).
         disc_trains_fake_score: whether that loss also trains the fake score's own layers (SiDA: yes).
+        head_lr_scale: the discriminator head's learning rate as a multiple of the fake score's
+            (SiDA only; the official code: 1, over far more updates than a short run makes).
         fake_guidance_train, fake_guidance_eval: SiD-LSG's guidance of the fake score (Zhou et al.
             2025, "Guided Score identity Distillation"; long and short guidance): the fake score is
             trained, and read in the generator loss, through classifier-free guidance at these
@@ -72,6 +74,7 @@ class SiDConfig(ObjectiveConfig):
     adv_weight: float = 0.0
     disc_weight: float = 1.0
     disc_trains_fake_score: bool = True
+    head_lr_scale: float = 1.0
     fake_guidance_train: float = 0.0
     fake_guidance_eval: float = 0.0
 
@@ -83,6 +86,7 @@ class SiDConfig(ObjectiveConfig):
             raise ValueError(f"objective.adv_weight must be >= 0 (0: plain SiD), got {self.adv_weight}")
         if self.disc_weight <= 0:
             raise ValueError(f"objective.disc_weight must be > 0, got {self.disc_weight}")
+        check_head_lr_scale(self.head_lr_scale, self.adversarial, "adv_weight > 0 (SiDA)")
         for key in ("fake_guidance_train", "fake_guidance_eval"):
             if getattr(self, key) < 0:
                 raise ValueError(f"objective.{key} must be >= 0 (0: an unguided fake score), got {getattr(self, key)}")
@@ -134,7 +138,7 @@ class SiD(Objective):
 
     def make_critic(self, name: str, teacher: Denoiser) -> nn.Module:
         score = trainable_copy(teacher)
-        return ScoreWithHead(score) if self.config.adversarial else score
+        return ScoreWithHead(score, head_lr_scale=self.config.head_lr_scale) if self.config.adversarial else score
 
     def phases(self) -> list[Phase]:
         return [Phase("fake_score", "fake_score", repeats=self.config.critic_ratio), Phase("generator", "generator")]
