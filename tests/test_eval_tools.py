@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,8 +43,9 @@ def test_eval_mnist_scores_the_teacher(tmp_path):
     assert not out.with_name(out.name + ".tmp").exists()
 
 
-def test_eval_mnist_bad_model_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "tools/eval_mnist.py", "--model", str(tmp_path / "missing"), "--num", "4"],
+@pytest.mark.parametrize("tool", ["eval_mnist.py", "eval_t2i.py"])
+def test_eval_tool_bad_model_is_one_line(tmp_path, tool):
+    r = subprocess.run([sys.executable, f"tools/{tool}", "--model", str(tmp_path / "missing"), "--num", "4"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{tmp_path / 'missing'}" in r.stderr.strip().splitlines()[-1]

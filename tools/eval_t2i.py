@@ -58,10 +58,14 @@ def same_prompt_spread(sampler, prompts: list[str], per_prompt: int, seed: int) 
     return float(torch.stack(spreads).mean())
 
 
-def evaluate(model: str, steps: int | None, w: float | None, prompts: list[str], seed: int, device: str, fid: int = 0,
-             student: bool = False) -> dict:
-    # teachers: w = 0 is no guidance; students: w is their guidance input (None: their default)
-    sampler = load_sampler(model, steps=steps, guidance_scale=w if student else (w or None), device=device)
+def open_model(model: str, steps: int | None, w: float | None, device: str, student: bool):
+    """The sampler of ``model`` (teachers: w = 0 is no guidance; students: w is their guidance input,
+    None their default)."""
+    return load_sampler(model, steps=steps, guidance_scale=w if student else (w or None), device=device)
+
+
+def evaluate(sampler, model: str, w: float | None, prompts: list[str], seed: int, device: str, fid: int = 0) -> dict:
+    """Every metric of the module docstring for ``sampler`` (opened by :func:`open_model`)."""
     base_denoiser(sampler.denoiser).set_prompts(prompts)  # grids cycle through the prompts in order: image i shows prompt i
     t0 = time.time()
     images = sampler.sample(len(prompts), seed=seed)
@@ -101,7 +105,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for steps in args.steps:
         for w in args.w:
-            r = evaluate(args.model, steps, w, prompts, args.seed, args.device, args.fid, student)
+            try:
+                sampler = open_model(args.model, steps, w, args.device, student)
+            except (FileNotFoundError, ValueError) as e:  # a missing folder, a step count or w the model cannot take
+                p.error(str(e))
+            r = evaluate(sampler, args.model, w, prompts, args.seed, args.device, args.fid)
             rows.append(r)
             print(f"| {r['steps']} | {'own' if w is None else f'{w:g}'} | {r['prompt_accuracy']:.3f} | {r['agree_thickness']:.3f} | {r['agree_slant']:.3f} | "
                   f"{r['agree_size']:.3f} | {r['classifier_fd']:.2f} | {r['same_prompt_spread']:.4f} | {r['near_black']:.3f} | {r['sample_seconds']:.0f} |"
@@ -109,7 +117,9 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=2) + "\n")
+        tmp = out.with_name(out.name + ".tmp")  # a complete file or none
+        tmp.write_text(json.dumps(rows, indent=2) + "\n")
+        tmp.replace(out)
 
 
 if __name__ == "__main__":
