@@ -17,6 +17,13 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
+def as_saved(images: Tensor) -> Tensor:
+    """Float images ``[N, C, H, W]`` in [-1, 1] as they are once saved or scored by FID: rounded to 8 bits
+    as :func:`to_uint8` does, and read back as ``u8 / 127.5 - 1`` (the embedded digits' own conversion,
+    which this leaves unchanged). Out-of-range values of a model's output end at -1 or 1."""
+    return (images.detach().float() * 127.5 + 128).clamp(0, 255).floor() / 127.5 - 1
+
+
 def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, pad: int = 2) -> Path:
     """Write ``[N, C, H, W]`` images in [-1, 1] as one PNG grid (``nrow`` per row, default ~sqrt N)."""
     if images.ndim != 4:

@@ -76,3 +76,19 @@ def test_missing_classifier_folder(tmp_path):
 def test_shipped_folder_has_model_card():
     assert (SHIPPED_CLASSIFIER / "README.md").is_file()
     assert (SHIPPED_CLASSIFIER / "diffusion_pytorch_model.safetensors").stat().st_size < 1_000_000
+
+
+def test_classifier_metrics_see_images_as_saved(heldout):
+    """Out-of-range values and sub-8-bit detail of a model's output do not reach the classifier: it scores
+    what a saved PNG (and FID) shows. The embedded digits are unchanged by that rounding."""
+    from distilldiff.images import as_saved
+
+    images = heldout[0][:200]
+    torch.testing.assert_close(as_saved(images), images)
+    torch.manual_seed(0)
+    below_black = images - 0.5 * torch.rand_like(images) * (images == -1)  # background pushed below -1
+    fine = images + 0.003 * torch.randn_like(images)  # detail finer than one grey level (1 / 127.5)
+    assert classifier_fd(below_black) == pytest.approx(classifier_fd(images), abs=1e-9)
+    torch.testing.assert_close(classifier_features(below_black), classifier_features(images))
+    torch.testing.assert_close(classifier_features(fine), classifier_features(as_saved(fine)))
+    assert not torch.equal(as_saved(fine), fine)

@@ -19,6 +19,7 @@ from diffusers.configuration_utils import register_to_config
 from torch import Tensor, nn
 
 from ..data import mnist5k
+from ..images import as_saved
 from .statistics import feature_statistics, frechet_distance
 
 SHIPPED_CLASSIFIER = Path(__file__).parent.parent / "assets" / "mnist-classifier"
@@ -115,7 +116,8 @@ def _batched(fn, images: Tensor, classifier: MNISTClassifier, batch_size: int) -
     was_training = classifier.training
     classifier.eval()
     try:
-        return torch.cat([fn(images[i : i + batch_size].to(device, torch.float32)).cpu() for i in range(0, len(images), batch_size)])
+        # the classifier sees what FID and a saved PNG see: 8-bit images, out-of-range values clipped
+        return torch.cat([fn(as_saved(images[i : i + batch_size]).to(device)).cpu() for i in range(0, len(images), batch_size)])
     finally:
         classifier.train(was_training)
 
