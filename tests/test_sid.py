@@ -88,30 +88,38 @@ def test_each_phase_updates_only_its_network(tmp_path):
     assert not any(p.requires_grad for p in engine.task.networks["teacher"].parameters())
 
 
-@pytest.mark.slow  # seed-sensitive since noise levels are kept inside the teacher's range: see below
+@pytest.mark.slow  # five 3,000-update runs: about 7 minutes on 2 cores
 def test_sid_one_step_generator_covers_every_mode(tmp_path):
-    """SiD on a 2-D mixture of 4 separated modes (weights .4/.3/.2/.1, std .15).
+    """SiD on a 2-D mixture of 4 separated modes (weights .4/.3/.2/.1, std .15), over five seeds.
 
-    Since the critic's log-normal noise levels are clamped to the teacher's range [0.002, 80]
-    (about 1e-4 of the draws change at P_mean = 0), seeds 1/2/3 end with max mass errors
-    0.051/0.028/0.049 (near: not recorded/0.84/0.51; before: within 0.034, near 0.69-0.79): seed 1 fails
-    the 0.05 tolerance. Out of the default suite until it is reworked over several seeds (issue 11).
+    One run's mode masses scatter around the mixture's: at 3,000 updates seeds 1-5 ended with largest mass
+    errors 0.031/0.033/0.054/0.092/0.018 (at 6,000 updates seeds 1/3/4: 0.038/0.050/0.025), so a single seed
+    cannot be held to 0.05. Their mean is the test: it was within 0.006 of every weight; every seed kept
+    every mode with at least 0.46 of its mass, and 0.53-0.83 of the samples within 4 std of their mode.
 
     The fake-score noise distribution is centred for sigma_data ~1.45 (P_mean = 0 instead of
     EDM's -1.2, which is tuned to sigma_data = 0.5). With the direction of the score difference
     flipped or the fake-score update broken, the generator stays a blob between the modes.
     """
-    sid = SiD(SiDConfig(alpha=1.0, p_mean=0.0, tmax=600), teacher())
-    cfg = train_config(max_steps=3000, critic_lr=1e-3, ema_halflife_kimg=50, seed=1)
-    engine = Engine(sid_task(sid), cfg, tmp_path)
-    before_mass, before_near = mode_report(engine.ema.module(torch.randn(4000, 2)).detach())
-    engine.train()
-    with torch.no_grad():
-        mass, near = mode_report(engine.ema.module(torch.randn(4000, 2)))
-    assert before_near < 0.2  # the fitted copy at sigma_init is far from the data
-    torch.testing.assert_close(mass, torch.tensor(WEIGHTS, dtype=torch.float64), rtol=0, atol=0.05)
-    assert near > 0.6  # seeds 1-3 gave 0.69-0.79; masses within 0.034 of the truth
-    assert (tmp_path / "samples" / "latest.png").is_file()
+    masses, nears = [], []
+    for seed in range(1, 6):
+        sid = SiD(SiDConfig(alpha=1.0, p_mean=0.0, tmax=600), teacher())
+        cfg = train_config(max_steps=3000, critic_lr=1e-3, ema_halflife_kimg=50, seed=seed)
+        engine = Engine(sid_task(sid), cfg, tmp_path / f"seed-{seed}")
+        z = torch.randn(4000, 2, generator=torch.Generator().manual_seed(0))  # leaves the run's own draws alone
+        with torch.no_grad():
+            _, before_near = mode_report(engine.ema.module(z))
+        engine.train()
+        with torch.no_grad():
+            mass, near = mode_report(engine.ema.module(z))
+        assert before_near < 0.2  # the fitted copy at sigma_init is far from the data
+        masses.append(mass)
+        nears.append(near)
+    weights = torch.tensor(WEIGHTS, dtype=torch.float64)
+    torch.testing.assert_close(torch.stack(masses).mean(0), weights, rtol=0, atol=0.03)
+    assert all(bool((m > weights / 3).all()) for m in masses), masses  # no seed loses a mode
+    assert min(nears) > 0.45 and sum(nears) / len(nears) > 0.6, nears
+    assert (tmp_path / "seed-1" / "samples" / "latest.png").is_file()
 
 
 class ToyConditional(torch.nn.Module):
