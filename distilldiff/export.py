@@ -397,6 +397,15 @@ def _write_student_info(folder: Path, meta: dict[str, Any], info: dict[str, Any]
     return folder
 
 
+def run_info(meta: dict[str, Any]) -> dict[str, Any]:
+    """The part of a student folder's ``distilldiff_student.json`` (``meta``) that :func:`save_student`
+    takes as ``info`` to write the same student again: the run's fields, not those derived from the network."""
+    info = {k: v for k, v in meta.items() if k not in _DERIVED_KEYS}
+    if meta.get("guidance_scale") is not None:
+        info["default_guidance_scale"] = meta["guidance_scale"]
+    return info
+
+
 def load_student(folder: str | Path) -> tuple[Student, dict]:
     """Read a student folder back: ``(student, distilldiff_student.json contents)``; safetensors only."""
     from diffusers import DDPMScheduler, UNet2DModel
@@ -581,9 +590,7 @@ def export_run(run: str | Path, out: str | Path, force: bool = False) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
     student, meta = load_student(src)  # the source is read completely before the destination is touched
-    info = {k: v for k, v in meta.items() if k not in _DERIVED_KEYS}
-    if meta.get("guidance_scale") is not None:
-        info["default_guidance_scale"] = meta["guidance_scale"]
+    info = run_info(meta)
     fid = _find_fid(*fid_folders)
 
     def write(folder: Path) -> None:

@@ -49,3 +49,38 @@ def test_eval_tool_bad_model_is_one_line(tmp_path, tool):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert f"{tmp_path / 'missing'}" in r.stderr.strip().splitlines()[-1]
+
+
+def test_posthoc_ema_replays_the_engines_average(tmp_path):
+    """tools/posthoc_ema.py, from a checkpoint at every update, rebuilds the engine's own EMA (the run's
+    half-life and rampup) far closer than the raw weights are to it; half-life 0 is the newest raw weights."""
+    from safetensors.torch import load_file
+
+    from distilldiff.cli import main as cli
+    from distilldiff.export import load_student
+
+    run = tmp_path / "run"
+    # rampup 0.1: the first update already forgets the initial weights (beta 0.5**10), which no checkpoint holds
+    sets = ["train.max_steps=6", "train.batch_size=2", "train.checkpoint_every=1", "train.keep_checkpoints=10",
+            "train.sample_every=100", "train.num_sample_images=4", "train.ema_rampup=0.1", "train.lr=0.001"]
+    assert cli(["distill", "--config", "configs/mnist/sid.yaml", "--output-dir", str(run), *[a for s in sets for a in ("--set", s)]]) == 0
+    last = run / "checkpoints" / "step-0000006"
+    engine_ema, raw = load_file(last / "ema.safetensors"), load_file(last / "model_1.safetensors")
+
+    def rebuilt(halflife: str, name: str) -> dict:
+        r = subprocess.run([sys.executable, "tools/posthoc_ema.py", str(run), "--halflife-kimg", halflife, "--out", str(tmp_path / name)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return load_student(tmp_path / name)[0].state_dict()
+
+    def dist(a: dict, b: dict) -> float:
+        return max(float((a[k].double() - b[k].double()).abs().max()) for k in engine_ema)
+
+    replayed = rebuilt("2", "ema")
+    assert dist(raw, engine_ema) > 1e-4  # the average is not the newest weights
+    assert dist(replayed, engine_ema) < 0.01 * dist(raw, engine_ema)
+    assert dist(rebuilt("0", "raw"), raw) == 0.0
+
+    r = subprocess.run([sys.executable, "tools/posthoc_ema.py", str(run), "--halflife-kimg", "2", "--out", str(tmp_path / "ema")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "exists" in r.stderr and "Traceback" not in r.stderr

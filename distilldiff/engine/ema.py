@@ -9,6 +9,16 @@ import torch
 from torch import Tensor, nn
 
 
+def ema_beta(nimg: int, batch_size: int, halflife_kimg: float, rampup: float | None) -> float:
+    """The decay of one EMA update after ``nimg`` images, ``batch_size`` of them new (Karras et al. 2022,
+    App. F.3): ``0.5 ** (batch / halflife)``, the half-life capped at ``rampup * nimg`` when ``rampup`` is set.
+    A half-life of 0 gives 0: the average is the newest weights."""
+    halflife = halflife_kimg * 1000
+    if rampup is not None:
+        halflife = min(halflife, nimg * rampup)
+    return 0.5 ** (batch_size / max(halflife, 1e-8))
+
+
 class EMA:
     """Exponential moving average of a network with a half-life in images (Karras et al. 2022, App. F.3).
 
@@ -21,15 +31,12 @@ class EMA:
 
     def __init__(self, module: nn.Module, halflife_kimg: float, rampup: float | None):
         self.module = copy.deepcopy(module).eval().requires_grad_(False)
-        self.halflife = halflife_kimg * 1000
+        self.halflife_kimg = halflife_kimg
         self.rampup = rampup
 
     def beta(self, nimg: int, batch_size: int) -> float:
         """The decay of one update after ``nimg`` images, ``batch_size`` of them new."""
-        halflife = self.halflife
-        if self.rampup is not None:
-            halflife = min(halflife, nimg * self.rampup)
-        return 0.5 ** (batch_size / max(halflife, 1e-8))
+        return ema_beta(nimg, batch_size, self.halflife_kimg, self.rampup)
 
     @torch.no_grad()
     def update(self, module: nn.Module, nimg: int, batch_size: int) -> None:
