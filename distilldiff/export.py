@@ -586,7 +586,7 @@ def export_run(run: str | Path, out: str | Path, force: bool = False) -> Path:
         if not ckpts or not (run / "student" / STUDENT_INFO_FILE).is_file():
             raise FileNotFoundError(f"{run}: the run has no checkpoint yet (nothing to export)")
         src, fid_folders = run / "student", (run, run / "student")
-    _check_destination(out, run, src)
+    check_destination(out, run, src)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
     student, meta = load_student(src)  # the source is read completely before the destination is touched
@@ -611,12 +611,13 @@ def _is_run(folder: Path) -> bool:
     return (folder / "checkpoints").is_dir() or any(folder.glob("stage-*/checkpoints")) or (folder / STUDENT_INFO_FILE).is_file()
 
 
-def _check_destination(out: Path, run: Path, src: Path) -> None:
-    """Refuse an export destination that is, contains or lies inside the source, a run or its checkpoints."""
+def check_destination(out: Path, run: Path, src: Path) -> None:
+    """Refuse (:class:`ValueError`) a destination for a student written from run ``run`` (its student folder
+    ``src``) that is, contains or lies inside the source, a run or its checkpoints."""
     o = out.resolve()
     for folder in (run.resolve(), src.resolve()):
         if o == folder or folder in o.parents or o in folder.parents:
-            raise ValueError(f"{out}: is, contains or lies inside the exported run {run}; choose a folder outside it")
+            raise ValueError(f"{out}: is, contains or lies inside the source run {run}; choose a folder outside it")
     for parent in [o, *o.parents]:
         if parent.is_dir() and (parent / "checkpoints").is_dir():
             raise ValueError(f"{out}: is or lies inside the run folder {parent}; choose a folder outside it")

@@ -81,6 +81,8 @@ def test_posthoc_ema_replays_the_engines_average(tmp_path):
     assert dist(replayed, engine_ema) < 0.01 * dist(raw, engine_ema)
     assert dist(rebuilt("0", "raw"), raw) == 0.0
 
-    r = subprocess.run([sys.executable, "tools/posthoc_ema.py", str(run), "--halflife-kimg", "2", "--out", str(tmp_path / "ema")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "exists" in r.stderr and "Traceback" not in r.stderr
+    for out, message in [(tmp_path / "ema", "exists"), (run / "checkpoints" / "averaged", "inside the source run")]:
+        r = subprocess.run([sys.executable, "tools/posthoc_ema.py", str(run), "--halflife-kimg", "2", "--out", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
+        assert out.name != "averaged" or not out.exists()  # nothing written into the run

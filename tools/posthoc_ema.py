@@ -34,7 +34,8 @@ from torch import Tensor
 
 from distilldiff.atomic import replace_folder
 from distilldiff.engine import RunFolder, ema_beta
-from distilldiff.export import STUDENT_INFO_FILE, load_student, run_info, save_student
+from distilldiff.export import STUDENT_INFO_FILE, check_destination, load_student, run_info, save_student
+
 
 def raw_weights_file(checkpoint: Path) -> Path:
     """The checkpoint's model file that holds the student's raw weights: the one with ``ema.safetensors``'s keys."""
@@ -63,18 +64,16 @@ def replay_ema(snaps: list[tuple[int, int, Path]], halflife_kimg: float, rampup:
     """The EMA after the newest snapshot, in float64, started at the oldest one; between two snapshots the
     weights are taken as those of the later one, so ``k`` updates at once decay the average by the product
     of their betas."""
-    avg = None
-    for (step0, nimg0, _), (step, nimg, path) in zip([(None, None, None), *snaps[:-1]], snaps):
-        weights = {k: v.double() for k, v in load_file(path).items()}
-        if avg is None:
-            avg = weights
-            continue
+    def load(path: Path) -> dict[str, Tensor]:
+        return {k: v.double() if v.is_floating_point() else v for k, v in load_file(path).items()}
+
+    avg = load(snaps[0][2])
+    for (step0, nimg0, _), (step, nimg, path) in zip(snaps, snaps[1:]):
         if step <= step0 or nimg <= nimg0:
             raise ValueError(f"{path.parent}: checkpoints out of order (step {step0} then {step})")
         batch = (nimg - nimg0) / (step - step0)
-        keep = math.exp(sum(math.log(max(ema_beta(nimg0 + i * batch, batch, halflife_kimg, rampup), 1e-300))
-                            for i in range(1, step - step0 + 1)))
-        for key, value in weights.items():
+        keep = math.prod(ema_beta(nimg0 + i * batch, batch, halflife_kimg, rampup) for i in range(1, step - step0 + 1))
+        for key, value in load(path).items():
             if avg[key].is_floating_point():
                 avg[key].mul_(keep).add_(value, alpha=1 - keep)
             else:
@@ -98,11 +97,12 @@ def main(argv: list[str] | None = None) -> None:
     if not (run / "student" / STUDENT_INFO_FILE).is_file():
         p.error(f"{run}: not a run folder with a student (no student/{STUDENT_INFO_FILE})")
     rampup = args.rampup
-    if rampup is None:
-        from distilldiff.config import DistillConfig, load_config
-
-        rampup = load_config(DistillConfig, str(RunFolder(run).config_file), []).train.ema_rampup
     try:
+        check_destination(out, run, run / "student")
+        if rampup is None:
+            from distilldiff.config import DistillConfig, load_config
+
+            rampup = load_config(DistillConfig, str(RunFolder(run).config_file), []).train.ema_rampup
         snaps = snapshots(run)
         average = replay_ema(snaps, args.halflife_kimg, rampup)
         student, meta = load_student(run / "student")
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         if set(state) != set(average):
             raise ValueError(f"{snaps[-1][2]}: its keys are not the student folder's (LoRA or staged students are not supported)")
         student.load_state_dict({k: v.to(state[k].dtype) for k, v in average.items()})
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # ValueError includes a bad config.yaml (ConfigError)
         p.error(str(e))
     info = run_info(meta)
     info.update(step=snaps[-1][0], images_seen=snaps[-1][1],
