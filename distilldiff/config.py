@@ -145,6 +145,9 @@ class TrainConfig:
     ``lr_schedule``: ``constant``, or ``linear`` decay from ``lr`` to 0 at ``max_steps``.
     ``gradient_checkpointing``: recompute the trained networks' activations in the backward pass
     (diffusers networks; less memory, about a third more compute).
+    ``tf32``: let CUDA matmuls and cuDNN convolutions use TF32 (10-bit mantissa) during training.
+    Off by default, so that GPU training computes in true fp32 like the CPU (PyTorch's own default
+    lets cuDNN use TF32); no effect on the CPU.
     """
 
     max_steps: int = 1000
@@ -170,6 +173,7 @@ class TrainConfig:
     time_budget_min: float | None = None
     cpu: bool = False
     gradient_checkpointing: bool = False
+    tf32: bool = False
 
     def __post_init__(self):
         for key in ("max_steps", "batch_size", "grad_accum", "log_every", "sample_every", "checkpoint_every",

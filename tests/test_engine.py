@@ -66,6 +66,18 @@ def test_skip_mode_gives_up_after_max_nonfinite(tmp_path):
         engine.train()
 
 
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tf32_switch_follows_the_config(tmp_path, tf32):
+    """train.tf32 sets both process-wide switches either way (PyTorch's own default lets cuDNN use TF32)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+        Engine(task(Quadratic()), train_config(max_steps=1, batch_size=4, tf32=tf32), tmp_path)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (tf32, tf32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def test_ema_half_life():
     net = nn.Linear(1, 1, bias=False)
     nn.init.zeros_(net.weight)

@@ -154,6 +154,8 @@ class Engine:
         )
         acc = self.accelerator
         set_seed(train.seed, device_specific=True)
+        # process-wide switches (PyTorch has no per-module ones); PyTorch's default lets cuDNN use TF32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = train.tf32
         per_step = acc.num_processes * train.grad_accum
         if train.batch_size % per_step:
             raise ValueError(
