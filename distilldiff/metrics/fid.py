@@ -239,6 +239,6 @@ def compute_fid(
         if kid:
             result.kid = kernel_inception_distance(feats, reference.features)
         if pr:
-            result.precision, result.recall = precision_recall(reference.features, feats)
+            result.precision, result.recall = precision_recall(reference.features, feats, device=extractor.device)
     result.seconds = round(time.time() - start, 1)
     return result
