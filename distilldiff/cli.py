@@ -154,7 +154,7 @@ def cmd_sample(args) -> None:
 def cmd_export(args) -> None:
     from .export import export_run
 
-    out = export_run(args.run, args.out, force=args.force)
+    out = export_run(args.run, args.out, force=args.force, steps=args.steps)
     print(f"exported to {out} (see {out / 'README.md'} for the sampling call)")
 
 
@@ -237,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run folder (its newest checkpoint's student) or a student folder")
     p.add_argument("--out", required=True, help="destination folder (must not exist or be empty)")
     p.add_argument("--force", action="store_true", help="replace a non-empty destination")
+    p.add_argument("--steps", type=int, default=None,
+                   help="network evaluations per sample of the exported pipeline (consistency students: any; others: their own)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("fid", help="FID (and optionally KID, precision/recall) of a model or an image folder")

@@ -564,7 +564,27 @@ def _find_fid(*folders: Path) -> dict | None:
     return best
 
 
-def export_run(run: str | Path, out: str | Path, force: bool = False) -> Path:
+def with_steps(student: Student, meta: dict, steps: int | None, source: str | Path) -> Student:
+    """``student`` sampling in ``steps`` network evaluations (``None``: its own count, unchanged).
+
+    Consistency students (``consistency_grid`` in their ``meta``) take any count from 1 to the grid
+    size - 1: the noise levels of :func:`~distilldiff.samplers.multistep_sigmas` on their training grid
+    (LCM students: their LCMScheduler's). Other students sample only in their own count; ``source``
+    names the student in the error.
+    """
+    if steps in (None, student.num_steps):
+        return student
+    if "consistency_grid" not in meta:
+        raise ValueError(f"{source}: this student samples in {student.num_steps} step(s), got steps={steps} "
+                         "(only consistency students choose their steps at sampling time)")
+    from .samplers import multistep_sigmas
+
+    sigmas = (student.denoiser.sample_sigmas(steps) if hasattr(student.denoiser, "sample_sigmas")  # LCM: LCMScheduler's
+              else multistep_sigmas(meta["consistency_grid"], steps))
+    return Student(student.denoiser, sigmas, student.sampler)
+
+
+def export_run(run: str | Path, out: str | Path, force: bool = False, steps: int | None = None) -> Path:
     """Export a run's EMA student (the one of its newest checkpoint) to a clean diffusers folder.
 
     Args:
@@ -572,6 +592,9 @@ def export_run(run: str | Path, out: str | Path, force: bool = False) -> Path:
         out: the destination; must not exist or be empty unless ``force``, and must not be, contain
             or lie inside a run folder (the exported one or any other).
         force: replace a non-empty ``out`` (the old folder stays until the new one is complete).
+        steps: network evaluations per sample of the exported pipeline (consistency students: any
+            count their grid allows, see :func:`with_steps`; others: only their own); default: the
+            student's own.
 
     Returns:
         ``out``. The model card records the FID measured with ``distilldiff fid`` if any.
@@ -590,6 +613,7 @@ def export_run(run: str | Path, out: str | Path, force: bool = False) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
     student, meta = load_student(src)  # the source is read completely before the destination is touched
+    student = with_steps(student, meta, steps, src)
     info = run_info(meta)
     fid = _find_fid(*fid_folders)
 

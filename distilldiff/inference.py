@@ -10,10 +10,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .export import STUDENT_INFO_FILE, load_student
+from .export import STUDENT_INFO_FILE, load_student, with_steps
 from .images import save_grid
-from .samplers import base_denoiser, ddim_sample, multistep_sigmas
-from .students import Student
+from .samplers import base_denoiser, ddim_sample
 from .teachers import CFGDenoiser, ClassLabels, Denoiser, TextConditioned, VPDenoiser, load_teacher
 
 
@@ -78,14 +77,7 @@ class Sampler:
 
 def _load_student(folder: Path, device: torch.device, guidance_scale: float | None, steps: int | None) -> Sampler:
     student, meta = load_student(folder)
-    if steps not in (None, student.num_steps):
-        if "consistency_grid" not in meta:
-            raise ValueError(f"{folder}: this student samples in {student.num_steps} step(s), got --steps {steps} "
-                             "(only consistency students choose their steps at sampling time)")
-        sigmas = (student.denoiser.sample_sigmas(steps) if hasattr(student.denoiser, "sample_sigmas")  # LCM: LCMScheduler's
-                  else multistep_sigmas(meta["consistency_grid"], steps))
-        student = Student(student.denoiser, sigmas, student.sampler)
-    student = student.to(device)
+    student = with_steps(student, meta, steps, folder).to(device)
     extra = {}
     if meta.get("guidance_scale") is not None:
         extra["guidance_scale"] = meta["guidance_scale"] if guidance_scale is None else float(guidance_scale)

@@ -218,3 +218,30 @@ def test_cli_export(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
     assert main(["sample", "--model", str(tmp_path / "exp"), "--num", "4", "--out", str(tmp_path / "g.png")]) == 0
     assert (tmp_path / "g.png").is_file()
+
+
+def test_export_with_steps_for_consistency_students_only(tmp_path):
+    """`export --steps K`: a consistency student's pipeline samples in K steps on its training grid (the same noise
+    levels as `sample/fid --steps K`); a student distilled for a fixed count refuses another one."""
+    from distilldiff.cli import main
+    from distilldiff.export import with_steps
+    from distilldiff.inference import load_sampler
+    from distilldiff.samplers import multistep_sigmas
+
+    grid = [0.02, 0.1, 0.5, 1.5, 3.0, 10.0, 40.0]
+    student, info = make_students()["consistency"]
+    save_student(student, tmp_path / "cm", {**info, "consistency_grid": grid})
+    assert main(["export", "--run", str(tmp_path / "cm"), "--out", str(tmp_path / "cm4"), "--steps", "4"]) == 0
+    exported, meta = load_student(tmp_path / "cm4")
+    assert exported.num_steps == 4 and meta["sigmas"] == pytest.approx(multistep_sigmas(grid, 4))
+    assert load_sampler(str(tmp_path / "cm"), steps=4).num_steps == 4
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    resampled = with_steps(*load_student(tmp_path / "cm"), 4, "cm")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x, generator=torch.Generator().manual_seed(1)),
+                                   resampled(x, generator=torch.Generator().manual_seed(1)))
+
+    run = _fake_run(tmp_path, "one_step")
+    with pytest.raises(ValueError, match="samples in 1 step"):
+        export_run(run, tmp_path / "out", steps=3)
+    assert not (tmp_path / "out").exists()
