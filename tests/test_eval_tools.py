@@ -86,3 +86,19 @@ def test_posthoc_ema_replays_the_engines_average(tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
         assert out.name != "averaged" or not out.exists()  # nothing written into the run
+
+
+def test_bench_objectives_splits_the_budget_over_every_stage_of_a_staged_method(tmp_path, monkeypatch):
+    """tools/bench_objectives.py train: each engine run of a method gets its share of the budget, progressive
+    distillation one share per stage of the configured start/end steps (an override changes the count)."""
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))  # its imports of the other tools, as when it runs
+    monkeypatch.delitem(sys.modules, "bench_objectives", raising=False)
+    bench = importlib.import_module("bench_objectives")
+    assert bench.num_stages(bench.CONFIGS / "sid.yaml", []) == 1
+    assert bench.num_stages(bench.CONFIGS / "progressive.yaml", []) == 5  # 32 -> 16 -> 8 -> 4 -> 2 -> 1
+    assert bench.num_stages(bench.CONFIGS / "progressive.yaml", ["objective.start_steps=8"]) == 3
+    by_name = {m.name: m for m in bench.METHODS}
+    script = bench.method_script(by_name["progressive"], tmp_path, 6.0, [], ["objective.start_steps=8"])
+    assert "train.time_budget_min=2'" in script and "objective.start_steps=8" in script
+    for m in bench.METHODS:  # every method's command line builds from its shipped configs
+        assert bench.method_script(m, tmp_path, 2.0, [], []).count("distilldiff.cli distill") == len(m.stages)

@@ -4,11 +4,13 @@
 method with the same training-time budget (``train.time_budget_min``; staged methods split it
 over their stages), periodic FID logged to ``RUN/eval.jsonl`` (``tools/fid_vs_time.py``).
 ``score`` then draws ``--num`` images per student and step count (seed 0, classes cycling 0-9)
-and the teacher's DDIM at 1..50 steps, and writes one JSON per entry, ``table.md`` and
+and the teacher's DDIM at 1..50 steps, scores them (FID, precision/recall, class accuracy,
+classifier FD, near-black share, class spread), and writes one JSON per entry, ``table.md`` and
 ``fid_vs_steps.png`` in ``--out``. Entries already scored are skipped (resumable).
 
     python tools/bench_objectives.py train --runs runs/bench --budget-min 5
     python tools/bench_objectives.py score --runs runs/bench --num 5000 --out benchmarks/objectives
+    python tools/bench_objectives.py summary --results OUT/s0 OUT/s1 OUT/s2 --teacher OUT/teacher --out OUT
 
 Methods and what is scored (steps = network evaluations per sample):
     sid, dmd, dmd2, fdistill-js: one-step generators (1)
@@ -30,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from fid_vs_steps import plot_fid_vs_steps  # tools/ is on sys.path when a tool runs
+from eval_mnist import class_spread  # tools/ is on sys.path when a tool runs
+from fid_vs_steps import plot_fid_vs_steps
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "mnist"
 
@@ -50,12 +53,8 @@ def num_stages(config: Path, overrides: list[str]) -> int:
     from distilldiff.config import DistillConfig, load_config
     from distilldiff.objectives.progressive import ProgressiveConfig, stage_plan
 
-    cfg = load_config(DistillConfig, config, overrides)
-    if cfg.objective.get("name") != "progressive":
-        return 1
-    from distilldiff.config import from_dict
-
-    return len(stage_plan(from_dict(ProgressiveConfig, {k: v for k, v in cfg.objective.items() if k != "name"}, "objective")))
+    objective = load_config(DistillConfig, config, overrides).objective
+    return len(stage_plan(objective)) if isinstance(objective, ProgressiveConfig) else 1
 
 
 @dataclass
@@ -148,10 +147,10 @@ def _entries(args):
     """(name, model path, steps, guidance w, train record) of every set of images to score."""
     runs = Path(args.runs)
     if args.what in ("all", "teacher"):
-        for k in TEACHER_STEPS:
+        for k in args.teacher_steps:
             yield "teacher", "builtin:mnist", k, None, None
-        for w, steps in TEACHER_GUIDED:
-            for k in steps:
+        for w in args.teacher_w:
+            for k in dict(TEACHER_GUIDED).get(w, TEACHER_GUIDED[0][1]):
                 yield "teacher", "builtin:mnist", k, w, None
     for m in METHODS:
         if args.what == "teacher" or (args.only and m.name not in args.only):
@@ -168,6 +167,7 @@ def cmd_score(args) -> None:
     from distilldiff.metrics import InceptionFeatureExtractor, compute_fid, load_reference
     from distilldiff.metrics.classifier import class_accuracy, classifier_fd, load_mnist_classifier
     from distilldiff.inference import load_sampler
+    from distilldiff.metrics.background import near_black_share
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,14 +190,17 @@ def cmd_score(args) -> None:
             torch.cuda.synchronize()
         sample_seconds = time.time() - t0
         labels = torch.arange(args.num) % 10
+        fid = compute_fid(images, args.num, ref, extractor, pr=True)
         record = {
             "name": name, "model": model, "steps": k, "guidance_scale": w, "description": sampler.description,
-            "fid": compute_fid(images, args.num, ref, extractor).fid, "class_accuracy": class_accuracy(images, labels, classifier),
-            "classifier_fd": classifier_fd(images, classifier=classifier), "num": args.num, "reference": args.ref, "weights": extractor.description,
+            "fid": fid.fid, "precision": fid.precision, "recall": fid.recall, "class_accuracy": class_accuracy(images, labels, classifier),
+            "classifier_fd": classifier_fd(images, classifier=classifier), "near_black": near_black_share(images),
+            "class_spread": round(class_spread(images, labels), 4), "num": args.num, "reference": args.ref, "weights": extractor.description,
             "sample_seconds": round(sample_seconds, 2), "train": train, "machine": machine, "date": time.strftime("%Y-%m-%d"),
         }
         path.write_text(json.dumps(record, indent=2))
-        print(f"{tag}: FID {record['fid']:.2f}, class accuracy {record['class_accuracy']:.3f}", flush=True)
+        print(f"{tag}: FID {record['fid']:.2f}, precision {fid.precision:.3f}, recall {fid.recall:.3f}, "
+              f"class accuracy {record['class_accuracy']:.3f}", flush=True)
     write_report(out)
 
 
@@ -232,6 +235,64 @@ def write_report(out: Path) -> None:
     plot_fid_vs_steps(plain, out / "fid_vs_steps.png", f"FID (N={num}) vs MNIST-5k")
 
 
+def cmd_summary(args) -> None:
+    """Across training seeds: one row per (method, steps) with the mean and the range of every metric."""
+    import numpy as np
+
+    rows: dict[tuple[str, int], list[dict]] = {}
+    for folder in args.results:
+        for p in sorted(Path(folder).glob("result-*.json")):
+            r = json.loads(p.read_text())
+            if r["guidance_scale"] is None:
+                rows.setdefault((r["name"], r["steps"]), []).append(r)
+    if not rows:
+        sys.exit(f"no result-*.json in {', '.join(args.results)}")
+    teacher = {r["steps"]: r for p in sorted(Path(args.teacher).glob("result-*.json")) if (r := json.loads(p.read_text()))["guidance_scale"] is None} if args.teacher else {}
+    keys = ("fid", "precision", "recall", "class_accuracy", "classifier_fd", "near_black")
+    num = next(iter(rows.values()))[0]["num"]
+    lines = [f"Mean over training seeds [min, max]; FID and precision/recall at N = {num:,} against MNIST-5k.", "",
+             "| method | steps | seeds | FID | precision | recall | class accuracy | classifier FD | near-black | images seen |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def cell(values, digits):
+        v = np.asarray(values, dtype=float)
+        return f"{v.mean():.{digits}f} [{v.min():.{digits}f}, {v.max():.{digits}f}]" if len(v) > 1 else f"{v[0]:.{digits}f}"
+
+    for k in sorted(teacher):
+        t = teacher[k]
+        lines.append(f"| teacher (DDIM) | {k} | - | {t['fid']:.2f} | {t['precision']:.3f} | {t['recall']:.3f} | {t['class_accuracy']:.3f} | "
+                     f"{t['classifier_fd']:.2f} | {t['near_black']:.3f} | - |")
+    for (name, k), rs in sorted(rows.items(), key=lambda kv: (kv[0][1], np.mean([r["fid"] for r in kv[1]]))):
+        digits = dict(fid=2, precision=3, recall=3, class_accuracy=3, classifier_fd=2, near_black=3)
+        cells = " | ".join(cell([r[key] for r in rs], digits[key]) for key in keys)
+        lines.append(f"| {name} | {k} | {len(rs)} | {cells} | {cell([r['train']['images_seen'] for r in rs], 0)} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "seeds.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, ((name, k), rs) in enumerate(sorted(rows.items())):
+        ax.plot([r["train"]["images_seen"] for r in rs], [r["fid"] for r in rs], "os^vDP*Xh"[i % 10], label=f"{name}, {k} step{'s' * (k > 1)}")
+    for k, t in sorted(teacher.items()):
+        if k > 2:
+            ax.axhline(t["fid"], color="grey", lw=0.8, ls="--")
+            ax.text(0.01, t["fid"], f"teacher, {k} DDIM steps", transform=ax.get_yaxis_transform(), fontsize=7, va="bottom", color="grey")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("images seen in training (per seed)")
+    ax.set_ylabel(f"FID (N={num})")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "fid_vs_images.png", dpi=120)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -255,7 +316,15 @@ def main() -> None:
     s.add_argument("--out", required=True)
     s.add_argument("--only", nargs="+", choices=[m.name for m in METHODS])
     s.add_argument("--what", choices=["all", "teacher", "students"], default="all", help="score the teacher, the students or both")
+    s.add_argument("--teacher-steps", type=int, nargs="*", default=list(TEACHER_STEPS), metavar="K", help="the teacher's DDIM steps to score (unguided)")
+    s.add_argument("--teacher-w", type=float, nargs="*", default=[w for w, _ in TEACHER_GUIDED], metavar="W",
+                   help="guidance weights at which to score the teacher with CFG (at 4, 16 and 50 steps); none: no guided entries")
     s.set_defaults(func=cmd_score)
+    m = sub.add_parser("summary", help="mean and range over training seeds of scored students (score's --out folders)")
+    m.add_argument("--results", nargs="+", required=True, help="score --out folders, one per training seed")
+    m.add_argument("--teacher", default=None, help="score --out folder with the teacher's entries")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=cmd_summary)
     args = p.parse_args()
     args.func(args)
 
