@@ -613,9 +613,11 @@ def export_run(run: str | Path, out: str | Path, force: bool = False, steps: int
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
     student, meta = load_student(src)  # the source is read completely before the destination is touched
+    own_steps = student.num_steps
     student = with_steps(student, meta, steps, src)
     info = run_info(meta)
-    fid = _find_fid(*fid_folders)
+    # a measured FID belongs to the student's own step count; fid records do not say theirs, so none is quoted for another
+    fid = _find_fid(*fid_folders) if student.num_steps == own_steps else None
 
     def write(folder: Path) -> None:
         save_student(student, folder, info)

@@ -231,9 +231,12 @@ def test_export_with_steps_for_consistency_students_only(tmp_path):
     grid = [0.02, 0.1, 0.5, 1.5, 3.0, 10.0, 40.0]
     student, info = make_students()["consistency"]
     save_student(student, tmp_path / "cm", {**info, "consistency_grid": grid})
+    (tmp_path / "cm" / "fid-mnist5k-100.json").write_text(json.dumps({"fid": 42.5, "num": 100, "reference": "mnist5k", "weights": "w"}))
     assert main(["export", "--run", str(tmp_path / "cm"), "--out", str(tmp_path / "cm4"), "--steps", "4"]) == 0
     exported, meta = load_student(tmp_path / "cm4")
     assert exported.num_steps == 4 and meta["sigmas"] == pytest.approx(multistep_sigmas(grid, 4))
+    assert "fid" not in meta and "42.50" not in (tmp_path / "cm4" / "README.md").read_text()  # measured at 3 steps, not 4
+    assert load_student(export_run(tmp_path / "cm", tmp_path / "cm3", steps=3))[1]["fid"]["fid"] == 42.5  # its own count
     assert load_sampler(str(tmp_path / "cm"), steps=4).num_steps == 4
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     resampled = with_steps(*load_student(tmp_path / "cm"), 4, "cm")
