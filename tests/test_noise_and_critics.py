@@ -150,6 +150,31 @@ def test_head_reads_the_fake_scores_features(kind):
     assert len(critic.trainable_parameters()) == len(list(den.parameters())) + len(list(critic.head.parameters())) + (kind == "unet")
 
 
+def test_conv_head_is_a_patch_discriminator_on_the_feature_map():
+    """disc_head=conv: logits on the bottleneck map itself (not its mean), averaged; starts at 0; D unchanged;
+    refused on MLP features and without a discriminator."""
+    den = tiny_unet_denoiser()
+    critic = ScoreWithHead(copy.deepcopy(den), head="conv")
+    x, sigma, labels = torch.randn(4, 1, 8, 8), torch.full((4,), 0.5), torch.tensor([0, 1, 2, 0])
+    d, logit = critic(x, sigma, with_logit=True, class_labels=labels)
+    assert logit.shape == (4,) and bool((logit == 0).all())
+    torch.testing.assert_close(d, den(x, sigma, class_labels=labels))
+    with torch.no_grad():
+        critic.head[-1].weight.normal_()
+    maps = []
+    hook = critic.head[0].register_forward_hook(lambda m, i, o: maps.append(i[0]))
+    _, trained = critic(x, sigma, with_logit=True, class_labels=labels)
+    hook.remove()
+    assert maps[0].ndim == 4 and maps[0].shape[-2:] != (1, 1)  # the head read a feature map, not its mean
+    assert bool((trained != 0).all())
+    with pytest.raises(ValueError, match="conv discriminator head needs feature maps"):
+        ScoreWithHead(copy.deepcopy(fitted_copy()), head="conv")
+    with pytest.raises(ValueError, match="disc_head needs a discriminator head"):
+        FDistillConfig(disc_head="conv")  # DMD: no head
+    sida = SiD.build(SiDConfig(adv_weight=0.01, disc_head="conv"), narrow_teacher())
+    assert sida.make_critic("fake_score", tiny_unet_denoiser()).head_kind == "conv"
+
+
 @pytest.mark.parametrize("trains_fake_score", [True, False])
 def test_discriminator_loss_trains_the_head_and_the_fake_score_as_configured(trains_fake_score):
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ estimator (Xu et al. 2025, sec. 4) are heads on that same network's features:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -45,14 +46,20 @@ def feature_module(den: nn.Module) -> nn.Module:
     )
 
 
+HEADS = ("mean_mlp", "conv")
+
+
 class ScoreWithHead(Denoiser):
     """A fake score ``D_psi(x, sigma, **cond)`` with a discriminator logit on its own features.
 
     ``forward(x, sigma, with_logit=True)`` returns ``(D [B, *shape], logit [B])`` from one network
-    evaluation: the logit is a small MLP (zero-initialised output, so the logit starts at 0,
-    i.e. r = 1) on the spatial (or token) mean of the bottleneck features, plus a class projection term for
-    class-conditional scores. With ``detach_features=True`` the head's loss does not reach the
-    fake score's own parameters.
+    evaluation. The logit comes from the bottleneck features through ``head`` (output layer
+    zero-initialised, so the logit starts at 0, i.e. r = 1): ``mean_mlp``, a small MLP on their
+    spatial (or token) mean (SiDA's); ``conv``, for feature maps ``[B, C, H, W]`` only, a 3x3
+    convolution, GroupNorm and SiLU, then a 1x1 convolution to one logit per position, averaged over the
+    positions (a patch discriminator on the map, like DMD2's convolutional head). Class-conditional
+    scores add a class projection term on the mean features. With ``detach_features=True`` the head's
+    loss does not reach the fake score's own parameters.
 
     Buffers ``h_mean`` and ``r_bin_mean`` hold running means that f-distill normalises its
     weights by (checkpointed with the network; updated between steps by the objective).
@@ -66,13 +73,17 @@ class ScoreWithHead(Denoiser):
         head_lr_scale: the head's learning rate as a multiple of the fake score's
             (:meth:`learning_rate_scales`): the zero-started head otherwise moves by about lr per
             update, and at short budgets stays at chance.
+        head: ``mean_mlp`` or ``conv`` (see above).
     """
 
     def __init__(self, score: Denoiser, ratio_bins: int = 0, h_init: float = 1.0, train_backbone: bool = True,
-                 head_lr_scale: float = 1.0):
+                 head_lr_scale: float = 1.0, head: str = "mean_mlp"):
         super().__init__()
         if not head_lr_scale > 0:
             raise ValueError(f"head_lr_scale must be > 0, got {head_lr_scale}")
+        if head not in HEADS:
+            raise ValueError(f"discriminator head {head!r} is not one of {', '.join(HEADS)}")
+        self.head_kind = head
         self.denoiser = score
         self.train_backbone = train_backbone
         self.head_lr_scale = float(head_lr_scale)
@@ -80,8 +91,15 @@ class ScoreWithHead(Denoiser):
             setattr(self, attr, getattr(score, attr))
         self._features: list[Tensor] = []
         feature_module(score).register_forward_hook(self._keep_features)
-        width = self._feature_width()
-        self.head = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+        width, ndim = self._feature_shape()
+        if head == "conv":
+            if ndim != 4:
+                raise ValueError(f"the conv discriminator head needs feature maps [B, C, H, W]; {type(score).__name__}'s "
+                                 f"features have {ndim} dimensions (use mean_mlp)")
+            self.head = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(math.gcd(32, width), width), nn.SiLU(),
+                                      nn.Conv2d(width, 1, 1))
+        else:
+            self.head = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
         self.class_embed = nn.Embedding(self.num_classes + 1, width) if self.num_classes else None
@@ -91,23 +109,26 @@ class ScoreWithHead(Denoiser):
         self.register_buffer("r_bin_mean", torch.ones(ratio_bins, dtype=torch.float64))
 
     def _keep_features(self, module: nn.Module, args: Any, output: Any) -> None:
-        out = (output[0] if isinstance(output, tuple) else output).float()
-        if out.ndim == 3:  # transformer tokens [B, N, D]: their mean
-            out = out.mean(dim=1)
-        elif out.ndim > 3:  # feature maps [B, C, H, W]: their spatial mean
-            out = out.mean(dim=tuple(range(2, out.ndim)))
-        self._features.append(out)
+        self._features.append((output[0] if isinstance(output, tuple) else output).float())
+
+    @staticmethod
+    def _mean(features: Tensor) -> Tensor:
+        """``[B, D]``: the token mean of ``[B, N, D]``, the spatial mean of ``[B, C, H, W]``."""
+        if features.ndim == 3:
+            return features.mean(dim=1)
+        return features.mean(dim=tuple(range(2, features.ndim))) if features.ndim > 3 else features
 
     @torch.no_grad()
-    def _feature_width(self) -> int:
+    def _feature_shape(self) -> tuple[int, int]:
+        """Width (channels or token dimension) and number of dimensions of the bottleneck features."""
         x = torch.zeros(1, *self.sample_shape)
-        conditioning = self.denoiser.conditioning  # any valid conditioning: only the width is read
+        conditioning = self.denoiser.conditioning  # any valid conditioning: only the shape is read
         cond = conditioning.null(1, x.device) if conditioning.has_null else conditioning.draw(1, x.device)
         self._features.clear()
         self.denoiser(x, torch.ones(1), **cond)
-        width = self._features.pop().shape[1]
+        features = self._features.pop()
         self._features.clear()
-        return width
+        return (features.shape[-1] if features.ndim == 3 else features.shape[1]), features.ndim
 
     @property
     def conditioning(self) -> Conditioning:
@@ -137,11 +158,12 @@ class ScoreWithHead(Denoiser):
         if not with_logit:
             self._features.clear()
             return d
-        h = self._features.pop()
+        features = self._features.pop()
         self._features.clear()
         if detach_features:
-            h = h.detach()
-        logit = self.head(h).squeeze(1)
+            features = features.detach()
+        h = self._mean(features)
+        logit = self.head(features).mean(dim=(1, 2, 3)) if self.head_kind == "conv" else self.head(h).squeeze(1)
         labels = cond.get("class_labels")
         if self.class_embed is not None and labels is not None:
             logit = logit + (self.class_embed(labels.long()) * h).sum(1)
@@ -154,6 +176,14 @@ def check_head_lr_scale(scale: float, has_discriminator: bool, needs: str) -> No
         raise ValueError(f"objective.head_lr_scale must be > 0, got {scale}")
     if scale != 1.0 and not has_discriminator:
         raise ValueError(f"objective.head_lr_scale needs a discriminator head ({needs}); remove the key")
+
+
+def check_disc_head(head: str, has_discriminator: bool, needs: str) -> None:
+    """Config check of an objective's ``disc_head``: a known kind, and left at the default without a head."""
+    if head not in HEADS:
+        raise ValueError(f"objective.disc_head: {head!r} is not one of {', '.join(HEADS)}")
+    if head != HEADS[0] and not has_discriminator:
+        raise ValueError(f"objective.disc_head needs a discriminator head ({needs}); remove the key")
 
 
 def has_head(net: Any) -> bool:

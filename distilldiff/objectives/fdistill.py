@@ -17,7 +17,7 @@ from ..students import trainable_copy
 from ..teachers.base import Denoiser
 from ..tensors import append_dims, mean_chw
 from .base import Batch, Objective, Phase
-from .critic import ScoreWithHead, check_head_lr_scale, critic_loss, gan_generator_loss, global_sum
+from .critic import ScoreWithHead, check_disc_head, check_head_lr_scale, critic_loss, gan_generator_loss, global_sum
 from .noise import NoiseKind, check_time_range, make_noise_levels
 
 #: h(r) = r^2 f''(r) (up to a positive constant) for r = p_teacher / q_student (f-distill, Table 1)
@@ -66,6 +66,9 @@ class FDistillConfig(ObjectiveConfig):
             layers (DMD2, SiDA) or only the head.
         head_lr_scale: the discriminator head's learning rate as a multiple of the fake score's
             (only with a head; the official DMD2 code: 1).
+        disc_head: the discriminator head on the fake score's bottleneck: ``mean_mlp`` (an MLP on
+            the features' spatial mean, SiDA's) or ``conv`` (a patch discriminator on the feature map, as
+            DMD2's head is convolutional; :class:`~distilldiff.objectives.critic.ScoreWithHead`).
         logit_clip: the discriminator logit log r is clamped to [-logit_clip, logit_clip].
         ratio_min, ratio_max: r is clipped to this range before h(r) (0.1, 20).
         ratio_bins: if > 0, divide r by its running mean in its noise bin (``ratio_bins`` bins equally
@@ -96,6 +99,7 @@ class FDistillConfig(ObjectiveConfig):
     disc_weight: float = 1.0
     disc_trains_fake_score: bool = True
     head_lr_scale: float = 1.0
+    disc_head: Literal["mean_mlp", "conv"] = "mean_mlp"
     logit_clip: float = 10.0
     ratio_min: float = 0.1
     ratio_max: float = 20.0
@@ -130,6 +134,7 @@ class FDistillConfig(ObjectiveConfig):
             raise ValueError(f"objective.norm_decay must be in [0, 1), got {self.norm_decay}")
         check_time_range(self.tmin, self.tmax)
         check_head_lr_scale(self.head_lr_scale, self.uses_discriminator, "a divergence other than reverse_kl or gan_weight > 0")
+        check_disc_head(self.disc_head, self.uses_discriminator, "a divergence other than reverse_kl or gan_weight > 0")
 
     @property
     def uses_discriminator(self) -> bool:
@@ -166,7 +171,8 @@ class FDistill(Objective):
     def make_critic(self, name: str, teacher: Denoiser) -> nn.Module:
         """The fake score: a trainable copy of the teacher, with a discriminator head if used."""
         score = trainable_copy(teacher)
-        return ScoreWithHead(score, self.config.ratio_bins, self.h_at_one, head_lr_scale=self.config.head_lr_scale) if self.config.uses_discriminator else score
+        return ScoreWithHead(score, self.config.ratio_bins, self.h_at_one, head_lr_scale=self.config.head_lr_scale,
+                             head=self.config.disc_head) if self.config.uses_discriminator else score
 
     def phases(self) -> list[Phase]:
         return [Phase("fake_score", "fake_score", repeats=self.config.critic_ratio), Phase("generator", "generator")]
