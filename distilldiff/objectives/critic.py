@@ -11,7 +11,7 @@ estimator (Xu et al. 2025, sec. 4) are heads on that same network's features:
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping, get_args
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,9 @@ def feature_module(den: nn.Module) -> nn.Module:
     )
 
 
-HEADS = ("mean_mlp", "conv")
+#: the discriminator heads of :class:`ScoreWithHead` (objectives' ``disc_head``)
+HeadKind = Literal["mean_mlp", "conv"]
+HEADS: tuple[str, ...] = get_args(HeadKind)
 
 
 class ScoreWithHead(Denoiser):
@@ -170,20 +172,16 @@ class ScoreWithHead(Denoiser):
         return d, logit.to(x.dtype)
 
 
-def check_head_lr_scale(scale: float, has_discriminator: bool, needs: str) -> None:
-    """Config check of an objective's ``head_lr_scale``: positive, and left at 1 without a head."""
-    if not scale > 0:
-        raise ValueError(f"objective.head_lr_scale must be > 0, got {scale}")
-    if scale != 1.0 and not has_discriminator:
-        raise ValueError(f"objective.head_lr_scale needs a discriminator head ({needs}); remove the key")
-
-
-def check_disc_head(head: str, has_discriminator: bool, needs: str) -> None:
-    """Config check of an objective's ``disc_head``: a known kind, and left at the default without a head."""
-    if head not in HEADS:
-        raise ValueError(f"objective.disc_head: {head!r} is not one of {', '.join(HEADS)}")
-    if head != HEADS[0] and not has_discriminator:
-        raise ValueError(f"objective.disc_head needs a discriminator head ({needs}); remove the key")
+def check_head_options(head_lr_scale: float, disc_head: str, has_discriminator: bool, needs: str) -> None:
+    """Config check of an objective's head keys: ``head_lr_scale`` positive and ``disc_head`` a known kind,
+    both left at their defaults (1, ``mean_mlp``) without a head; ``needs`` says what turns the head on."""
+    if not head_lr_scale > 0:
+        raise ValueError(f"objective.head_lr_scale must be > 0, got {head_lr_scale}")
+    if disc_head not in HEADS:
+        raise ValueError(f"objective.disc_head: {disc_head!r} is not one of {', '.join(HEADS)}")
+    for key, value, default in (("head_lr_scale", head_lr_scale, 1.0), ("disc_head", disc_head, HEADS[0])):
+        if value != default and not has_discriminator:
+            raise ValueError(f"objective.{key} needs a discriminator head ({needs}); remove the key")
 
 
 def has_head(net: Any) -> bool:

@@ -17,7 +17,7 @@ from ..students import trainable_copy
 from ..teachers.base import Denoiser
 from ..tensors import append_dims, mean_chw
 from .base import Batch, Objective, Phase
-from .critic import ScoreWithHead, check_disc_head, check_head_lr_scale, critic_loss, gan_generator_loss, global_sum
+from .critic import HeadKind, ScoreWithHead, check_head_options, critic_loss, gan_generator_loss, global_sum
 from .noise import NoiseKind, check_time_range, make_noise_levels
 
 #: h(r) = r^2 f''(r) (up to a positive constant) for r = p_teacher / q_student (f-distill, Table 1)
@@ -99,7 +99,7 @@ class FDistillConfig(ObjectiveConfig):
     disc_weight: float = 1.0
     disc_trains_fake_score: bool = True
     head_lr_scale: float = 1.0
-    disc_head: Literal["mean_mlp", "conv"] = "mean_mlp"
+    disc_head: HeadKind = "mean_mlp"
     logit_clip: float = 10.0
     ratio_min: float = 0.1
     ratio_max: float = 20.0
@@ -133,8 +133,7 @@ class FDistillConfig(ObjectiveConfig):
         if not 0 <= self.norm_decay < 1:
             raise ValueError(f"objective.norm_decay must be in [0, 1), got {self.norm_decay}")
         check_time_range(self.tmin, self.tmax)
-        check_head_lr_scale(self.head_lr_scale, self.uses_discriminator, "a divergence other than reverse_kl or gan_weight > 0")
-        check_disc_head(self.disc_head, self.uses_discriminator, "a divergence other than reverse_kl or gan_weight > 0")
+        check_head_options(self.head_lr_scale, self.disc_head, self.uses_discriminator, "a divergence other than reverse_kl or gan_weight > 0")
 
     @property
     def uses_discriminator(self) -> bool:

@@ -14,7 +14,7 @@ from ..teachers.base import Denoiser
 from ..teachers.guidance import CFGDenoiser
 from ..tensors import append_dims, mean_chw, sum_chw
 from .base import Batch, Objective, Phase
-from .critic import ScoreWithHead, check_disc_head, check_head_lr_scale, critic_loss, gan_generator_loss
+from .critic import HeadKind, ScoreWithHead, check_head_options, critic_loss, gan_generator_loss
 from .noise import NoiseKind, check_time_range, make_noise_levels
 
 
@@ -78,7 +78,7 @@ class SiDConfig(ObjectiveConfig):
     disc_weight: float = 1.0
     disc_trains_fake_score: bool = True
     head_lr_scale: float = 1.0
-    disc_head: Literal["mean_mlp", "conv"] = "mean_mlp"
+    disc_head: HeadKind = "mean_mlp"
     fake_guidance_train: float = 0.0
     fake_guidance_eval: float = 0.0
 
@@ -90,8 +90,7 @@ class SiDConfig(ObjectiveConfig):
             raise ValueError(f"objective.adv_weight must be >= 0 (0: plain SiD), got {self.adv_weight}")
         if self.disc_weight <= 0:
             raise ValueError(f"objective.disc_weight must be > 0, got {self.disc_weight}")
-        check_head_lr_scale(self.head_lr_scale, self.adversarial, "adv_weight > 0 (SiDA)")
-        check_disc_head(self.disc_head, self.adversarial, "adv_weight > 0 (SiDA)")
+        check_head_options(self.head_lr_scale, self.disc_head, self.adversarial, "adv_weight > 0 (SiDA)")
         for key in ("fake_guidance_train", "fake_guidance_eval"):
             if getattr(self, key) < 0:
                 raise ValueError(f"objective.{key} must be >= 0 (0: an unguided fake score), got {getattr(self, key)}")
