@@ -154,6 +154,7 @@ def cmd_sample(args) -> None:
 def cmd_export(args) -> None:
     from .export import export_run
 
+    _check_counts(args, "steps")
     out = export_run(args.run, args.out, force=args.force, steps=args.steps)
     print(f"exported to {out} (see {out / 'README.md'} for the sampling call)")
 

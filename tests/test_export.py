@@ -220,7 +220,7 @@ def test_cli_export(tmp_path, capsys):
     assert (tmp_path / "g.png").is_file()
 
 
-def test_export_with_steps_for_consistency_students_only(tmp_path):
+def test_export_with_steps_for_consistency_students_only(tmp_path, capsys):
     """`export --steps K`: a consistency student's pipeline samples in K steps on its training grid (the same noise
     levels as `sample/fid --steps K`); a student distilled for a fixed count refuses another one."""
     from distilldiff.cli import main
@@ -244,6 +244,8 @@ def test_export_with_steps_for_consistency_students_only(tmp_path):
         torch.testing.assert_close(exported(x, generator=torch.Generator().manual_seed(1)),
                                    resampled(x, generator=torch.Generator().manual_seed(1)))
 
+    assert main(["export", "--run", str(tmp_path / "cm"), "--out", str(tmp_path / "cm0"), "--steps", "0"]) == 2
+    assert not (tmp_path / "cm0").exists() and "--steps must be >= 1, got 0" in capsys.readouterr().err
     run = _fake_run(tmp_path, "one_step")
     with pytest.raises(ValueError, match="samples in 1 step"):
         export_run(run, tmp_path / "out", steps=3)

@@ -79,7 +79,8 @@ METHODS = [
            [("guidance", None)] + [(f"guidance-stage2/stage-{k:04d}", None) for k in (8, 4)], (1.0, 3.0)),
 ]
 TEACHER_STEPS = (1, 2, 4, 8, 16, 50)
-TEACHER_GUIDED = ((1.0, (4, 16, 50)), (3.0, (4, 16, 50)))
+TEACHER_GUIDED_W = (1.0, 3.0)  # classifier-free guidance weights of the guided teacher entries
+TEACHER_GUIDED_STEPS = (4, 16, 50)
 
 
 def method_script(m: Method, runs: Path, budget: float, eval_sets: list[str], extra: list[str]) -> str:
@@ -150,7 +151,7 @@ def _entries(args):
         for k in args.teacher_steps:
             yield "teacher", "builtin:mnist", k, None, None
         for w in args.teacher_w:
-            for k in dict(TEACHER_GUIDED).get(w, TEACHER_GUIDED[0][1]):
+            for k in TEACHER_GUIDED_STEPS:
                 yield "teacher", "builtin:mnist", k, w, None
     for m in METHODS:
         if args.what == "teacher" or (args.only and m.name not in args.only):
@@ -204,9 +205,14 @@ def cmd_score(args) -> None:
     write_report(out)
 
 
+def load_results(folder: str | Path) -> list[dict]:
+    """The ``result-*.json`` records that ``score`` wrote in ``folder``, in file-name order."""
+    return [json.loads(p.read_text()) for p in sorted(Path(folder).glob("result-*.json"))]
+
+
 def write_report(out: Path) -> None:
     """``table.md`` (one row per method, FID at 1/2/4 steps; guidance at two w) and ``fid_vs_steps.png``."""
-    results = [json.loads(p.read_text()) for p in sorted(out.glob("result-*.json"))]
+    results = load_results(out)
     if not results:
         return
     num = results[0]["num"]
@@ -241,14 +247,13 @@ def cmd_summary(args) -> None:
 
     rows: dict[tuple[str, int], list[dict]] = {}
     for folder in args.results:
-        for p in sorted(Path(folder).glob("result-*.json")):
-            r = json.loads(p.read_text())
+        for r in load_results(folder):
             if r["guidance_scale"] is None:
                 rows.setdefault((r["name"], r["steps"]), []).append(r)
     if not rows:
         sys.exit(f"no result-*.json in {', '.join(args.results)}")
-    teacher = {r["steps"]: r for p in sorted(Path(args.teacher).glob("result-*.json")) if (r := json.loads(p.read_text()))["guidance_scale"] is None} if args.teacher else {}
-    keys = ("fid", "precision", "recall", "class_accuracy", "classifier_fd", "near_black")
+    teacher = {r["steps"]: r for r in (load_results(args.teacher) if args.teacher else []) if r["guidance_scale"] is None}
+    digits = {"fid": 2, "precision": 3, "recall": 3, "class_accuracy": 3, "classifier_fd": 2, "near_black": 3}  # the table's columns
     num = next(iter(rows.values()))[0]["num"]
     lines = [f"Mean over training seeds [min, max]; FID and precision/recall at N = {num:,} against MNIST-5k.", "",
              "| method | steps | seeds | FID | precision | recall | class accuracy | classifier FD | near-black | images seen |",
@@ -263,8 +268,7 @@ def cmd_summary(args) -> None:
         lines.append(f"| teacher (DDIM) | {k} | - | {t['fid']:.2f} | {t['precision']:.3f} | {t['recall']:.3f} | {t['class_accuracy']:.3f} | "
                      f"{t['classifier_fd']:.2f} | {t['near_black']:.3f} | - |")
     for (name, k), rs in sorted(rows.items(), key=lambda kv: (kv[0][1], np.mean([r["fid"] for r in kv[1]]))):
-        digits = dict(fid=2, precision=3, recall=3, class_accuracy=3, classifier_fd=2, near_black=3)
-        cells = " | ".join(cell([r[key] for r in rs], digits[key]) for key in keys)
+        cells = " | ".join(cell([r[key] for r in rs], d) for key, d in digits.items())
         lines.append(f"| {name} | {k} | {len(rs)} | {cells} | {cell([r['train']['images_seen'] for r in rs], 0)} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -317,8 +321,8 @@ def main() -> None:
     s.add_argument("--only", nargs="+", choices=[m.name for m in METHODS])
     s.add_argument("--what", choices=["all", "teacher", "students"], default="all", help="score the teacher, the students or both")
     s.add_argument("--teacher-steps", type=int, nargs="*", default=list(TEACHER_STEPS), metavar="K", help="the teacher's DDIM steps to score (unguided)")
-    s.add_argument("--teacher-w", type=float, nargs="*", default=[w for w, _ in TEACHER_GUIDED], metavar="W",
-                   help="guidance weights at which to score the teacher with CFG (at 4, 16 and 50 steps); none: no guided entries")
+    s.add_argument("--teacher-w", type=float, nargs="*", default=list(TEACHER_GUIDED_W), metavar="W",
+                   help=f"guidance weights at which to score the teacher with CFG (at {TEACHER_GUIDED_STEPS} steps); none: no guided entries")
     s.set_defaults(func=cmd_score)
     m = sub.add_parser("summary", help="mean and range over training seeds of scored students (score's --out folders)")
     m.add_argument("--results", nargs="+", required=True, help="score --out folders, one per training seed")
