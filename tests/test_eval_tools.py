@@ -102,3 +102,30 @@ def test_bench_objectives_splits_the_budget_over_every_stage_of_a_staged_method(
     assert "train.time_budget_min=2'" in script and "objective.start_steps=8" in script
     for m in bench.METHODS:  # every method's command line builds from its shipped configs
         assert bench.method_script(m, tmp_path, 2.0, [], []).count("distilldiff.cli distill") == len(m.stages)
+
+
+def test_bench_objectives_summary_gives_mean_and_range_over_seeds(tmp_path):
+    """tools/bench_objectives.py summary: one row per (method, steps) with mean [min, max] of each seed's entry, the
+    teacher's rows as scored, guided entries left out; a folder without results is a one-line error."""
+    def result(folder, name, steps, fid, recall, w=None, images=1000):
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {"name": name, "steps": steps, "guidance_scale": w, "fid": fid, "precision": 0.5, "recall": recall,
+                  "class_accuracy": 0.9, "classifier_fd": 2.0, "near_black": 0.8, "num": 5000,
+                  "train": None if name == "teacher" else {"images_seen": images}}
+        (folder / f"result-{name}-{steps}-{w}.json").write_text(json.dumps(record))
+
+    for seed, (fid, recall) in enumerate([(10.0, 0.2), (20.0, 0.4), (60.0, 0.3)]):
+        result(tmp_path / f"s{seed}", "sid", 1, fid, recall, images=1000 + seed)
+        result(tmp_path / f"s{seed}", "sid", 1, 999.0, 0.0, w=3.0)  # guided: not in the plain table
+    result(tmp_path / "teacher", "teacher", 50, 5.76, 0.78)
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_objectives.py"), "summary", "--results",
+           *(str(tmp_path / f"s{s}") for s in range(3)), "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "out")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    table = (tmp_path / "out" / "seeds.md").read_text()
+    assert "| sid | 1 | 3 | 30.00 [10.00, 60.00] | 0.500 [0.500, 0.500] | 0.300 [0.200, 0.400] |" in table
+    assert "| teacher (DDIM) | 50 | - | 5.76 | 0.500 | 0.780 |" in table and "999" not in table
+    assert (tmp_path / "out" / "fid_vs_images.png").is_file()
+    r = subprocess.run(cmd[:3] + ["--results", str(tmp_path / "empty"), "--out", str(tmp_path / "out2")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip() == f"no result-*.json in {tmp_path / 'empty'}"

@@ -181,6 +181,8 @@ def test_precision_recall_of_a_worked_1d_example():
     # fakes in a real ball: -1 (on the edge of [-1, 1]), 2.5, 6, 12, not -5: 4/5.
     # reals in a fake ball: 0, 1, 3, 7, not 20 (12 +- 6) or 30: 4/6.
     assert precision_recall(real, fake, k=1) == (4 / 5, 4 / 6)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # where compute_fid's extractor runs
+    assert all(precision_recall(real, fake, k=1, device=d) == (4 / 5, 4 / 6) for d in devices)
 
 
 def test_precision_recall_equals_a_brute_force_count():
