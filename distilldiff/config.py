@@ -143,6 +143,8 @@ class TrainConfig:
     ``max_steps`` counts training steps (one pass over all phases: critic then generator).
     ``batch_size`` is the global batch of every phase step (over processes and accumulation).
     ``lr_schedule``: ``constant``, or ``linear`` decay from ``lr`` to 0 at ``max_steps``.
+    ``lr_warmup_steps``: ramp the learning rate linearly from ``lr / lr_warmup_steps`` to ``lr`` over
+    the first updates (0: none), before the schedule; every network's optimiser alike.
     ``gradient_checkpointing``: recompute the trained networks' activations in the backward pass
     (diffusers networks; less memory, about a third more compute).
     ``tf32``: let CUDA matmuls and cuDNN convolutions use TF32 (10-bit mantissa) during training.
@@ -155,6 +157,7 @@ class TrainConfig:
     lr: float = 1e-5
     critic_lr: float | None = None
     lr_schedule: Literal["constant", "linear"] = "constant"
+    lr_warmup_steps: int = 0
     betas: tuple[float, float] = (0.0, 0.999)
     weight_decay: float = 0.0
     grad_clip: float | None = None
@@ -184,8 +187,9 @@ class TrainConfig:
             value = getattr(self, key)
             if value is not None and not value > 0:  # also rejects nan
                 raise ConfigError(f"train.{key} must be > 0, got {value}")
-        if self.max_nonfinite < 0:
-            raise ConfigError(f"train.max_nonfinite must be >= 0, got {self.max_nonfinite}")
+        for key in ("max_nonfinite", "lr_warmup_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(self, key)}")
 
 
 EVAL_METRICS = ("fid", "classifier_fd", "class_accuracy", "near_black")

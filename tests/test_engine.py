@@ -173,9 +173,13 @@ def test_batch_size_must_divide(tmp_path):
         Engine(task(Quadratic()), train_config(batch_size=5, grad_accum=2), tmp_path)
 
 
-@pytest.mark.parametrize("schedule, factors", [("constant", [1, 1, 1, 1]), ("linear", [1, 0.75, 0.5, 0.25])])
-def test_lr_schedule(tmp_path, schedule, factors):
-    """linear: step k (0-based) updates with lr (1 - k / max_steps)."""
+@pytest.mark.parametrize("schedule, warmup, factors", [
+    ("constant", 0, [1, 1, 1, 1]), ("linear", 0, [1, 0.75, 0.5, 0.25]),
+    ("constant", 2, [0.5, 1, 1, 1]), ("linear", 3, [1 / 3, 0.75 * 2 / 3, 0.5, 0.25]),
+])
+def test_lr_schedule(tmp_path, schedule, warmup, factors):
+    """linear: step k (0-based) updates with lr (1 - k / max_steps); a warm-up of W multiplies it by
+    min(1, (k + 1) / W)."""
     seen = []
 
     class Recording(Quadratic):
@@ -183,12 +187,23 @@ def test_lr_schedule(tmp_path, schedule, factors):
             seen.append(engine.optimizers["generator"].param_groups[0]["lr"])
             return super().loss(phase, nets, batch)
 
-    engine = Engine(task(Recording()), train_config(max_steps=4, lr=1e-2, lr_schedule=schedule), tmp_path)
+    engine = Engine(task(Recording()), train_config(max_steps=4, lr=1e-2, lr_schedule=schedule, lr_warmup_steps=warmup), tmp_path)
     engine.train()
-    # the loss runs before the schedule sets this step's lr; the first step still sees the base lr
+    # the loss runs before the schedule sets this step's lr; the first loss still sees the optimiser's base lr
     last = engine.optimizers["generator"].param_groups[0]["lr"]  # the lr of the last update
     assert seen[0] == pytest.approx(1e-2) and last == pytest.approx(1e-2 * factors[-1])
     assert seen[1:] == pytest.approx([1e-2 * f for f in factors[:-1]])
+
+
+def test_lr_warmup_moves_the_first_update_less(tmp_path):
+    """The first update of a warmed-up run is 1/W of the plain run's (plain SGD on the same gradient)."""
+    moved = {}
+    for warmup in (0, 4):
+        engine = Engine(task(Quadratic()), train_config(max_steps=1, lr=1e-2, lr_warmup_steps=warmup), tmp_path / str(warmup))
+        before = [p.detach().clone() for p in engine.models["generator"].parameters()]
+        engine.train()
+        moved[warmup] = sum(float((p.detach() - b).abs().sum()) for p, b in zip(engine.models["generator"].parameters(), before))
+    assert moved[0] > 0 and moved[4] == pytest.approx(moved[0] / 4, rel=1e-4)
 
 
 DDP_SCRIPT = '''

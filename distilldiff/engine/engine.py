@@ -47,7 +47,7 @@ from ..objectives.base import Batch, Phase
 from .ema import EMA
 from .loss_plot import LossHistory, write_loss_plot
 from .run_folder import RunFolder
-from .schedule import Due, LogWindow, Schedule
+from .schedule import Due, LogWindow, Schedule, lr_factor
 from .task import TrainTask
 
 logger = logging.getLogger(__name__)
@@ -267,8 +267,8 @@ class Engine:
                 acc.backward(loss / cfg.grad_accum)
             for k, v in extra.items():
                 logs[f"{phase.name}/{k}"] = logs.get(f"{phase.name}/{k}", 0.0) + float(v) / cfg.grad_accum
-        if cfg.lr_schedule == "linear":  # derived from the checkpointed step: nothing extra to save
-            factor = max(0.0, 1.0 - self.state.step / cfg.max_steps)
+        if cfg.lr_schedule == "linear" or cfg.lr_warmup_steps:  # derived from the checkpointed step: nothing extra to save
+            factor = lr_factor(self.state.step, cfg.max_steps, cfg.lr_schedule, cfg.lr_warmup_steps)
             for group in opt.param_groups:
                 group["lr"] = self.base_lr[phase.trains] * group.get("lr_scale", 1.0) * factor
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf

@@ -93,3 +93,15 @@ class LogWindow:
         logs["img_per_s"] = self.steps * batch_size / elapsed
         self.reset()
         return logs
+
+
+def lr_factor(step: int, max_steps: int, schedule: str = "constant", warmup_steps: int = 0) -> float:
+    """The multiple of the base learning rate for the update at ``step`` (0-based).
+
+    A linear warm-up over the first ``warmup_steps`` updates (update k uses (k + 1) / warmup_steps,
+    so the first one is not wasted at lr 0; DMD2's recipe warms up over 500), times the schedule:
+    ``constant`` (1) or ``linear`` decay, 1 - step / max_steps (0 at ``max_steps``).
+    """
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    decay = max(0.0, 1.0 - step / max_steps) if schedule == "linear" else 1.0
+    return warm * decay
