@@ -31,15 +31,23 @@ def test_class_spread_is_zero_for_one_image_per_class_and_grows_with_variety():
     assert 0.0 < eval_mnist.class_spread(varied, labels) < eval_mnist.class_spread(more_varied, labels)
 
 
+def test_black_below_sets_only_dark_pixels_to_black():
+    eval_mnist = _tool("eval_mnist")
+    x = torch.tensor([-1.0, -0.9, -0.81, -0.8, -0.5, 0.3, 1.0]).view(1, 1, 1, 7)
+    assert eval_mnist.black_below(x, -0.8).flatten().tolist() == pytest.approx([-1.0, -1.0, -1.0, -0.8, -0.5, 0.3, 1.0])
+
+
 def test_eval_mnist_scores_the_teacher(tmp_path):
     out = tmp_path / "rows.json"
     r = subprocess.run([sys.executable, "tools/eval_mnist.py", "--model", "builtin:mnist", "--steps", "2", "--num", "20",
-                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                        "--black-below", "-0.8", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    (row,) = json.loads(out.read_text())
-    assert row["steps"] == 2 and row["num"] == 20
+    row, cleaned = json.loads(out.read_text())
+    assert row["steps"] == 2 and row["num"] == 20 and "black_below" not in row
     assert 0.5 <= row["class_accuracy"] <= 1.0  # the teacher's 2-step DDIM: 0.96 on 5,000 images
     assert 0.0 < row["near_black"] < 1.0 and row["class_spread"] > 0.0
+    # the same images with dark pixels set to black: at least as many near-black pixels
+    assert cleaned["black_below"] == -0.8 and cleaned["num"] == 20 and cleaned["near_black"] >= row["near_black"]
     assert not out.with_name(out.name + ".tmp").exists()
 
 

@@ -13,6 +13,10 @@ images/s on 2 CPU cores.
     python tools/eval_mnist.py --model builtin:mnist --steps 1 2 4 50 --num 1000 --fid --out work/teacher.json
     python tools/eval_mnist.py --model runs/mnist-sid --num 1000 --fid
     python tools/eval_mnist.py --real --num 1000        # the same numbers for 1,000 of the MNIST-5k digits
+
+``--black-below V`` adds, for every row, a second row of the same images with every pixel below V
+(in [-1, 1]; -0.8 is 0.1 of the full scale) set to black: a diagnostic of how much of a score is
+background speckle, not a way to sample.
 """
 
 from __future__ import annotations
@@ -51,6 +55,11 @@ def score(images: Tensor, labels: Tensor, fid: bool) -> dict:
     return out
 
 
+def black_below(images: Tensor, value: float) -> Tensor:
+    """``images`` ``[N, C, H, W]`` in [-1, 1] with every pixel below ``value`` set to -1 (black)."""
+    return torch.where(images < value, torch.full_like(images, -1.0), images)
+
+
 def real_digits(num: int, seed: int) -> tuple[Tensor, Tensor]:
     """``num`` of the MNIST-5k digits (a seeded draw without replacement) and their labels."""
     from distilldiff.data import mnist5k
@@ -71,6 +80,8 @@ def main() -> None:
     p.add_argument("--num", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fid", action="store_true", help="also Inception FID, precision and recall against MNIST-5k")
+    p.add_argument("--black-below", type=float, default=None, metavar="V",
+                   help="also score the same images with pixels below V (in [-1, 1]) set to black (a speckle diagnostic)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args()
@@ -92,11 +103,16 @@ def main() -> None:
             images, labels = sampler.sample(args.num, seed=args.seed), torch.arange(args.num) % 10
             row = {"model": args.model, "sampler": sampler.description, "steps": sampler.num_steps, "w": args.w,
                    "seed": args.seed, "sample_seconds": round(time.time() - t0, 2)}
-        row.update(score(images, labels, args.fid))
-        rows.append(row)
-        fid = (f"{row['fid']:.2f} | {row['precision']:.3f} | {row['recall']:.3f}") if args.fid else "- | - | -"
-        print(f"| {row['model']} | {row['steps']} | {row['class_accuracy']:.3f} | {row['classifier_fd']:.2f} | {row['near_black']:.3f} | "
-              f"{row['class_spread']:.4f} | {fid} |", flush=True)
+        variants = [(row, images)]
+        if args.black_below is not None:
+            variants.append(({**row, "black_below": args.black_below}, black_below(images, args.black_below)))
+        for row, imgs in variants:
+            row.update(score(imgs, labels, args.fid))
+            rows.append(row)
+            fid = (f"{row['fid']:.2f} | {row['precision']:.3f} | {row['recall']:.3f}") if args.fid else "- | - | -"
+            name = row["model"] + (f" (pixels < {row['black_below']:g} set to black)" if "black_below" in row else "")
+            print(f"| {name} | {row['steps']} | {row['class_accuracy']:.3f} | {row['classifier_fd']:.2f} | {row['near_black']:.3f} | "
+                  f"{row['class_spread']:.4f} | {fid} |", flush=True)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
