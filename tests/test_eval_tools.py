@@ -137,3 +137,33 @@ def test_bench_objectives_summary_gives_mean_and_range_over_seeds(tmp_path):
     r = subprocess.run(cmd[:3] + ["--results", str(tmp_path / "empty"), "--out", str(tmp_path / "out2")], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and r.stderr.strip() == f"no result-*.json in {tmp_path / 'empty'}"
+
+
+@pytest.mark.slow
+def test_bench_gpu_configs_trains_packs_and_resumes(tmp_path):
+    """tools/bench_gpu_configs.sh on the CPU with a tiny batch and budget: a GPU config trains, its student and
+    checkpoint are packed, and a second call with the same runs folder resumes it (about 1 min)."""
+    import tarfile
+
+    env = {**__import__("os").environ, "PYTHON": sys.executable, "THREADS": "1", "SCORE": "0", "CHECKPOINTS": "1",
+           "SET": "train.batch_size=4 train.time_budget_min=0.02 eval.num=10 eval.metrics=[classifier_fd] train.checkpoint_every=2"}
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    for call in (1, 2):
+        if call == 2:
+            env["BUDGET_MIN"] = "0.04"  # training minutes over both calls
+        r = subprocess.run(["bash", "tools/bench_gpu_configs.sh", str(runs), str(out / str(call)), "fdistill"], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    log = (runs / "train-fdistill-s0.log").read_text()
+    assert "resumed from" in log
+    record = [json.loads(line) for line in (runs / "s0" / "fdistill-js" / "eval.jsonl").read_text().splitlines()]
+    assert len(record) >= 2 and record[-1]["step"] > record[0]["step"]  # evaluated in both calls
+    for part, member in (("students-s0.tar.part-", "s0/fdistill-js/student/"), ("checkpoints-s0.tar.part-", "s0/fdistill-js/checkpoints/step-")):
+        parts = sorted((out / "2").glob(part + "*"))
+        whole = tmp_path / "whole.tar"
+        whole.write_bytes(b"".join(p.read_bytes() for p in parts))
+        with tarfile.open(whole) as tar:
+            assert any(n.startswith(member) for n in tar.getnames()), tar.getnames()[:5]
+    r = subprocess.run(["bash", "tools/bench_gpu_configs.sh", str(runs), str(out / "3"), "nope"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown NAME 'nope'" in r.stderr
