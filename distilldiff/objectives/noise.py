@@ -64,7 +64,7 @@ class NoiseLevels(abc.ABC):
 @dataclass(frozen=True)
 class KarrasTime(NoiseLevels):
     """``sigma = (hi^(1/rho) + (1 - t)(lo^(1/rho) - hi^(1/rho)))^rho``, ``t ~ U(t_min, t_max)``
-    (SiD's generator phase, Zhou et al. 2024, sec. 4; t = 1 is ``lo``, t = 0 is ``hi``; t_max = 0.8
+    (SiD's generator phase, Zhou et al. 2024, sec. 4; t = 0 is ``lo``, t = 1 is ``hi``; t_max = 0.8
     with EDM's range gives sigma in [0.002, 24.4])."""
 
     lo: float
