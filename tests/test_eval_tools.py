@@ -167,3 +167,19 @@ def test_bench_gpu_configs_trains_packs_and_resumes(tmp_path):
     r = subprocess.run(["bash", "tools/bench_gpu_configs.sh", str(runs), str(out / "3"), "nope"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown NAME 'nope'" in r.stderr
+
+
+def test_background_stats_finds_leaked_input_noise():
+    """tools/background_stats.py: a background that is the input noise scaled down correlates with z at 1; an
+    independent speckle at 0; the share above the near-black limit counts the speckle that clipping keeps."""
+    bg = _tool("background_stats")
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 1, 28, 28, generator=g)
+    leaked = bg.background_stats(-1 + 0.05 * z, z)
+    independent = bg.background_stats(-1 + 0.05 * torch.randn(64, 1, 28, 28, generator=g), z)
+    assert leaked["corr_with_z"] > 0.99 and abs(independent["corr_with_z"]) < 0.05
+    assert leaked["background_share"] == 1.0 and leaked["std"] == pytest.approx(0.05, rel=0.05)
+    # -1 + 0.05 z ends above -1 + 16/255 when z > 1.255: 10.5% of a standard normal
+    assert leaked["above_near_black"] == pytest.approx(0.105, abs=0.01)
+    clean = bg.background_stats(torch.full((4, 1, 28, 28), -1.0), z[:4])
+    assert clean["quartiles"] == [-1.0, -1.0, -1.0] and clean["above_near_black"] == 0.0
