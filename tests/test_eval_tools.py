@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,7 +52,7 @@ def test_eval_mnist_scores_the_teacher(tmp_path):
     assert not out.with_name(out.name + ".tmp").exists()
 
 
-@pytest.mark.parametrize("tool", ["eval_mnist.py", "eval_t2i.py"])
+@pytest.mark.parametrize("tool", ["eval_mnist.py", "eval_t2i.py", "background_stats.py"])
 def test_eval_tool_bad_model_is_one_line(tmp_path, tool):
     r = subprocess.run([sys.executable, f"tools/{tool}", "--model", str(tmp_path / "missing"), "--num", "4"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -145,7 +146,7 @@ def test_bench_gpu_configs_trains_packs_and_resumes(tmp_path):
     checkpoint are packed, and a second call with the same runs folder resumes it (about 1 min)."""
     import tarfile
 
-    env = {**__import__("os").environ, "PYTHON": sys.executable, "THREADS": "1", "SCORE": "0", "CHECKPOINTS": "1",
+    env = {**os.environ, "PYTHON": sys.executable, "THREADS": "1", "SCORE": "0", "CHECKPOINTS": "1",
            "SET": "train.batch_size=4 train.time_budget_min=0.02 eval.num=10 eval.metrics=[classifier_fd] train.checkpoint_every=2"}
     runs, out = tmp_path / "runs", tmp_path / "out"
     for call in (1, 2):

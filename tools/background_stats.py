@@ -1,8 +1,9 @@
 """What a model's background looks like before clipping: the raw output's background pixels.
 
 Draws ``--num`` images (seed 0, classes cycling 0-9) from each model and reports, over the background
-pixels (raw output below -0.5): their quartiles, standard deviation, the share above the near-black limit
-(-1 + 16/255, i.e. 8/255 of full scale: what ``near_black_share`` counts as speckle after clipping), and
+pixels (raw output below -0.5): their quartiles, standard deviation, the share above the near-black level
+(``NEAR_BLACK_LEVEL`` of 255, -1 + 16/255 = -0.937 in [-1, 1], on the raw value; ``near_black_share`` rounds to
+8 bits first, which moves its cut to about -0.933), and
 the correlation of each pixel with the input noise z at the same pixel (one-step students: is the speckle
 leaked input noise?).
 
@@ -16,7 +17,10 @@ import argparse
 
 import torch
 
-NEAR_BLACK_LIMIT = -1 + 16 / 255
+from distilldiff.metrics.background import NEAR_BLACK_LEVEL
+
+#: NEAR_BLACK_LEVEL of 255 in [-1, 1]
+NEAR_BLACK_LIMIT = -1 + 2 * NEAR_BLACK_LEVEL / 255
 
 
 def background_stats(x: torch.Tensor, z: torch.Tensor) -> dict:
