@@ -184,3 +184,32 @@ def test_background_stats_finds_leaked_input_noise():
     assert leaked["above_near_black"] == pytest.approx(0.105, abs=0.01)
     clean = bg.background_stats(torch.full((4, 1, 28, 28), -1.0), z[:4])
     assert clean["quartiles"] == [-1.0, -1.0, -1.0] and clean["above_near_black"] == 0.0
+
+
+def _eval_log(folder: Path, rows: list[tuple[int, int, float, float]]) -> None:
+    """An eval.jsonl of (step, nimg, train_seconds, fid) rows, as the engine writes it."""
+    folder.mkdir(parents=True)
+    (folder / "eval.jsonl").write_text("".join(json.dumps({"step": s, "nimg": n, "train_seconds": t, "fid": f}) + "\n" for s, n, t, f in rows))
+
+
+def test_fid_vs_time_adds_stages_and_plots_against_images_seen(tmp_path):
+    """tools/fid_vs_time.py: a staged run is one curve whose minutes and images seen add up over its stages
+    (the most steps first); ``--x kimg`` tables and plots against thousands of images seen."""
+    fvt = _tool("fid_vs_time")
+    run = tmp_path / "pd"
+    _eval_log(run / "stage-0004", [(10, 2000, 60.0, 30.0)])
+    _eval_log(run / "stage-0008", [(5, 1000, 30.0, 50.0), (10, 2000, 60.0, 40.0)])
+    curve = fvt.load_curve(run)
+    assert [r["fid"] for r in curve] == [50.0, 40.0, 30.0]
+    assert [r["kimg"] for r in curve] == [1.0, 2.0, 4.0] and [r["minutes"] for r in curve] == [0.5, 1.0, 2.0]
+    _eval_log(tmp_path / "one", [(100, 51200, 120.0, 80.0), (200, 102400, 250.0, 20.0)])
+    r = subprocess.run([sys.executable, "tools/fid_vs_time.py", f"a={tmp_path / 'one'}", str(run), "--x", "kimg",
+                        "--hline", "teacher, 50 steps=5.76", "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    table = (tmp_path / "out" / "fid_vs_kimg.md").read_text()
+    assert "| a | 2 | 80 at 51.2 | 20 at 102.4 | 20 at 102.4 |" in table and "| pd | 3 | 50 at 1.0 | 30 at 4.0 | 30 at 4.0 |" in table
+    assert (tmp_path / "out" / "fid_vs_kimg.png").stat().st_size > 0
+    for bad, message in ((["--hline", "teacher"], "--hline 'teacher': expected LABEL=NUMBER"), ([], "no eval.jsonl")):
+        r = subprocess.run([sys.executable, "tools/fid_vs_time.py", str(tmp_path / "missing" if not bad else run), *bad,
+                            "--out", str(tmp_path / "out2")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and "Traceback" not in r.stderr and message in r.stderr.strip().splitlines()[-1]

@@ -1,11 +1,14 @@
-"""FID (or any metric of ``eval:``) against training time, from run folders' ``eval.jsonl``.
+"""FID (or any metric of ``eval:``) against training time or images seen, from run folders' ``eval.jsonl``.
 
 A run trained with ``--set eval.every=N`` (see the ``eval`` section of a distill config) logs
-the EMA student's metrics every N steps with the training seconds so far; this tool plots them
-(one curve per run; staged runs such as progressive distillation are one curve through their
-stages, each stage's time added to the earlier ones) and writes a Markdown table.
+the EMA student's metrics every N steps with the training seconds and images seen so far; this
+tool plots them (one curve per run; staged runs such as progressive distillation are one curve
+through their stages, each stage's time and images added to the earlier ones) and writes a
+Markdown table. ``--x kimg`` puts thousands of images seen on the x axis (``METRIC_vs_kimg.*``);
+``--hline LABEL=VALUE`` draws a reference level, such as the teacher's FID.
 
     python tools/fid_vs_time.py runs/bench/sid runs/bench/dmd runs/bench/progressive --metric fid --out benchmarks/objectives
+    python tools/fid_vs_time.py fd-s0=runs/s0/fdistill-js fd-s1=runs/s1/fdistill-js --x kimg --hline "teacher, 50 steps=5.76" --out OUT
 """
 
 from __future__ import annotations
@@ -15,21 +18,36 @@ import json
 from pathlib import Path
 
 
+X_LABELS = {"minutes": "training time (min)", "kimg": "images seen (thousands)"}
+
+
 def load_curve(run: Path) -> list[dict]:
-    """Evaluations of ``run`` in training order, with ``minutes`` of training time (stages summed)."""
+    """Evaluations of ``run`` in training order, with ``minutes`` of training time and ``kimg``
+    (thousands of images seen), both summed over stages."""
     logs = [run / "eval.jsonl"] if (run / "eval.jsonl").is_file() else []
     # stages run from the most steps to the fewest: stage-0008, stage-0004, ...
     logs += [p / "eval.jsonl" for p in sorted(run.glob("stage-*"), key=lambda p: -int(p.name.split("-")[1])) if (p / "eval.jsonl").is_file()]
     if not logs:
         raise FileNotFoundError(f"{run}: no eval.jsonl (train with --set eval.every=N)")
-    curve, offset = [], 0.0
+    curve, offset, offset_nimg = [], 0.0, 0
     for log in logs:
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         for r in rows:
-            curve.append({**r, "minutes": (offset + r["train_seconds"]) / 60, "stage": log.parent.name if log.parent != run else ""})
+            curve.append({**r, "minutes": (offset + r["train_seconds"]) / 60, "kimg": (offset_nimg + r["nimg"]) / 1000,
+                          "stage": log.parent.name if log.parent != run else ""})
         if rows:
             offset += rows[-1]["train_seconds"]
+            offset_nimg += rows[-1]["nimg"]
     return curve
+
+
+def parse_hline(spec: str) -> tuple[str, float]:
+    """``LABEL=VALUE`` -> (label, value), with a one-line error for anything else."""
+    label, _, value = spec.rpartition("=")
+    try:
+        return label, float(value)
+    except ValueError:
+        raise SystemExit(f"--hline {spec!r}: expected LABEL=NUMBER") from None
 
 
 def main() -> None:
@@ -37,25 +55,34 @@ def main() -> None:
     p.add_argument("runs", nargs="+", help="run folders (NAME=DIR to name a curve)")
     p.add_argument("--metric", default="fid")
     p.add_argument("--out", required=True)
+    p.add_argument("--x", choices=sorted(X_LABELS), default="minutes", help="x axis: training minutes or thousands of images seen")
+    p.add_argument("--hline", action="append", default=[], metavar="LABEL=VALUE", help="a reference level (repeatable)")
     p.add_argument("--title", default="")
     args = p.parse_args()
+    hlines = [parse_hline(h) for h in args.hline]
+    x, unit = args.x, {"minutes": "min", "kimg": "kimg"}[args.x]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     curves = {}
     for spec in args.runs:
         name, path = spec.rsplit("=", 1) if "=" in spec else (Path(spec).name, spec)
-        curve = [r for r in load_curve(Path(path)) if args.metric in r]
+        try:
+            curve = [r for r in load_curve(Path(path)) if args.metric in r]
+        except FileNotFoundError as e:
+            raise SystemExit(str(e)) from None
         if not curve:
             raise SystemExit(f"{path}: eval.jsonl has no metric {args.metric!r}")
         curves[name] = curve
 
-    lines = [f"| run | evaluations | first ({args.metric} at min) | best ({args.metric} at min) | last ({args.metric} at min) |", "|---|---|---|---|---|"]
+    lines = [f"| run | evaluations | first ({args.metric} at {unit}) | best ({args.metric} at {unit}) | last ({args.metric} at {unit}) |",
+             "|---|---|---|---|---|"]
     for name, c in curves.items():
         best = min(c, key=lambda r: r[args.metric]) if args.metric != "class_accuracy" else max(c, key=lambda r: r[args.metric])
-        fmt = lambda r: f"{r[args.metric]:.3g} at {r['minutes']:.1f}"  # noqa: E731
+        fmt = lambda r: f"{r[args.metric]:.3g} at {r[x]:.1f}"  # noqa: E731
         lines.append(f"| {name} | {len(c)} | {fmt(c[0])} | {fmt(best)} | {fmt(c[-1])} |")
     num = next(iter(curves.values()))[0].get("num")
-    (out / f"{args.metric}_vs_time.md").write_text("\n".join(lines) + "\n")
+    stem = f"{args.metric}_vs_{'time' if x == 'minutes' else x}"
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
 
@@ -64,8 +91,10 @@ def main() -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, c in curves.items():
-        ax.plot([r["minutes"] for r in c], [r[args.metric] for r in c], ".-", label=name)
-    ax.set_xlabel("training time (min)")
+        ax.plot([r[x] for r in c], [r[args.metric] for r in c], ".-", label=name)
+    for i, (label, value) in enumerate(hlines):
+        ax.axhline(value, color="k", ls=["--", ":", "-."][i % 3], lw=1, label=label)
+    ax.set_xlabel(X_LABELS[x])
     ax.set_ylabel(args.metric + (f" (N={num})" if num else ""))
     if args.metric in ("fid", "classifier_fd"):
         ax.set_yscale("log")
@@ -73,7 +102,7 @@ def main() -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / f"{args.metric}_vs_time.png", dpi=120)
+    fig.savefig(out / f"{stem}.png", dpi=120)
     print("\n".join(lines))
 
 
