@@ -15,8 +15,9 @@ def _add_train_args(p: argparse.ArgumentParser, config_required: bool) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to train: auto (default: the GPU if there is one, else the CPU), cpu or cuda; sets train.cpu")
     p.add_argument("--time-budget", type=float, metavar="MIN",
-                   help="stop after MIN minutes of training, with a checkpoint, a sample grid and an evaluation "
-                        "(sets train.time_budget_min; resuming continues the count)")
+                   help="stop after MIN minutes of training steps, with a checkpoint, a sample grid and an evaluation "
+                        "(sets train.time_budget_min; resuming continues the count; evaluations, grids and "
+                        "checkpoints are not counted, so the wall time is longer)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads for torch (default: the cores available to this process, at most torch's own default)")
 
