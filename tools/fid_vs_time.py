@@ -18,7 +18,8 @@ import json
 from pathlib import Path
 
 
-X_LABELS = {"minutes": "training time (min)", "kimg": "images seen (thousands)"}
+#: per x axis: its unit in the table, the output files' suffix (METRIC_vs_SUFFIX.md/.png) and the axis label
+X_AXES = {"minutes": ("min", "time", "training time (min)"), "kimg": ("kimg", "kimg", "images seen (thousands)")}
 
 
 def load_curve(run: Path) -> list[dict]:
@@ -55,12 +56,13 @@ def main() -> None:
     p.add_argument("runs", nargs="+", help="run folders (NAME=DIR to name a curve)")
     p.add_argument("--metric", default="fid")
     p.add_argument("--out", required=True)
-    p.add_argument("--x", choices=sorted(X_LABELS), default="minutes", help="x axis: training minutes or thousands of images seen")
+    p.add_argument("--x", choices=sorted(X_AXES), default="minutes", help="x axis: training minutes or thousands of images seen")
     p.add_argument("--hline", action="append", default=[], metavar="LABEL=VALUE", help="a reference level (repeatable)")
     p.add_argument("--title", default="")
     args = p.parse_args()
     hlines = [parse_hline(h) for h in args.hline]
-    x, unit = args.x, {"minutes": "min", "kimg": "kimg"}[args.x]
+    x = args.x
+    unit, suffix, x_label = X_AXES[x]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     curves = {}
@@ -81,7 +83,7 @@ def main() -> None:
         fmt = lambda r: f"{r[args.metric]:.3g} at {r[x]:.1f}"  # noqa: E731
         lines.append(f"| {name} | {len(c)} | {fmt(c[0])} | {fmt(best)} | {fmt(c[-1])} |")
     num = next(iter(curves.values()))[0].get("num")
-    stem = f"{args.metric}_vs_{'time' if x == 'minutes' else x}"
+    stem = f"{args.metric}_vs_{suffix}"
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
@@ -94,7 +96,7 @@ def main() -> None:
         ax.plot([r[x] for r in c], [r[args.metric] for r in c], ".-", label=name)
     for i, (label, value) in enumerate(hlines):
         ax.axhline(value, color="k", ls=["--", ":", "-."][i % 3], lw=1, label=label)
-    ax.set_xlabel(X_LABELS[x])
+    ax.set_xlabel(x_label)
     ax.set_ylabel(args.metric + (f" (N={num})" if num else ""))
     if args.metric in ("fid", "classifier_fd"):
         ax.set_yscale("log")
