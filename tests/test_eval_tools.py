@@ -180,6 +180,15 @@ def test_bench_gpu_configs_trains_packs_and_resumes(tmp_path):
         assert "s0/fdistill-js/student/distilldiff_student.json" in tar.getnames(), tar.getnames()[:5]
 
 
+def test_bench_gpu_configs_bad_wall_limit_is_one_line(tmp_path):
+    """A TRAIN_WALL_S that is not whole seconds stops the script before anything runs (``sleep`` would otherwise
+    fail at once and the watchdog would stop every run at its start)."""
+    r = subprocess.run(["bash", "tools/bench_gpu_configs.sh", str(tmp_path / "runs"), str(tmp_path / "out"), "fdistill"], cwd=ROOT,
+                       env={**os.environ, "TRAIN_WALL_S": "7m"}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip() == "tools/bench_gpu_configs.sh: TRAIN_WALL_S must be whole seconds, got '7m'"
+    assert not (tmp_path / "runs").exists()
+
+
 def test_background_stats_finds_leaked_input_noise():
     """tools/background_stats.py: a background that is the input noise scaled down correlates with z at 1; an
     independent speckle at 0; the share above the near-black limit counts the speckle that clipping keeps."""

@@ -38,6 +38,7 @@ declare -A run_name=([sid]=sid [fdistill]=fdistill-js [dmd2]=dmd2 [consistency]=
 for n in "$@"; do
   [ -n "${run_name[$n]:-}" ] || { echo "$0: unknown NAME '$n' (one of: ${!run_name[*]})" >&2; exit 2; }
 done
+[[ -z "${TRAIN_WALL_S:-}" || "$TRAIN_WALL_S" =~ ^[0-9]+$ ]] || { echo "$0: TRAIN_WALL_S must be whole seconds, got '$TRAIN_WALL_S'" >&2; exit 2; }
 mkdir -p "$runs" "$out"
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
