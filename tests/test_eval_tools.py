@@ -232,3 +232,32 @@ def test_fid_vs_time_adds_stages_and_plots_against_images_seen(tmp_path):
         r = subprocess.run([sys.executable, "tools/fid_vs_time.py", str(tmp_path / "missing" if not bad else run), *bad,
                             "--out", str(tmp_path / "out2")], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode != 0 and "Traceback" not in r.stderr and message in r.stderr.strip().splitlines()[-1]
+
+
+def test_guidance_response_reads_a_students_guidance_weight_exactly():
+    """A student that applies guidance a w + b when given w shows w_eff = a w + b and err = |a w + b - w| rms(g)."""
+    from distilldiff.teachers import CFGDenoiser, GaussianMixtureDenoiser
+
+    guidance_response = _tool("guidance_response").guidance_response
+    g = torch.Generator().manual_seed(0)
+    gmm = GaussianMixtureDenoiser([0.5, 0.3, 0.2], torch.randn(3, 1, 2, 2, generator=g, dtype=torch.float64) * 2,
+                                  [0.3, 0.5, 0.2], component_labels=[0, 1, 1])
+
+    class Affine(torch.nn.Module):
+        def __init__(self, a: float, b: float):
+            super().__init__()
+            self.a, self.b = a, b
+
+        def forward(self, x, sigma, guidance_scale, **cond):
+            return CFGDenoiser(gmm, self.a * guidance_scale + self.b)(x, sigma, **cond)
+
+    x0, _ = gmm.sample(64, generator=g)
+    cond = {"class_labels": torch.arange(64) % 2}
+    sigmas, ws = [0.1, 1.0, 10.0], [0.0, 1.0, 4.0]
+    w_eff, err, scale = guidance_response(Affine(0.5, 0.7), gmm, x0, cond, sigmas, ws, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(w_eff, torch.tensor([[0.7, 1.2, 2.7]] * 3, dtype=torch.float64))
+    torch.testing.assert_close(err[:, 1:] / scale[:, 1:], torch.tensor([[0.2, 0.325]] * 3, dtype=torch.float64))
+    assert (scale[:, 0] == 0).all() and (err[:, 0] > 0).all()
+    # the teacher itself (guidance ignored) has w_eff = 0 at every w
+    w_eff0, _, _ = guidance_response(Affine(0.0, 0.0), gmm, x0, cond, sigmas, ws, torch.Generator().manual_seed(1))
+    assert w_eff0.abs().max() < 1e-9
