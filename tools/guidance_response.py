@@ -85,7 +85,7 @@ def main() -> None:
 
     print(f"student {args.model} against {args.teacher}; {args.num} MNIST-5k digits, seed {args.seed}\n")
     head = " | ".join(f"w = {w:g}" for w in args.w)
-    print("w_eff (the student's effective guidance weight) | err = rms(D_s - D_w) / rms(w g)\n")
+    print("cells: w_eff (err / scale): the student's effective guidance weight, err = rms(D_s - D_w) and scale = rms(w g) per pixel\n")
     print(f"| sigma | {head} |")
     print("|---|" + "---|" * len(args.w))
     for i, s in enumerate(sigmas):
