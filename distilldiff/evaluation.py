@@ -32,6 +32,8 @@ class Evaluator:
         num_classes: classes of a class-conditional student (``None``: unconditional).
         seed: seed of the fixed evaluation noise (the same noise at every evaluation, also for
             multistep students; the training RNG is not touched).
+        with_steps: ``(student, k) -> the same student sampling in k steps``; needed for
+            ``config.steps``.
     """
 
     def __init__(
@@ -42,9 +44,12 @@ class Evaluator:
         cond_fn: Callable[[int, Any], dict],
         num_classes: int | None,
         seed: int = 0,
+        with_steps: Callable[[nn.Module, int], nn.Module] | None = None,
     ):
         if config.every is None:
             raise ValueError("Evaluator needs eval.every (evaluation is off)")
+        if config.steps is not None and with_steps is None:
+            raise ValueError("Evaluator needs with_steps for eval.steps")
         wants_classifier = [m for m in config.metrics if m in ("classifier_fd", "class_accuracy")]
         if wants_classifier and tuple(sample_shape) != MNIST_SHAPE:
             raise ConfigError(f"eval.metrics: {wants_classifier[0]} needs 1x28x28 (MNIST) samples, this student draws {tuple(sample_shape)}")
@@ -68,7 +73,7 @@ class Evaluator:
         #: written with every evaluation's record in eval.jsonl
         self.info = {"num": config.num, **({"ref": config.ref} if "fid" in config.metrics else {})}
         self.sample_shape, self.sample_fn, self.cond_fn = tuple(sample_shape), sample_fn, cond_fn
-        self.num_classes, self.seed = num_classes, seed
+        self.num_classes, self.seed, self.with_steps = num_classes, seed, with_steps
         self._extractor = None
         self._reference = None
         self._classifier = None
@@ -89,11 +94,21 @@ class Evaluator:
         return torch.cat(images), (labels.cpu() if labels is not None else None)
 
     def __call__(self, student: nn.Module, device: torch.device) -> dict[str, float]:
-        """The configured metrics of ``student``'s samples, e.g. ``{"fid": 41.2, "classifier_fd": 3.1}``."""
+        """The configured metrics of ``student``'s samples, e.g. ``{"fid": 41.2, "classifier_fd": 3.1}``;
+        with ``eval.steps`` once per step count K, as ``{"fid_1steps": ..., "fid_4steps": ...}``."""
+        if self.config.steps is None:
+            return self.metrics(*self.sample(student, device), device)
+        out: dict[str, float] = {}
+        for k in self.config.steps:
+            results = self.metrics(*self.sample(self.with_steps(student, k), device), device)
+            out.update({f"{name}_{k}steps": value for name, value in results.items()})
+        return out
+
+    def metrics(self, images: Tensor, labels: Tensor | None, device: torch.device) -> dict[str, float]:
+        """The configured metrics of ``images`` ``[n, C, H, W]`` in [-1, 1] drawn for class ``labels`` ``[n]``."""
         from .metrics.background import near_black_share
         from .metrics.classifier import class_accuracy, classifier_fd, load_mnist_classifier
 
-        images, labels = self.sample(student, device)
         if self._classifier is None and {"classifier_fd", "class_accuracy"} & set(self.config.metrics):
             self._classifier = load_mnist_classifier(device=device)
         out: dict[str, float] = {}

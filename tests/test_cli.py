@@ -146,6 +146,28 @@ def test_periodic_evaluation_writes_eval_log(tmp_path):
     assert any((run / "logs").rglob("events.out.tfevents.*"))
 
 
+def test_evaluation_at_several_step_counts(tmp_path):
+    """eval.steps=[1,2] on a consistency student: every metric once per step count, from different samples."""
+    run = tmp_path / "run"
+    r = run_cli("distill", "--config", "configs/mnist/consistency.yaml", "--output-dir", str(run), *TINY, "--set", "train.max_steps=1",
+                "--set", "eval.every=1", "--set", "eval.metrics=[classifier_fd,near_black]", "--set", "eval.num=20",
+                "--set", "eval.steps=[1,2]")
+    assert r.returncode == 0, r.stderr
+    (row,) = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert {"classifier_fd_1steps", "classifier_fd_2steps", "near_black_1steps", "near_black_2steps"} <= set(row)
+    assert "classifier_fd" not in row and row["classifier_fd_1steps"] != row["classifier_fd_2steps"]
+
+
+def test_eval_steps_the_student_cannot_take_are_one_line_errors(tmp_path):
+    for config, steps, message in [("sid", "[2]", "eval.steps: this student samples in 1 step(s), got steps=2"),
+                                   ("consistency", "[1,18]", "eval.steps: consistency sampling takes 1 to 17 steps")]:
+        out = tmp_path / config
+        r = run_cli("distill", "--config", f"configs/mnist/{config}.yaml", "--output-dir", str(out), "--set", "eval.every=1",
+                    "--set", f"eval.steps={steps}")
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not out.exists()  # nothing written
+
+
 def test_eval_config_errors(tmp_path):
     base = ("distill", "--config", "configs/mnist/sid.yaml", "--output-dir", str(tmp_path / "r"), "--set", "eval.every=1")
     r = run_cli(*base, "--set", "eval.metrics=[fid, lpips]")
@@ -162,6 +184,9 @@ def test_eval_config_errors(tmp_path):
 @pytest.mark.parametrize("data, message", [
     ({"num": 500}, "eval.num is set but eval.every is not"),
     ({"every": 10, "ref": "x.npz"}, "eval.ref applies to the fid metric only"),
+    ({"steps": [1, 2]}, "eval.steps is set but eval.every is not"),
+    ({"every": 10, "steps": [0, 2]}, r"eval.steps must be distinct step counts >= 1"),
+    ({"every": 10, "steps": [2, 2]}, r"eval.steps must be distinct step counts >= 1"),
     ({"every": 10, "metrics": ["fid"], "ref": "mnist5k"}, None),
 ])
 def test_eval_keys_are_never_silently_ignored(data, message):

@@ -234,6 +234,18 @@ def test_fid_vs_time_adds_stages_and_plots_against_images_seen(tmp_path):
         assert r.returncode != 0 and "Traceback" not in r.stderr and message in r.stderr.strip().splitlines()[-1]
 
 
+def test_fid_vs_time_reads_per_step_count_metrics(tmp_path):
+    """eval.steps records METRIC_Ksteps: class accuracy per step count is best at its maximum, as without the suffix."""
+    run = tmp_path / "cd"
+    run.mkdir()
+    rows = [{"step": s, "nimg": 512 * s, "train_seconds": 6.0 * s, "class_accuracy_2steps": a} for s, a in ((1, 0.90), (2, 0.95), (3, 0.93))]
+    (run / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = subprocess.run([sys.executable, "tools/fid_vs_time.py", str(run), "--metric", "class_accuracy_2steps", "--out", str(tmp_path / "out")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "| cd | 3 | 0.9 at 0.1 | 0.95 at 0.2 | 0.93 at 0.3 |" in (tmp_path / "out" / "class_accuracy_2steps_vs_time.md").read_text()
+
+
 def test_guidance_response_reads_a_students_guidance_weight_exactly():
     """A student that applies guidance a w + b when given w shows w_eff = a w + b and err = |a w + b - w| rms(g)."""
     from distilldiff.teachers import CFGDenoiser, GaussianMixtureDenoiser

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 
@@ -76,10 +77,11 @@ def main() -> None:
             raise SystemExit(f"{path}: eval.jsonl has no metric {args.metric!r}")
         curves[name] = curve
 
+    kind = re.sub(r"_\d+steps$", "", args.metric)  # eval.steps records METRIC_Ksteps
     lines = [f"| run | evaluations | first ({args.metric} at {unit}) | best ({args.metric} at {unit}) | last ({args.metric} at {unit}) |",
              "|---|---|---|---|---|"]
     for name, c in curves.items():
-        best = min(c, key=lambda r: r[args.metric]) if args.metric != "class_accuracy" else max(c, key=lambda r: r[args.metric])
+        best = min(c, key=lambda r: r[args.metric]) if kind != "class_accuracy" else max(c, key=lambda r: r[args.metric])
         fmt = lambda r: f"{r[args.metric]:.3g} at {r[x]:.1f}"  # noqa: E731
         lines.append(f"| {name} | {len(c)} | {fmt(c[0])} | {fmt(best)} | {fmt(c[-1])} |")
     num = next(iter(curves.values()))[0].get("num")
@@ -98,7 +100,7 @@ def main() -> None:
         ax.axhline(value, color="k", ls=["--", ":", "-."][i % 3], lw=1, label=label)
     ax.set_xlabel(x_label)
     ax.set_ylabel(args.metric + (f" (N={num})" if num else ""))
-    if args.metric in ("fid", "classifier_fd"):
+    if kind in ("fid", "classifier_fd"):
         ax.set_yscale("log")
     ax.set_title(args.title, fontsize=9)
     ax.legend(fontsize=8)
