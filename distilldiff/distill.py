@@ -17,7 +17,7 @@ from torch import nn
 from .config import ConfigError, DistillConfig, TeacherConfig, to_dict
 from .engine import Engine, TrainTask
 from .engine.stages import StagedRun
-from .export import STUDENT_INFO_FILE, export_problem, load_student, save_student, with_steps
+from .export import STUDENT_INFO_FILE, export_problem, load_student, save_student, student_folder, with_steps
 from .objectives import OBJECTIVES, Objective, Stage
 from .metrics.background import grid_stats
 from .students import LoRAFakeScore, draw_samples
@@ -50,9 +50,7 @@ def build_teacher(cfg: TeacherConfig) -> RunTeacher:
     A distilldiff student folder (or a run folder with one) is a teacher too: its denoiser, e.g. a
     guidance-distilled student for progressive distillation with ``w`` kept as an input.
     """
-    folder = Path(cfg.path)
-    if (folder / "student" / STUDENT_INFO_FILE).is_file():
-        folder = folder / "student"
+    folder = student_folder(cfg.path)
     if (folder / STUDENT_INFO_FILE).is_file():
         for key in ("image_size", "embedded_guidance"):
             if getattr(cfg, key) is not None:

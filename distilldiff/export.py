@@ -406,6 +406,12 @@ def run_info(meta: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
+def student_folder(path: str | Path) -> Path:
+    """The student folder ``path`` names: a run folder's ``student/`` when it holds one, else ``path`` itself."""
+    path = Path(path)
+    return path / "student" if (path / "student" / STUDENT_INFO_FILE).is_file() else path
+
+
 def load_student(folder: str | Path) -> tuple[Student, dict]:
     """Read a student folder back: ``(student, distilldiff_student.json contents)``; safetensors only."""
     from diffusers import DDPMScheduler, UNet2DModel

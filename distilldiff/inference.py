@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .export import STUDENT_INFO_FILE, load_student, with_steps
+from .export import STUDENT_INFO_FILE, load_student, student_folder, with_steps
 from .images import save_grid
 from .samplers import base_denoiser, ddim_sample
 from .teachers import CFGDenoiser, ClassLabels, Denoiser, TextConditioned, VPDenoiser, load_teacher
@@ -100,9 +100,7 @@ def load_sampler(model: str, steps: int | None = None, guidance_scale: float | N
     optionally with classifier-free guidance weight ``guidance_scale``.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    path = Path(model)
-    if (path / "student" / STUDENT_INFO_FILE).is_file():
-        path = path / "student"
+    path = student_folder(model)
     if (path / STUDENT_INFO_FILE).is_file():
         return _load_student(path, dev, guidance_scale, steps)
     if path.is_dir() and (path / "config.yaml").is_file():

@@ -19,13 +19,12 @@ shows ``w_eff > 0`` in the w = 0 column; the rows say at which noise levels. CPU
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from distilldiff.data import mnist5k
-from distilldiff.export import STUDENT_INFO_FILE, load_student
+from distilldiff.export import load_student, student_folder
 from distilldiff.teachers import load_teacher
 from distilldiff.teachers.base import Denoiser
 from distilldiff.tensors import append_dims
@@ -64,9 +63,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
-    folder = Path(args.model)
-    if (folder / "student" / STUDENT_INFO_FILE).is_file():
-        folder = folder / "student"
+    folder = student_folder(args.model)
     try:
         student, meta = load_student(folder)
         teacher = load_teacher(args.teacher, what="--teacher").eval().requires_grad_(False)
