@@ -273,3 +273,15 @@ def test_guidance_response_reads_a_students_guidance_weight_exactly():
     # the teacher itself (guidance ignored) has w_eff = 0 at every w
     w_eff0, _, _ = guidance_response(Affine(0.0, 0.0), gmm, x0, cond, sigmas, ws, torch.Generator().manual_seed(1))
     assert w_eff0.abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("model, message", [
+    ("missing-run", "not a student folder (no distilldiff_student.json)"),
+    ("benchmarks/issue11-h200/student-fdistill-js-1step", "this student has no guidance input (w)"),
+])
+def test_guidance_response_bad_model_is_one_line(tmp_path, model, message):
+    """tools/guidance_response.py refuses a folder without a student, and a student without a w input, in one line."""
+    path = str(tmp_path / model) if model == "missing-run" else model
+    r = subprocess.run([sys.executable, "tools/guidance_response.py", "--model", path], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: {path}: {message}"], r.stderr
