@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("export", help="export a run's EMA student as a folder plain diffusers loads")
-    p.add_argument("--run", required=True, help="run folder (its newest checkpoint's student) or a student folder")
+    p.add_argument("--run", required=True, help="run folder (its newest checkpoint's student), one of its checkpoints "
+                   "(RUN/checkpoints/step-N: the EMA student of update N) or a student folder")
     p.add_argument("--out", required=True, help="destination folder (must not exist or be empty)")
     p.add_argument("--force", action="store_true", help="replace a non-empty destination")
     p.add_argument("--steps", type=int, default=None,

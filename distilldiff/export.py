@@ -12,7 +12,8 @@ A student folder is a diffusers pipeline folder (``model_index.json``, ``unet/``
   without distilldiff.
 
 The training engine writes this format to ``RUN/student`` at every checkpoint; :func:`export_run`
-copies a run's student to a clean folder with a model card that records its measured FID.
+copies a run's student (or the EMA student of one of its kept checkpoints) to a clean folder with a
+model card that records its measured FID.
 """
 
 from __future__ import annotations
@@ -591,10 +592,12 @@ def with_steps(student: Student, meta: dict, steps: int | None, source: str | Pa
 
 
 def export_run(run: str | Path, out: str | Path, force: bool = False, steps: int | None = None) -> Path:
-    """Export a run's EMA student (the one of its newest checkpoint) to a clean diffusers folder.
+    """Export a run's EMA student (the one of its newest checkpoint, or of a given one) to a clean diffusers folder.
 
     Args:
-        run: a run folder (with ``checkpoints/`` and ``student/``) or a student folder.
+        run: a run folder (with ``checkpoints/`` and ``student/``), one of its checkpoints
+            (``RUN/checkpoints/step-N``: the EMA student of update N, e.g. the best point of ``eval.jsonl``),
+            or a student folder.
         out: the destination; must not exist or be empty unless ``force``, and must not be, contain
             or lie inside a run folder (the exported one or any other).
         force: replace a non-empty ``out`` (the old folder stays until the new one is complete).
@@ -608,6 +611,9 @@ def export_run(run: str | Path, out: str | Path, force: bool = False, steps: int
     run, out = Path(run), Path(out)
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no such run folder")
+    checkpoint = None
+    if run.parent.name == "checkpoints" and run.name.startswith("step-"):  # one checkpoint of a run (or of a stage)
+        checkpoint, run = run, run.parent.parent
     if (run / STUDENT_INFO_FILE).is_file():
         src, fid_folders = run, (run,)
     else:
@@ -619,11 +625,14 @@ def export_run(run: str | Path, out: str | Path, force: bool = False, steps: int
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
     student, meta = load_student(src)  # the source is read completely before the destination is touched
+    if checkpoint is not None:
+        load_checkpoint_ema(student, meta, checkpoint)
     own_steps = student.num_steps
     student = with_steps(student, meta, steps, src)
     info = run_info(meta)
-    # a measured FID belongs to the student's own step count; fid records do not say theirs, so none is quoted for another
-    fid = _find_fid(*fid_folders) if student.num_steps == own_steps else None
+    # a measured FID belongs to the student's own step count (fid records do not say theirs, so none is quoted for
+    # another) and to the newest checkpoint's student (the one `distilldiff fid --model RUN` scores)
+    fid = _find_fid(*fid_folders) if student.num_steps == own_steps and checkpoint is None else None
 
     def write(folder: Path) -> None:
         save_student(student, folder, info)
@@ -637,6 +646,37 @@ def export_run(run: str | Path, out: str | Path, force: bool = False, steps: int
         (folder / "README.md").write_text(model_card(meta_out, fid, path=folder.name))
 
     return replace_folder(out, write)  # a replaced export stays in place until the new one is complete
+
+
+def load_checkpoint_ema(student: Student, meta: dict, checkpoint: Path) -> None:
+    """Put the EMA weights of a run's ``checkpoint`` (``checkpoints/step-N``) into ``student``, read from the
+    run's student folder for its structure, and the checkpoint's counters into ``meta`` (``step``,
+    ``images_seen``, ``train_seconds``). Students whose EMA is not their whole state (LoRA adapters) are refused."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .engine.run_folder import STATE_FILE
+
+    state_file, ema_file = checkpoint / STATE_FILE, checkpoint / "ema.safetensors"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{checkpoint}: not a complete checkpoint (no {STATE_FILE})")
+    try:
+        state = json.loads(state_file.read_text())
+        step, nimg = int(state["step"]), int(state["nimg"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{state_file}: unreadable ({type(e).__name__})") from None
+    try:
+        weights = load_file(str(ema_file))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{ema_file}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    own = student.state_dict()
+    if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
+        raise ValueError(f"{ema_file}: its weights are not those of the run's student folder (a LoRA student, or "
+                         "another run's checkpoint); export the run folder for its newest student")
+    student.load_state_dict(weights)
+    meta.update(step=step, images_seen=nimg)
+    if state.get("train_seconds") is not None:
+        meta["train_seconds"] = round(float(state["train_seconds"]), 1)
 
 
 def _is_run(folder: Path) -> bool:

@@ -250,3 +250,44 @@ def test_export_with_steps_for_consistency_students_only(tmp_path, capsys):
     with pytest.raises(ValueError, match="samples in 1 step"):
         export_run(run, tmp_path / "out", steps=3)
     assert not (tmp_path / "out").exists()
+
+
+def test_export_of_a_kept_checkpoint(tmp_path, capsys):
+    """`export --run RUN/checkpoints/step-N`: the EMA student of update N (picked from eval.jsonl, say), with N and its
+    images seen on the model card; the newest checkpoint exports the same student as the run folder; a checkpoint whose
+    weights do not fit the run's student, or an incomplete one, is a one-line error and nothing is written."""
+    from safetensors.torch import load_file, save_file
+
+    from distilldiff.cli import main
+
+    run = tmp_path / "run"
+    assert main(["distill", "--config", "configs/mnist/consistency.yaml", "--output-dir", str(run), "--set", "train.batch_size=2",
+                 "--set", "train.num_sample_images=4", "--set", "train.max_steps=2", "--set", "train.checkpoint_every=1",
+                 "--set", "train.keep_checkpoints=5", "--set", "train.sample_every=100"]) == 0
+    first, newest = run / "checkpoints" / "step-0000001", run / "checkpoints" / "step-0000002"
+    assert main(["export", "--run", str(first), "--out", str(tmp_path / "at1")]) == 0
+    assert main(["export", "--run", str(newest), "--out", str(tmp_path / "at2")]) == 0
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "latest")]) == 0
+
+    at1, meta1 = load_student(tmp_path / "at1")
+    assert (meta1["step"], meta1["images_seen"]) == (1, 2) and "| training updates | 1 |" in (tmp_path / "at1" / "README.md").read_text()
+    ema1 = load_file(str(first / "ema.safetensors"))
+    for key, value in at1.state_dict().items():
+        torch.testing.assert_close(value, ema1[key], rtol=0, atol=0)
+    at2, latest = load_student(tmp_path / "at2")[0], load_student(tmp_path / "latest")[0]
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        images = {name: s(x, generator=torch.Generator().manual_seed(1), class_labels=torch.tensor([3, 7]))
+                  for name, s in [("at1", at1), ("at2", at2), ("latest", latest)]}
+    torch.testing.assert_close(images["at2"], images["latest"], rtol=0, atol=0)
+    assert not torch.equal(images["at1"], images["at2"])  # one more update of the EMA student
+
+    capsys.readouterr()
+    save_file({"other.weight": torch.zeros(2)}, str(first / "ema.safetensors"))
+    assert main(["export", "--run", str(first), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert f"{first / 'ema.safetensors'}: its weights are not those of the run's student folder" in err and "Traceback" not in err
+    (newest / "state.json").unlink()
+    assert main(["export", "--run", str(newest), "--out", str(tmp_path / "bad")]) == 2
+    assert f"{newest}: not a complete checkpoint (no state.json)" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
