@@ -41,7 +41,7 @@ done
 [[ -z "${TRAIN_WALL_S:-}" || "$TRAIN_WALL_S" =~ ^[0-9]+$ ]] || { echo "$0: TRAIN_WALL_S must be whole seconds, got '$TRAIN_WALL_S'" >&2; exit 2; }
 mkdir -p "$runs" "$out"
 t0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+. "$(dirname "$0")/bench_common.sh"
 
 sets=(); for kv in ${SET:-}; do sets+=(--set "$kv"); done
 [ -n "${BUDGET_MIN:-}" ] && sets+=(--set "train.time_budget_min=$BUDGET_MIN")
@@ -61,7 +61,7 @@ distill() {
 }
 
 stamp "reference statistics"
-$py -c "import sys; from distilldiff.metrics import InceptionFeatureExtractor, load_reference; load_reference('mnist5k', InceptionFeatureExtractor(sys.argv[1] or None))" "${WEIGHTS:-}" || exit 1
+reference_statistics "${WEIGHTS:-}" || exit 1
 
 stamp "training: $* x seeds $seeds"
 : > "$runs/.pids"
@@ -91,8 +91,7 @@ wait "${trainers[@]}"
 stamp "training done"; tail -n 2 "$runs"/train-*.log
 
 first=${seeds%% *}
-(cd "$runs" && find . \( -name checkpoints -o -name logs \) -prune -o -type f \( -name '*.log' -o -name eval.jsonl -o -name config.yaml \
-   -o -name '*.png' -o -name '*.json' -o -name '*.jsonl' \) -print | tar czf "$out/runs-meta.tar.gz" -T -)
+pack_run_records "$runs" "$out"
 seed_dirs=(); for s in $seeds; do seed_dirs+=("s$s"); done
 (cd "$runs" && find "${seed_dirs[@]}" -path '*/checkpoints' -prune -o -type d -name student -print | tar cf - -T - | split -b 15m - "$out/students.tar.part-")
 if [ "${CHECKPOINTS:-0}" = 1 ]; then  # single-stage runs: the newest checkpoint, config and eval.jsonl, for --resume

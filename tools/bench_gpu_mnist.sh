@@ -25,10 +25,10 @@ seeds=${SEEDS:-0 1 2}; num=${NUM:-5000}; py=${PYTHON:-python3}
 wopt=(); [ -n "$weights" ] && wopt=(--weights "$weights")
 mkdir -p "$runs" "$out"
 t0=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+. "$(dirname "$0")/bench_common.sh"
 
 stamp "reference statistics"
-$py -c "import sys; from distilldiff.metrics import InceptionFeatureExtractor, load_reference; load_reference('mnist5k', InceptionFeatureExtractor(sys.argv[1] or None))" "$weights" || exit 1
+reference_statistics "$weights" || exit 1
 
 common=(--budget-min "$budget" --eval-every 500 --eval-metrics ${EVAL_METRICS:-fid classifier_fd class_accuracy near_black} "${wopt[@]}"
         --threads 1 --set train.batch_size=128)
@@ -45,8 +45,7 @@ wait
 stamp "training done"; tail -n 3 "$runs"/train-*.log
 
 # logs, evaluations, configs and grids of every run; the students of seed 0 (a few MB each), in parts of 15 MB
-(cd "$runs" && find . \( -name checkpoints -o -name logs \) -prune -o -type f \( -name '*.log' -o -name eval.jsonl -o -name config.yaml \
-   -o -name '*.png' -o -name '*.json' -o -name '*.jsonl' \) -print | tar czf "$out/runs-meta.tar.gz" -T -)
+pack_run_records "$runs" "$out"
 first=${seeds%% *}
 (cd "$runs" && find "s$first" -path '*/checkpoints' -prune -o -type d -name student -print | tar cf - -T - | split -b 15m - "$out/students-s$first.tar.part-")
 stamp "packed: $(ls "$out" | tr '\n' ' ')"
