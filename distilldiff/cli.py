@@ -172,7 +172,11 @@ def cmd_fid(args) -> None:
 
         sampler = load_sampler(args.model, steps=args.steps, guidance_scale=args.guidance_scale, device=args.device)
         source, what = sampler.batches(args.num, seed=args.seed, batch_size=args.batch_size), f"{args.model} ({sampler.description})"
-        default_json = Path(args.model) / f"fid-{Path(str(args.ref)).stem}-{args.num}" if Path(args.model).is_dir() else None
+        from .export import split_checkpoint
+
+        # written next to the model it scores; never into a checkpoint folder (a resumed run may write that step again)
+        own_folder = Path(args.model).is_dir() and split_checkpoint(args.model)[1] is None
+        default_json = Path(args.model) / f"fid-{Path(str(args.ref)).stem}-{args.num}" if own_folder else None
     else:
         source, what = args.images, args.images
         folder = Path(args.images)
@@ -186,7 +190,7 @@ def cmd_fid(args) -> None:
     if result.precision is not None:
         line += f"  precision {result.precision:.4f} recall {result.recall:.4f}"
     print(line)
-    if args.json is None and default_json is None:  # a hub id or builtin teacher: no folder of its own
+    if args.json is None and default_json is None:  # a hub id, builtin teacher or checkpoint: no folder of its own
         return
     json_path = args.json or f"{default_json}{'-steps' + str(args.steps) if args.steps else ''}.json"
     print(f"written to {result.to_json(json_path)}")
@@ -224,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("sample", help="draw a grid of samples from a run, student or teacher folder")
-    p.add_argument("--model", required=True, help="run folder, student folder, teacher pipeline folder or builtin:mnist")
+    p.add_argument("--model", required=True, help="run folder (or one of its checkpoints, RUN/checkpoints/step-N), student folder, "
+                   "teacher pipeline folder or builtin:mnist")
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--out", default="samples.png", help="output PNG")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (teachers: DDIM steps, default 50; consistency students: any; other students: their own)")
@@ -245,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("fid", help="FID (and optionally KID, precision/recall) of a model or an image folder")
-    p.add_argument("--model", help="run folder, student folder, teacher folder or builtin:mnist")
+    p.add_argument("--model", help="run folder (or one of its checkpoints, RUN/checkpoints/step-N), student folder, teacher folder "
+                   "or builtin:mnist")
     p.add_argument("--images", help="folder of images instead of a model")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (teachers: DDIM steps, default 50; consistency students: any; other students: their own)")
     p.add_argument("--guidance-scale", type=float, default=None, help="guidance weight w (teachers: classifier-free guidance; guided students: their input w)")

@@ -611,16 +611,14 @@ def export_run(run: str | Path, out: str | Path, force: bool = False, steps: int
     run, out = Path(run), Path(out)
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no such run folder")
-    checkpoint = None
-    if run.parent.name == "checkpoints" and run.name.startswith("step-"):  # one checkpoint of a run (or of a stage)
-        checkpoint, run = run, run.parent.parent
+    run, checkpoint = split_checkpoint(run)
     if (run / STUDENT_INFO_FILE).is_file():
         src, fid_folders = run, (run,)
     else:
         ckpts = list(run.glob("checkpoints/step-*")) + list(run.glob("stage-*/checkpoints/step-*"))  # staged: progressive
         if not ckpts or not (run / "student" / STUDENT_INFO_FILE).is_file():
             raise FileNotFoundError(f"{run}: the run has no checkpoint yet (nothing to export)")
-        src, fid_folders = run / "student", (run, run / "student")
+        src, fid_folders = run / "student", (run, run / "student") if checkpoint is None else ()
     check_destination(out, run, src)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise FileExistsError(f"{out}: exists and is not empty (pass --force to replace it)")
@@ -631,8 +629,8 @@ def export_run(run: str | Path, out: str | Path, force: bool = False, steps: int
     student = with_steps(student, meta, steps, src)
     info = run_info(meta)
     # a measured FID belongs to the student's own step count (fid records do not say theirs, so none is quoted for
-    # another) and to the newest checkpoint's student (the one `distilldiff fid --model RUN` scores)
-    fid = _find_fid(*fid_folders) if student.num_steps == own_steps and checkpoint is None else None
+    # another) and to the run's newest student: none is quoted for an earlier checkpoint's
+    fid = _find_fid(*fid_folders) if student.num_steps == own_steps else None
 
     def write(folder: Path) -> None:
         save_student(student, folder, info)
@@ -646,6 +644,15 @@ def export_run(run: str | Path, out: str | Path, force: bool = False, steps: int
         (folder / "README.md").write_text(model_card(meta_out, fid, path=folder.name))
 
     return replace_folder(out, write)  # a replaced export stays in place until the new one is complete
+
+
+def split_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
+    """``(run, checkpoint)`` for one checkpoint of a run (or of a staged run's stage), ``RUN/checkpoints/step-N``;
+    ``(path, None)`` for anything else."""
+    path = Path(path)
+    if path.parent.name == "checkpoints" and path.name.startswith("step-"):
+        return path.parent.parent, path
+    return path, None
 
 
 def load_checkpoint_ema(student: Student, meta: dict, checkpoint: Path) -> None:

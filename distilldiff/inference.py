@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .export import STUDENT_INFO_FILE, load_student, student_folder, with_steps
+from .export import STUDENT_INFO_FILE, load_checkpoint_ema, load_student, split_checkpoint, student_folder, with_steps
 from .images import save_grid
 from .samplers import base_denoiser, ddim_sample
+from .students import Student
 from .teachers import CFGDenoiser, ClassLabels, Denoiser, TextConditioned, VPDenoiser, load_teacher
 
 
@@ -75,8 +76,16 @@ class Sampler:
         return save_grid(self.sample(num, seed, class_label, prompt=prompt), path)
 
 
-def _load_student(folder: Path, device: torch.device, guidance_scale: float | None, steps: int | None) -> Sampler:
+def _load_student(folder: Path, device: torch.device, guidance_scale: float | None, steps: int | None,
+                  checkpoint: Path | None = None, sigmas: Sequence[float] | None = None) -> Sampler:
     student, meta = load_student(folder)
+    if checkpoint is not None:
+        load_checkpoint_ema(student, meta, checkpoint)
+    if sigmas is not None:  # Song et al. 2023 (sec. 4) choose the intermediate levels of multistep sampling by search
+        if "consistency_grid" not in meta or meta.get("lcm"):
+            raise ValueError(f"{folder}: only multistep consistency students sample at chosen noise levels "
+                             f"(this one samples at its own: {', '.join(f'{s:.4g}' for s in student.sigmas)})")
+        student = Student(student.denoiser, sigmas, student.sampler)
     student = with_steps(student, meta, steps, folder).to(device)
     extra = {}
     if meta.get("guidance_scale") is not None:
@@ -84,25 +93,38 @@ def _load_student(folder: Path, device: torch.device, guidance_scale: float | No
     elif guidance_scale:
         raise ValueError(f"{folder}: --guidance-scale given, but this student has no guidance input")
     desc = f"{student.num_steps}-step {meta.get('objective', '')} student ({student.sampler})"
+    if checkpoint is not None:
+        desc += f" of update {meta['step']}"
     if extra:
         desc += f", w={extra['guidance_scale']}"
     return Sampler(student.denoiser, lambda z, cond, g: student(z, generator=g, **cond), desc, device, extra, student.num_steps)
 
 
-def load_sampler(model: str, steps: int | None = None, guidance_scale: float | None = None, device: str | None = None) -> Sampler:
-    """A :class:`Sampler` for a run folder, a student or exported folder, or a teacher (folder, hub id, ``builtin:NAME``).
+def load_sampler(model: str, steps: int | None = None, guidance_scale: float | None = None, device: str | None = None,
+                 sigmas: Sequence[float] | None = None) -> Sampler:
+    """A :class:`Sampler` for a run folder, one of its checkpoints (``RUN/checkpoints/step-N``: the EMA student of
+    update N), a student or exported folder, or a teacher (folder, hub id, ``builtin:NAME``).
 
     Students sample with their own steps (``steps`` must be ``None`` or that count; consistency
     students take any ``steps`` from 1 to their grid size - 1);
+    multistep consistency students also sample at any decreasing ``sigmas`` inside their noise range
+    (instead of ``steps``);
     guidance-conditioned students take ``guidance_scale`` as their input ``w`` (default: their own).
     Teachers sample deterministically on their scheduler's grid (``steps``, default 50; DDIM for
     the DDPM family, which for flow-matching teachers is the Euler step of their scheduler),
     optionally with classifier-free guidance weight ``guidance_scale``.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    path = student_folder(model)
+    run, checkpoint = split_checkpoint(model)
+    path = student_folder(run)
+    if sigmas is not None and steps is not None:
+        raise ValueError("give the number of steps or the noise levels (sigmas), not both")
     if (path / STUDENT_INFO_FILE).is_file():
-        return _load_student(path, dev, guidance_scale, steps)
+        return _load_student(path, dev, guidance_scale, steps, checkpoint, sigmas)
+    if sigmas is not None:
+        raise ValueError(f"{model}: only multistep consistency students sample at chosen noise levels")
+    if checkpoint is not None:
+        raise FileNotFoundError(f"{model}: its run {run} has no student folder to read the checkpoint's weights into")
     if path.is_dir() and (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{model}: run folder has no student yet (it is written at the first checkpoint)")
     base = load_teacher(model, what="--model").to(dev).eval()

@@ -282,6 +282,22 @@ def test_export_of_a_kept_checkpoint(tmp_path, capsys):
     torch.testing.assert_close(images["at2"], images["latest"], rtol=0, atol=0)
     assert not torch.equal(images["at1"], images["at2"])  # one more update of the EMA student
 
+    # sample/fid/eval_mnist read a checkpoint too (load_sampler), and a multistep student samples at chosen levels
+    own = load_sampler(str(tmp_path / "at1"), device="cpu")
+    for sampler in (load_sampler(str(first), device="cpu"), load_sampler(str(first), device="cpu", sigmas=meta1["sigmas"])):
+        torch.testing.assert_close(sampler.sample(4, seed=5), own.sample(4, seed=5), rtol=0, atol=0)
+    assert "of update 1" in load_sampler(str(first), device="cpu").description
+    two = load_sampler(str(first), device="cpu", sigmas=[meta1["sigmas"][0], 1.0])
+    assert two.num_steps == 2 and not torch.equal(two.sample(4, seed=5), own.sample(4, seed=5))
+    with pytest.raises(ValueError, match="not both"):
+        load_sampler(str(first), steps=2, sigmas=[80.0, 1.0])
+    with pytest.raises(ValueError, match="only multistep consistency students"):
+        load_sampler("builtin:mnist", sigmas=[80.0, 1.0])
+    one_step, info = make_students()["one_step"]
+    save_student(one_step, tmp_path / "one", info)
+    with pytest.raises(ValueError, match="only multistep consistency students sample at chosen noise levels"):
+        load_sampler(str(tmp_path / "one"), sigmas=[1.0])
+
     capsys.readouterr()
     save_file({"other.weight": torch.zeros(2)}, str(first / "ema.safetensors"))
     assert main(["export", "--run", str(first), "--out", str(tmp_path / "bad")]) == 2

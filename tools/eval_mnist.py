@@ -1,7 +1,7 @@
 """Score a class-conditional MNIST model (the shipped pixel teacher or one of its students).
 
-For each number of steps it draws ``--num`` images (seed ``--seed``, classes cycling 0-9) and reports:
-class accuracy (the shipped MNIST classifier), the classifier Frechet distance to MNIST-5k (fast,
+For each number of steps (or, with ``--sigmas``, each list of noise levels of a consistency student) it
+draws ``--num`` images (seed ``--seed``, classes cycling 0-9) and reports: class accuracy (the shipped MNIST classifier), the classifier Frechet distance to MNIST-5k (fast,
 CPU-friendly; not Inception FID), the share of near-black pixels (MNIST-5k: 0.813; background
 speckle lowers it), and the variety within a class (the per-pixel standard deviation over the
 samples of one class, averaged over pixels and classes; a student that draws one image per class
@@ -13,6 +13,7 @@ images/s on 2 CPU cores.
     python tools/eval_mnist.py --model builtin:mnist --steps 1 2 4 50 --num 1000 --fid --out work/teacher.json
     python tools/eval_mnist.py --model runs/mnist-sid --num 1000 --fid
     python tools/eval_mnist.py --real --num 1000        # the same numbers for 1,000 of the MNIST-5k digits
+    python tools/eval_mnist.py --model runs/cd/checkpoints/step-0001500 --sigmas 80,2.73 80,21.7,2.73,0.286
 
 ``--black-below V`` adds, for every row, a second row of the same images with every pixel below V
 (in [-1, 1]; -0.8 is 0.1 of the full scale) set to black: a diagnostic of how much of a score is
@@ -76,6 +77,8 @@ def main() -> None:
     group.add_argument("--real", action="store_true", help="score MNIST-5k digits instead of a model")
     p.add_argument("--steps", type=int, nargs="+", default=[None],
                    help="teachers: DDIM steps (default 50); consistency students: sampling steps (default: their own)")
+    p.add_argument("--sigmas", nargs="+", default=None, metavar="S1,S2,...",
+                   help="multistep consistency students: one row per list of decreasing noise levels (instead of --steps)")
     p.add_argument("--w", type=float, default=None, help="teachers: classifier-free guidance; guided students: their input w")
     p.add_argument("--num", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -88,7 +91,13 @@ def main() -> None:
     rows = []
     print("| model | steps | class acc. | classifier FD | near-black | class spread | FID | precision | recall |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for steps in ([None] if args.real else args.steps):
+    if args.sigmas is not None and args.steps != [None]:
+        p.error("give --steps or --sigmas, not both")
+    try:
+        plans = [(None, [float(v) for v in levels.split(",")]) for levels in args.sigmas] if args.sigmas else [(k, None) for k in args.steps]
+    except ValueError:
+        p.error(f"--sigmas: expected comma-separated numbers, got {' '.join(args.sigmas)}")
+    for steps, sigmas in ([(None, None)] if args.real else plans):
         if args.real:
             images, labels = real_digits(args.num, args.seed)
             row = {"model": "MNIST-5k", "steps": None, "seed": args.seed}
@@ -96,12 +105,12 @@ def main() -> None:
             from distilldiff.inference import load_sampler
 
             try:
-                sampler = load_sampler(args.model, steps=steps, guidance_scale=args.w, device=args.device)
+                sampler = load_sampler(args.model, steps=steps, guidance_scale=args.w, device=args.device, sigmas=sigmas)
             except (FileNotFoundError, ValueError) as e:  # a missing folder, a step count the model cannot take
                 p.error(str(e))
             t0 = time.time()
             images, labels = sampler.sample(args.num, seed=args.seed), torch.arange(args.num) % 10
-            row = {"model": args.model, "sampler": sampler.description, "steps": sampler.num_steps, "w": args.w,
+            row = {"model": args.model, "sampler": sampler.description, "steps": sampler.num_steps, "sigmas": sigmas, "w": args.w,
                    "seed": args.seed, "sample_seconds": round(time.time() - t0, 2)}
         variants = [(row, images)]
         if args.black_below is not None:
@@ -111,7 +120,8 @@ def main() -> None:
             rows.append(row)
             fid = (f"{row['fid']:.2f} | {row['precision']:.3f} | {row['recall']:.3f}") if args.fid else "- | - | -"
             name = row["model"] + (f" (pixels < {row['black_below']:g} set to black)" if "black_below" in row else "")
-            print(f"| {name} | {row['steps']} | {row['class_accuracy']:.3f} | {row['classifier_fd']:.2f} | {row['near_black']:.3f} | "
+            steps = row["steps"] if not row.get("sigmas") else f"{row['steps']} (sigma {', '.join(f'{v:g}' for v in row['sigmas'])})"
+            print(f"| {name} | {steps} | {row['class_accuracy']:.3f} | {row['classifier_fd']:.2f} | {row['near_black']:.3f} | "
                   f"{row['class_spread']:.4f} | {fid} |", flush=True)
     if args.out:
         out = Path(args.out)
