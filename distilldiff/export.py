@@ -679,7 +679,7 @@ def load_checkpoint_ema(student: Student, meta: dict, checkpoint: Path) -> None:
     own = student.state_dict()
     if set(weights) != set(own) or any(weights[k].shape != own[k].shape for k in own):
         raise ValueError(f"{ema_file}: its weights are not those of the run's student folder (a LoRA student, or "
-                         "another run's checkpoint); export the run folder for its newest student")
+                         "another run's checkpoint); the run folder itself gives its newest student")
     student.load_state_dict(weights)
     meta.update(step=step, images_seen=nimg)
     if state.get("train_seconds") is not None:

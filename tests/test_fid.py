@@ -266,3 +266,22 @@ def test_features_are_computed_without_tf32():
         assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == ("tf32", "tf32")
     finally:
         torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision = saved
+
+
+def test_cli_fid_of_a_checkpoint_writes_no_record_into_it(extractor, tmp_path, capsys):
+    """`fid --model RUN/checkpoints/step-N` scores that update's EMA student and leaves the checkpoint as it was (a
+    resumed run may write that step again); the run folder itself still gets its record."""
+    from distilldiff.cli import main
+
+    run, ref = tmp_path / "run", tmp_path / "ref.npz"
+    assert main(["distill", "--config", "configs/mnist/sid.yaml", "--output-dir", str(run), "--set", "train.batch_size=2",
+                 "--set", "train.num_sample_images=4", "--set", "train.max_steps=1", "--set", "train.sample_every=100"]) == 0
+    assert main(["fid-ref", "--dataset", "mnist5k", "--num", "12", "--features", "--out", str(ref), "--device", "cpu"]) == 0
+    checkpoint = run / "checkpoints" / "step-0000001"
+    before = sorted(p.name for p in checkpoint.iterdir())
+    capsys.readouterr()
+    assert main(["fid", "--model", str(checkpoint), "--num", "12", "--ref", str(ref), "--device", "cpu"]) == 0
+    assert "written to" not in capsys.readouterr().out
+    assert sorted(p.name for p in checkpoint.iterdir()) == before and not list(run.glob("fid-*.json"))
+    assert main(["fid", "--model", str(run), "--num", "12", "--ref", str(ref), "--device", "cpu"]) == 0
+    assert (run / "fid-ref-12.json").is_file()

@@ -1,8 +1,9 @@
 """Score a class-conditional MNIST model (the shipped pixel teacher or one of its students).
 
 For each number of steps (or, with ``--sigmas``, each list of noise levels of a consistency student) it
-draws ``--num`` images (seed ``--seed``, classes cycling 0-9) and reports: class accuracy (the shipped MNIST classifier), the classifier Frechet distance to MNIST-5k (fast,
-CPU-friendly; not Inception FID), the share of near-black pixels (MNIST-5k: 0.813; background
+draws ``--num`` images (seed ``--seed``, classes cycling 0-9) and reports: class accuracy (the shipped
+MNIST classifier), the classifier Frechet distance to MNIST-5k (fast, CPU-friendly; not Inception
+FID), the share of near-black pixels (MNIST-5k: 0.813; background
 speckle lowers it), and the variety within a class (the per-pixel standard deviation over the
 samples of one class, averaged over pixels and classes; a student that draws one image per class
 scores 0; MNIST-5k itself: see ``--real``). With ``--fid`` it also reports Inception FID of the same
