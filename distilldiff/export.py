@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .atomic import replace_folder
+from .engine.run_folder import STATE_FILE, RunFolder, checkpoint_of
 from .students import ConsistencyDenoiser, LCMConsistencyDenoiser, Student
 from .teachers.vp import VPDenoiser, ddim_timesteps
 
@@ -650,9 +651,7 @@ def split_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     """``(run, checkpoint)`` for one checkpoint of a run (or of a staged run's stage), ``RUN/checkpoints/step-N``;
     ``(path, None)`` for anything else."""
     path = Path(path)
-    if path.parent.name == "checkpoints" and path.name.startswith("step-"):
-        return path.parent.parent, path
-    return path, None
+    return (path.parent.parent, path) if checkpoint_of(path) == path else (path, None)
 
 
 def load_checkpoint_ema(student: Student, meta: dict, checkpoint: Path) -> None:
@@ -662,13 +661,11 @@ def load_checkpoint_ema(student: Student, meta: dict, checkpoint: Path) -> None:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .engine.run_folder import STATE_FILE
-
     state_file, ema_file = checkpoint / STATE_FILE, checkpoint / "ema.safetensors"
     if not state_file.is_file():
         raise FileNotFoundError(f"{checkpoint}: not a complete checkpoint (no {STATE_FILE})")
     try:
-        state = json.loads(state_file.read_text())
+        state = RunFolder.read_state(checkpoint)
         step, nimg = int(state["step"]), int(state["nimg"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{state_file}: unreadable ({type(e).__name__})") from None
