@@ -285,3 +285,14 @@ def test_guidance_response_bad_model_is_one_line(tmp_path, model, message):
     r = subprocess.run([sys.executable, "tools/guidance_response.py", "--model", path], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [f"error: {path}: {message}"], r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sigmas", "80,x"], "--sigmas: expected comma-separated numbers, got 80,x"),
+    (["--sigmas", "80,2", "--steps", "2"], "give --steps or --sigmas, not both"),
+    (["--sigmas", "80,2"], "builtin:mnist: only multistep consistency students sample at chosen noise levels"),
+])
+def test_eval_mnist_bad_sigmas_are_one_line(args, message):
+    r = subprocess.run([sys.executable, "tools/eval_mnist.py", "--model", "builtin:mnist", "--num", "4", *args],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and message in r.stderr.strip().splitlines()[-1], r.stderr
