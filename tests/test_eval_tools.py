@@ -296,3 +296,12 @@ def test_eval_mnist_bad_sigmas_are_one_line(args, message):
     r = subprocess.run([sys.executable, "tools/eval_mnist.py", "--model", "builtin:mnist", "--num", "4", *args],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and message in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+@pytest.mark.parametrize("extra", [["--steps", "4"], ["--sigmas", "80,2"], ["--w", "1"]])
+def test_eval_mnist_real_refuses_model_options(extra):
+    """--real scores MNIST-5k digits: options that only a model uses are refused in one line, not ignored."""
+    r = subprocess.run([sys.executable, "tools/eval_mnist.py", "--real", "--num", "4", *extra],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == "", r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith("--real scores the digits themselves: it takes no --steps, --sigmas or --w")

@@ -89,15 +89,17 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args()
-    rows = []
-    print("| model | steps | class acc. | classifier FD | near-black | class spread | FID | precision | recall |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    if args.real and (args.sigmas is not None or args.steps != [None] or args.w is not None):
+        p.error("--real scores the digits themselves: it takes no --steps, --sigmas or --w")
     if args.sigmas is not None and args.steps != [None]:
         p.error("give --steps or --sigmas, not both")
     try:
         plans = [(None, [float(v) for v in levels.split(",")]) for levels in args.sigmas] if args.sigmas else [(k, None) for k in args.steps]
     except ValueError:
         p.error(f"--sigmas: expected comma-separated numbers, got {' '.join(args.sigmas)}")
+    rows = []
+    print("| model | steps | class acc. | classifier FD | near-black | class spread | FID | precision | recall |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for steps, sigmas in ([(None, None)] if args.real else plans):
         if args.real:
             images, labels = real_digits(args.num, args.seed)
