@@ -106,7 +106,7 @@ class Evaluator:
 
     def metrics(self, images: Tensor, labels: Tensor | None, device: torch.device) -> dict[str, float]:
         """The configured metrics of ``images`` ``[n, C, H, W]`` in [-1, 1] drawn for class ``labels`` ``[n]``."""
-        from .metrics.background import near_black_share
+        from .metrics.background import faint_share, near_black_share
         from .metrics.classifier import class_accuracy, classifier_fd, load_mnist_classifier
 
         if self._classifier is None and {"classifier_fd", "class_accuracy"} & set(self.config.metrics):
@@ -121,6 +121,8 @@ class Evaluator:
                 out["class_accuracy"] = class_accuracy(images, labels, classifier=self._classifier, batch_size=self.config.batch_size)
             elif metric == "near_black":
                 out["near_black"] = near_black_share(images)
+            elif metric == "faint":
+                out["faint"] = faint_share(images)
         return out
 
     def _fid(self, images: Tensor, device: torch.device) -> float:

@@ -37,7 +37,7 @@ def test_distill_checkpoint_resume_and_sample(tmp_path):
     assert r.returncode == 0, r.stderr
     assert (run / "checkpoints" / "step-0000002" / "state.json").is_file()
     assert (run / "samples" / "step-0000002.png").is_file()
-    assert "samples at step 2: near_black " in r.stdout + r.stderr  # background tracked with every grid
+    assert "samples at step 2: near_black " in r.stdout + r.stderr and ", faint " in r.stdout + r.stderr  # background tracked with every grid
     assert (run / "config.yaml").is_file() and (run / "student" / "distilldiff_student.json").is_file()
 
     r = run_subprocess("distill", "--output-dir", str(run), "--resume", "latest", "--set", "train.max_steps=3")
@@ -150,11 +150,11 @@ def test_evaluation_at_several_step_counts(tmp_path):
     """eval.steps=[1,2] on a consistency student: every metric once per step count, from different samples."""
     run = tmp_path / "run"
     r = run_cli("distill", "--config", "configs/mnist/consistency.yaml", "--output-dir", str(run), *TINY, "--set", "train.max_steps=1",
-                "--set", "eval.every=1", "--set", "eval.metrics=[classifier_fd,near_black]", "--set", "eval.num=20",
+                "--set", "eval.every=1", "--set", "eval.metrics=[classifier_fd,near_black,faint]", "--set", "eval.num=20",
                 "--set", "eval.steps=[1,2]")
     assert r.returncode == 0, r.stderr
     (row,) = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
-    assert {"classifier_fd_1steps", "classifier_fd_2steps", "near_black_1steps", "near_black_2steps"} <= set(row)
+    assert {"classifier_fd_1steps", "classifier_fd_2steps", "near_black_1steps", "near_black_2steps", "faint_2steps"} <= set(row)
     assert "classifier_fd" not in row and row["classifier_fd_1steps"] != row["classifier_fd_2steps"]
 
 

@@ -46,9 +46,10 @@ def test_eval_mnist_scores_the_teacher(tmp_path):
     row, cleaned = json.loads(out.read_text())
     assert row["steps"] == 2 and row["num"] == 20 and "black_below" not in row
     assert 0.5 <= row["class_accuracy"] <= 1.0  # the teacher's 2-step DDIM: 0.96 on 5,000 images
-    assert 0.0 < row["near_black"] < 1.0 and row["class_spread"] > 0.0
-    # the same images with dark pixels set to black: at least as many near-black pixels
+    assert 0.0 < row["near_black"] < 1.0 and row["class_spread"] > 0.0 and 0.0 < row["faint"] < 1.0
+    # the same images with dark pixels set to black: at least as many near-black pixels, no faint one left below -0.8
     assert cleaned["black_below"] == -0.8 and cleaned["num"] == 20 and cleaned["near_black"] >= row["near_black"]
+    assert cleaned["faint"] < row["faint"]
     assert not out.with_name(out.name + ".tmp").exists()
 
 

@@ -114,7 +114,7 @@ def test_startup_line_end_summary_and_training_flags(tmp_path):
     assert "done: step 2 (2 this run)" in out and "4 images seen" in out
     assert "final losses: fake_score " in out and ", generator " in out
     assert f"samples:  {run / 'samples' / 'latest.png'}" in out and (run / "samples" / "latest.png").is_file()
-    assert "samples at step 2: near_black " in out  # background tracked with every grid
+    assert "samples at step 2: near_black " in out and ", faint " in out  # background tracked with every grid
     assert (run / "samples" / "losses.png").is_file()
     assert f"distilldiff export --run {run} --out {run}-export" in out
     assert f"tensorboard --logdir {run / 'logs'}" in out

@@ -280,3 +280,23 @@ def test_near_black_share_measures_background_noise():
     torch.manual_seed(0)
     assert near_black_share(x + 0.05 * torch.randn_like(x)) < clean - 0.05  # speckle of ~6/255 rms
     assert near_black_share(torch.full((1, 1, 2, 2), -1.0)) == 1.0 and near_black_share(torch.zeros(1, 1, 2, 2)) == 0.0
+
+
+def test_faint_share_counts_the_band_of_faint_grey():
+    from distilldiff.data import mnist5k
+    from distilldiff.metrics.background import faint_share, near_black_share, to_uint8
+
+    # 8-bit values 0, 2, 3, 8, 9, 32, 33, 255: the band [3, 32] holds four of the eight, ends included
+    levels = torch.tensor([0, 2, 3, 8, 9, 32, 33, 255], dtype=torch.float64)
+    x = ((levels + 0.5 - 128) / 127.5).view(1, 1, 1, 8)
+    assert to_uint8(x).flatten().tolist() == levels.tolist()
+    assert faint_share(x) == 0.5 and faint_share(x, band=(0, 2)) == 0.25 and faint_share(x, band=(33, 255)) == 0.25
+    with pytest.raises(ValueError, match="faint band"):
+        faint_share(x, band=(40, 3))
+    real, _ = mnist5k()
+    clean = faint_share(real)
+    assert 0.01 < clean < 0.03  # MNIST-5k: 0.020
+    # a speckle that near-black cannot see: every black pixel lifted to 5/255 stays near-black, turns faint
+    lifted = torch.where(real <= -1 + 1e-6, torch.full_like(real, -1 + 5.5 / 127.5), real)
+    assert near_black_share(lifted) == near_black_share(real)
+    assert faint_share(lifted) > clean + 0.7

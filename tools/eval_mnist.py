@@ -4,7 +4,8 @@ For each number of steps (or, with ``--sigmas``, each list of noise levels of a 
 draws ``--num`` images (seed ``--seed``, classes cycling 0-9) and reports: class accuracy (the shipped
 MNIST classifier), the classifier Frechet distance to MNIST-5k (fast, CPU-friendly; not Inception
 FID), the share of near-black pixels (MNIST-5k: 0.813; background
-speckle lowers it), and the variety within a class (the per-pixel standard deviation over the
+speckle lowers it), the share of faint pixels (3 to 32 of 255; MNIST-5k: 0.020; speckle and haze
+raise it), and the variety within a class (the per-pixel standard deviation over the
 samples of one class, averaged over pixels and classes; a student that draws one image per class
 scores 0; MNIST-5k itself: see ``--real``). With ``--fid`` it also reports Inception FID of the same
 images against MNIST-5k with precision and recall (k = 3; recall is the share of real digits
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from distilldiff.metrics.background import near_black_share
+from distilldiff.metrics.background import faint_share, near_black_share
 from distilldiff.metrics.classifier import class_accuracy, classifier_fd
 
 
@@ -46,7 +47,7 @@ def score(images: Tensor, labels: Tensor, fid: bool) -> dict:
     """Every metric of the module docstring for ``images`` ``[N, 1, 28, 28]`` in [-1, 1] with class ``labels``."""
     out = {
         "num": len(images), "class_accuracy": class_accuracy(images, labels), "classifier_fd": classifier_fd(images),
-        "near_black": near_black_share(images), "class_spread": round(class_spread(images, labels), 4),
+        "near_black": near_black_share(images), "faint": faint_share(images), "class_spread": round(class_spread(images, labels), 4),
     }
     if fid:
         from distilldiff.metrics import InceptionFeatureExtractor, compute_fid
@@ -98,8 +99,8 @@ def main() -> None:
     except ValueError:
         p.error(f"--sigmas: expected comma-separated numbers, got {' '.join(args.sigmas)}")
     rows = []
-    print("| model | steps | class acc. | classifier FD | near-black | class spread | FID | precision | recall |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | steps | class acc. | classifier FD | near-black | faint | class spread | FID | precision | recall |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for steps, sigmas in ([(None, None)] if args.real else plans):
         if args.real:
             images, labels = real_digits(args.num, args.seed)
@@ -124,7 +125,7 @@ def main() -> None:
             fid = (f"{row['fid']:.2f} | {row['precision']:.3f} | {row['recall']:.3f}") if args.fid else "- | - | -"
             name = row["model"] + (f" (pixels < {row['black_below']:g} set to black)" if "black_below" in row else "")
             steps = row["steps"] if not row.get("sigmas") else f"{row['steps']} (sigma {', '.join(f'{v:g}' for v in row['sigmas'])})"
-            print(f"| {name} | {steps} | {row['class_accuracy']:.3f} | {row['classifier_fd']:.2f} | {row['near_black']:.3f} | "
+            print(f"| {name} | {steps} | {row['class_accuracy']:.3f} | {row['classifier_fd']:.2f} | {row['near_black']:.3f} | {row['faint']:.3f} | "
                   f"{row['class_spread']:.4f} | {fid} |", flush=True)
     if args.out:
         out = Path(args.out)
