@@ -85,6 +85,68 @@ def test_generator_gradient_is_the_weighted_score_difference():
     torch.testing.assert_close(grad, g / g.numel(), rtol=1e-5, atol=1e-8)
 
 
+def test_teacher_pairs_are_the_teachers_deterministic_samples():
+    """DMD's regression pairs: y(z) is the teacher's DDIM from z on its grid, the same for the same seed,
+    and distributed as the teacher's samples (the exact mixture's masses)."""
+    from distilldiff.objectives.pairs import teacher_pairs
+    from distilldiff.samplers import ddim_sample, teacher_grid
+
+    t = teacher()
+    pairs = teacher_pairs(t, 2000, 30, "cpu", seed=3, batch_size=512)
+    assert len(pairs) == 2000 and pairs.noise.shape == pairs.target.shape == (2000, 2) and pairs.cond == {}
+    sigmas = torch.tensor(teacher_grid(t, 30, t.sigma_min, t.sigma_max), dtype=torch.float64)
+    torch.testing.assert_close(pairs.target[:100], ddim_sample(t, pairs.noise[:100], sigmas))
+    again = teacher_pairs(t, 2000, 30, "cpu", seed=3)
+    assert torch.equal(again.noise, pairs.noise) and torch.equal(again.target, pairs.target)
+    assert not torch.equal(teacher_pairs(t, 2000, 30, "cpu", seed=4).noise, pairs.noise)
+    mass, near = mode_report(pairs.target)
+    torch.testing.assert_close(mass, torch.tensor(WEIGHTS, dtype=torch.float64), rtol=0, atol=0.03)
+    assert near > 0.95
+    z, cond, y = pairs.draw(5)
+    assert z.shape == y.shape == (5, 2) and cond == {}
+    assert all(bool((pairs.noise == zi).all(1).any()) for zi in z)  # drawn from the pool
+
+
+def test_regression_loss_adds_the_weighted_mse_to_the_teacher_pairs():
+    """With regression_weight w: loss = DM loss + w mean ||G(z) - y(z)||^2 over a pair (z, y) of the pool,
+    and the gradient reaches the generator through both terms from one generator call."""
+    torch.manual_seed(0)
+    t = teacher()
+    fd = FDistill(FDistillConfig(regression_weight=0.5, regression_pairs=1, regression_steps=20), t)
+    fake = copy.deepcopy(fitted_copy())
+    gen = torch.nn.Linear(2, 2).double()
+    calls = []
+
+    def generator(noise, **cond):
+        calls.append(noise.shape[0])
+        return gen(noise.double()).float()
+
+    nets = {"teacher": t, "fake_score": fake, "generator": generator}
+    loss, logs = fd.generator_loss(nets, Batch(noise=torch.randn(8, 2)))
+    assert calls == [16]  # the batch and as many pairs (drawn with replacement from a pool of one) in one call
+    (pair,) = [fd.pairs(t, torch.device("cpu"))]
+    expected = ((gen(pair.noise.double()).float() - pair.target) ** 2).mean()
+    torch.testing.assert_close(logs["reg_loss"], expected.detach())
+    torch.testing.assert_close(logs["loss"], logs["dm_loss"] + 0.5 * logs["reg_loss"])
+    loss.backward()
+    assert gen.weight.grad is not None and bool(gen.weight.grad.abs().sum() > 0)
+
+
+def test_engine_makes_the_pairs_before_the_first_update(tmp_path):
+    """Objective.prepare: the engine has the pairs made before step 1, and the regression term is logged."""
+    fd = FDistill(FDistillConfig(regression_weight=0.5, regression_pairs=16, regression_steps=10), teacher())
+    student = fd.make_student(copy.deepcopy(fitted_copy()), StudentConfig(init_sigma=2.5))
+    engine = Engine(task_for(fd, student), train_config(max_steps=2, batch_size=8, log_every=1), tmp_path)
+    losses, made = [], []
+    loss, pairs = fd.loss, fd.pairs
+    fd.loss = lambda *a: losses.append(a[0].name) or loss(*a)
+    fd.pairs = lambda *a: made.append(len(losses)) or pairs(*a)
+    engine.train()
+    assert made[0] == 0 and len(fd._pairs) == 16  # made before the first loss of any phase
+    assert losses.count("generator") == 2
+    assert engine.last_logs["generator/reg_loss"] > 0
+
+
 # slow (-m slow): each 3000-update run takes minutes on 2 cores; the default suite checks the generator's
 # gradient term by term against the formulas above and trains every f-distill config (tests/test_cli.py)
 @pytest.mark.slow
@@ -122,6 +184,10 @@ def test_one_step_student_reproduces_the_mixture(tmp_path, divergence):
     ({"tmin": 800}, r"objective.tmin must be in \[0, tmax\)"),
     ({"disc_weight": 0.0}, "objective.disc_weight must be > 0"),
     ({"norm_decay": 1.0}, r"objective.norm_decay must be in \[0, 1\)"),
+    ({"regression_weight": -0.1}, "objective.regression_weight must be >= 0"),
+    ({"regression_pairs": 64}, "objective.regression_pairs has no effect with regression_weight 0"),
+    ({"regression_steps": 20}, "objective.regression_steps has no effect with regression_weight 0"),
+    ({"regression_weight": 0.25, "regression_steps": 0}, "objective.regression_steps must be >= 1"),
 ])
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -470,6 +470,8 @@ class Engine:
                             evaluator.every if evaluator is not None else None, self.state.step, resumed=checkpoint is not None)
         window = LogWindow()
         acc.print(self.startup_line())
+        if self.state.step < cfg.max_steps:  # e.g. DMD's regression pairs: before the clock of the time estimate starts
+            self.task.objective.prepare({n: acc.unwrap_model(m) for n, m in self.models.items()} | self.frozen, acc.device)
         start_step, wall0 = self.state.step, time.time()
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not acc.is_local_main_process,
                    desc=self.task.objective.name, dynamic_ncols=True)

@@ -131,6 +131,11 @@ class Objective(abc.ABC):
         """Extra student inputs for sample grids and evaluations (e.g. its guidance scale)."""
         return {}
 
+    def prepare(self, nets: Mapping[str, nn.Module], device: torch.device) -> None:
+        """Called once by the engine before the first training step of every run or resume, with all
+        networks (unwrapped) on ``device``: objectives that precompute something from the teacher
+        (DMD's regression pairs) do it here. Its time is not training time. Default: nothing."""
+
     def update_targets(self, nets: Mapping[str, nn.Module]) -> None:
         """Called after every training step (all its phases and micro-batches, on every process) with
         all networks (unwrapped): moves ``"target"`` ones and any running statistics an objective keeps."""

@@ -19,6 +19,7 @@ from ..tensors import append_dims, mean_chw
 from .base import Batch, Objective, Phase
 from .critic import HeadKind, ScoreWithHead, check_head_options, critic_loss, gan_generator_loss, global_sum
 from .noise import NoiseKind, check_time_range, make_noise_levels
+from .pairs import TeacherPairs, concat_cond, teacher_pairs
 
 #: h(r) = r^2 f''(r) (up to a positive constant) for r = p_teacher / q_student (f-distill, Table 1)
 WEIGHTINGS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -89,6 +90,13 @@ class FDistillConfig(ObjectiveConfig):
         p_mean, p_std: the ``lognormal`` distribution.
         generator_weighting: per-sample weight of the distribution-matching gradient:
             ``mean_abs`` (1 / mean_CHW |x_g - x0_real|, DMD eq. 8) or ``none``.
+        regression_weight: weight of DMD's regression loss (Yin et al. 2024, sec. 3.3; their
+            lambda_reg = 0.25 with LPIPS): the mean squared error between the generator's image and
+            the teacher's deterministic sample from the same noise, over a fixed set of pairs made
+            by the teacher before the first update (:mod:`~distilldiff.objectives.pairs`). 0: off.
+        regression_pairs: number of pairs (default 1024; only with ``regression_weight`` > 0).
+        regression_steps: teacher sampling steps per pair on its own grid (default 50, as the
+            teacher's reference FID; only with ``regression_weight`` > 0).
     """
 
     name: ClassVar[str] = "fdistill"
@@ -116,6 +124,9 @@ class FDistillConfig(ObjectiveConfig):
     p_mean: float = -1.2
     p_std: float = 1.2
     generator_weighting: Literal["mean_abs", "none"] = "mean_abs"
+    regression_weight: float = 0.0
+    regression_pairs: int | None = None
+    regression_steps: int | None = None
 
     def __post_init__(self):
         if self.critic_ratio < 1:
@@ -133,6 +144,14 @@ class FDistillConfig(ObjectiveConfig):
         if not 0 <= self.norm_decay < 1:
             raise ValueError(f"objective.norm_decay must be in [0, 1), got {self.norm_decay}")
         check_time_range(self.tmin, self.tmax)
+        if self.regression_weight < 0:
+            raise ValueError(f"objective.regression_weight must be >= 0, got {self.regression_weight}")
+        for key in ("regression_pairs", "regression_steps"):
+            value = getattr(self, key)
+            if value is not None and self.regression_weight == 0:
+                raise ValueError(f"objective.{key} has no effect with regression_weight 0; remove it or set regression_weight > 0")
+            if value is not None and value < 1:
+                raise ValueError(f"objective.{key} must be >= 1, got {value}")
         check_head_options(self.head_lr_scale, self.disc_head, self.uses_discriminator, "a divergence other than reverse_kl or gan_weight > 0")
 
     @property
@@ -162,6 +181,7 @@ class FDistill(Objective):
         self.needs_real_data = config.uses_discriminator
         self.h_at_one = float(WEIGHTINGS[c.divergence](torch.ones(1, dtype=torch.float64)))
         self._sums: dict[str, Tensor] = {}
+        self._pairs: TeacherPairs | None = None  # made by the teacher at the first generator step
 
     @classmethod
     def build(cls, config: FDistillConfig, teacher: nn.Module) -> "FDistill":
@@ -227,9 +247,15 @@ class FDistill(Objective):
 
     def generator_loss(self, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """0.5 ||x_g - sg(x_g - g)||^2, g = h(r) (x0_fake - x0_real) / mean|x_g - x0_real| (f-distill eq. 9),
-        plus ``gan_weight`` softplus(-l(x_t)) (DMD2 eq. 6), l the fake score's head at the same x_t."""
+        plus ``gan_weight`` softplus(-l(x_t)) (DMD2 eq. 6), l the fake score's head at the same x_t, plus
+        ``regression_weight`` ||G(z) - y(z)||^2 on teacher pairs (DMD sec. 3.3)."""
         c = self.config
-        x_g = nets["generator"](batch.noise, **batch.cond)
+        if c.regression_weight > 0:  # one generator call for both batches (one forward per backward under DDP)
+            z, cond, y = self.pairs(nets["teacher"], batch.noise.device).draw(batch.noise.shape[0])
+            x_all = nets["generator"](torch.cat([batch.noise, z]), **concat_cond(batch.cond, cond))
+            x_g, x_pairs = x_all.split([batch.noise.shape[0], z.shape[0]])
+        else:
+            x_g = nets["generator"](batch.noise, **batch.cond)
         sigma = self.query_noise.draw(x_g.shape[0], x_g)
         x_t = x_g + append_dims(sigma, x_g.ndim) * torch.randn_like(x_g)
         logs: dict[str, Tensor] = {}
@@ -255,5 +281,21 @@ class FDistill(Objective):
             gan = gan_generator_loss(logit)
             loss = loss + c.gan_weight * gan
             logs["gan_loss"] = gan.detach()
+        if c.regression_weight > 0:  # DMD's regression loss (Yin et al. 2024, sec. 3.3): mean ||G(z) - y(z)||^2
+            reg = ((x_pairs - y) ** 2).mean()
+            loss = loss + c.regression_weight * reg
+            logs["reg_loss"] = reg.detach()
         logs["loss"] = loss.detach()
         return loss, logs
+
+    def prepare(self, nets: Mapping[str, nn.Module], device: torch.device) -> None:
+        """With ``regression_weight`` > 0: the regression pairs, before the first update."""
+        if self.config.regression_weight > 0:
+            self.pairs(nets["teacher"], device)
+
+    def pairs(self, teacher: Denoiser, device: torch.device) -> TeacherPairs:
+        """The regression pairs (noise z, the teacher's deterministic sample y(z)), made at the first call."""
+        if self._pairs is None:
+            c = self.config
+            self._pairs = teacher_pairs(teacher, c.regression_pairs or 1024, c.regression_steps or 50, device)
+        return self._pairs
