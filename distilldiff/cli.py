@@ -141,13 +141,26 @@ def _check_counts(args, *names: str) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
+def _sigmas(args) -> list[float] | None:
+    """``--sigmas 80,15,2,0.1`` as numbers (a one-line error otherwise); not together with ``--steps``."""
+    if args.sigmas is None:
+        return None
+    try:
+        levels = [float(v) for v in args.sigmas.split(",")]
+    except ValueError:
+        raise ValueError(f"--sigmas: expected comma-separated numbers, got {args.sigmas}") from None
+    if args.steps is not None:
+        raise ValueError("give --steps or --sigmas, not both")
+    return levels
+
+
 def cmd_sample(args) -> None:
     from .inference import load_sampler
 
     _check_counts(args, "num", "steps")
     if Path(args.out).suffix.lower() not in IMAGE_SUFFIXES:
         raise ValueError(f"--out {args.out}: expected an image file name ending in {', '.join(IMAGE_SUFFIXES)}")
-    sampler = load_sampler(args.model, steps=args.steps, guidance_scale=args.guidance_scale, device=args.device)
+    sampler = load_sampler(args.model, steps=args.steps, guidance_scale=args.guidance_scale, device=args.device, sigmas=_sigmas(args))
     out = sampler.save_grid(args.num, args.out, seed=args.seed, class_label=args.class_label, prompt=args.prompt)
     print(f"{args.num} samples ({sampler.description}) written to {out}")
 
@@ -165,12 +178,14 @@ def cmd_fid(args) -> None:
 
     if (args.model is None) == (args.images is None):
         raise ValueError("give exactly one of --model DIR and --images DIR")
+    if args.images is not None and (args.steps is not None or args.sigmas is not None):
+        raise ValueError("--steps and --sigmas choose how a --model samples; an --images folder takes neither")
     _check_counts(args, "num", "steps", "batch_size")
     extractor = InceptionFeatureExtractor(args.weights, device=args.device, batch_size=args.batch_size)
     if args.model is not None:
         from .inference import load_sampler
 
-        sampler = load_sampler(args.model, steps=args.steps, guidance_scale=args.guidance_scale, device=args.device)
+        sampler = load_sampler(args.model, steps=args.steps, guidance_scale=args.guidance_scale, device=args.device, sigmas=_sigmas(args))
         source, what = sampler.batches(args.num, seed=args.seed, batch_size=args.batch_size), f"{args.model} ({sampler.description})"
         from .export import split_checkpoint
 
@@ -184,6 +199,8 @@ def cmd_fid(args) -> None:
     result = compute_fid(source, args.num, args.ref, extractor, kid=args.kid, pr=args.pr, batch_size=args.batch_size, model=what)
     if args.steps is not None:
         result.extra["steps"] = args.steps
+    if args.sigmas is not None:
+        result.extra["sigmas"] = _sigmas(args)
     line = f"FID {result.fid:.4f}  (N={result.num}, reference {result.reference}, weights: {result.weights})"
     if result.kid is not None:
         line += f"  KID {result.kid[0]:.6f} +- {result.kid[1]:.6f}"
@@ -192,7 +209,8 @@ def cmd_fid(args) -> None:
     print(line)
     if args.json is None and default_json is None:  # a hub id, builtin teacher or checkpoint: no folder of its own
         return
-    json_path = args.json or f"{default_json}{'-steps' + str(args.steps) if args.steps else ''}.json"
+    suffix = f"-steps{args.steps}" if args.steps else (f"-sigmas{args.sigmas.replace(',', '_')}" if args.sigmas else "")
+    json_path = args.json or f"{default_json}{suffix}.json"
     print(f"written to {result.to_json(json_path)}")
 
 
@@ -233,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=64, help="number of samples")
     p.add_argument("--out", default="samples.png", help="output PNG")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (teachers: DDIM steps, default 50; consistency students: any; other students: their own)")
+    p.add_argument("--sigmas", default=None, help="multistep consistency students: sample at these noise levels, comma-separated and "
+                   "decreasing, instead of --steps (e.g. 80,15,2,0.1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-label", type=int, default=None, help="class of every sample (default: cycle through classes)")
     p.add_argument("--prompt", default=None, help="text-to-image models: the prompt of every sample (default: cycle through the prompts it was trained on)")
@@ -254,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "or builtin:mnist")
     p.add_argument("--images", help="folder of images instead of a model")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (teachers: DDIM steps, default 50; consistency students: any; other students: their own)")
+    p.add_argument("--sigmas", default=None, help="multistep consistency students: sample at these noise levels, comma-separated and "
+                   "decreasing, instead of --steps (e.g. 80,15,2,0.1)")
     p.add_argument("--guidance-scale", type=float, default=None, help="guidance weight w (teachers: classifier-free guidance; guided students: their input w)")
     p.add_argument("--ref", default="mnist5k", help="built-in reference (mnist5k) or a .npz with mu and sigma")
     p.add_argument("--num", type=int, default=5000, help="number of generated images (N)")

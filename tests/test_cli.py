@@ -7,10 +7,15 @@ import subprocess
 import sys
 import types
 
+from pathlib import Path
+
 import pytest
+import torch
 from PIL import Image
 
 from distilldiff.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["--set", "train.batch_size=2", "--set", "train.num_sample_images=4", "--set", "train.log_every=1"]
 
@@ -251,6 +256,8 @@ def test_init_sigma_is_an_error_for_objectives_with_their_own_noise_levels(tmp_p
     (["--out", "bad/"], "--out bad/: expected an image file name ending in .png"),
     (["--class-label", "99"], "class label 99 is outside 0..9"),
     (["--model", "runs/nope"], "'runs/nope': no such folder"),
+    (["--sigmas", "80,a"], "--sigmas: expected comma-separated numbers, got 80,a"),
+    (["--sigmas", "80,1"], "give --steps or --sigmas, not both"),
 ])
 def test_sample_arguments_are_one_line_errors(tmp_path, monkeypatch, args, message):
     (tmp_path / "runs").mkdir()
@@ -259,6 +266,22 @@ def test_sample_arguments_are_one_line_errors(tmp_path, monkeypatch, args, messa
     base.update(dict(zip(args[::2], args[1::2])))
     r = run_cli("sample", *[x for kv in base.items() for x in kv])
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_sample_and_fid_at_chosen_noise_levels(tmp_path):
+    """--sigmas: a multistep consistency student samples at the levels given; other models refuse them in one line."""
+    student = ROOT / "benchmarks" / "issue11-h200" / "student-consistency-4step"
+    grids = {}
+    for levels in ("80,21.7,2.73,0.286", "80,15,2,0.1"):
+        out = tmp_path / f"{levels}.png"
+        r = run_cli("sample", "--model", str(student), "--sigmas", levels, "--num", "4", "--out", str(out), "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+        grids[levels] = torch.tensor(list(Image.open(out).getdata()), dtype=torch.float64)
+    assert (grids["80,21.7,2.73,0.286"] - grids["80,15,2,0.1"]).abs().max() > 0
+    r = run_cli("sample", "--model", "builtin:mnist", "--sigmas", "80,1", "--out", str(tmp_path / "t.png"), "--device", "cpu")
+    assert r.returncode == 2 and "only multistep consistency students sample at chosen noise levels" in r.stderr
+    r = run_cli("fid", "--images", str(tmp_path), "--sigmas", "80,1")
+    assert r.returncode == 2 and "an --images folder takes neither" in r.stderr
 
 
 def test_nonfinite_loss_is_a_one_line_error(tmp_path):

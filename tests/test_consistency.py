@@ -77,6 +77,11 @@ def test_target_network_is_checkpointed_and_resumed(tmp_path):
     ({"w_min": 2.0, "w_max": 1.0}, "0 <= w_min < w_max"),
     ({"default_w": 1.0}, "objective.default_w=1.0 needs w_min/w_max"),
     ({"guidance_embed_scale": 10.0}, "objective.guidance_embed_scale applies with w_min/w_max only"),
+    ({"sample_sigmas": [80.0, 2.0, 2.0]}, "objective.sample_sigmas must be positive and decrease strictly"),
+    ({"sample_sigmas": [80.0, 0.0]}, "objective.sample_sigmas must be positive"),
+    ({"sample_sigmas": []}, "objective.sample_sigmas must be positive and decrease strictly"),
+    ({"sample_sigmas": [80.0, 0.1], "sample_steps": 4}, r"gives the number of steps itself \(2\); remove objective.sample_steps \(4\)"),
+    ({"sample_sigmas": [80.0, 0.1], "schedule": "lcm", "num_scales": 50}, "objective.sample_sigmas applies with schedule: karras only"),
 ])
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -94,6 +99,24 @@ def test_multistep_sigmas_pick_from_the_training_grid():
     assert multistep_sigmas(grid, 4) == [80.0, 10.0, 1.0, 0.1]
     with pytest.raises(ValueError, match="1 to 4 steps on a grid of 5 noise levels, got 5"):
         multistep_sigmas(grid, 5)
+
+
+def test_sample_sigmas_replace_the_grid_levels_of_the_student():
+    """objective.sample_sigmas: the student samples at exactly those levels (their count is its steps); outside
+    the grid's range they are a one-line config error."""
+    from distilldiff.config import ConfigError
+
+    cfg = ConsistencyConfig(num_scales=18, sample_sigmas=[80.0, 15.0, 2.0, 0.1])
+    assert cfg.sample_steps == 4
+    cd = ConsistencyDistillation.build(cfg, teacher())
+    student = cd.make_student(copy.deepcopy(fitted_copy()), StudentConfig())
+    assert student.sigmas == [80.0, 15.0, 2.0, 0.1] and student.sampler == "multistep"
+    assert student(torch.randn(16, 2), torch.Generator().manual_seed(0)).shape == (16, 2)
+    default = ConsistencyDistillation.build(ConsistencyConfig(num_scales=18, sample_steps=4), teacher())
+    assert default.make_student(copy.deepcopy(fitted_copy()), StudentConfig()).sigmas[-1] == pytest.approx(float(cd.sigmas[4]))
+    low = ConsistencyDistillation.build(ConsistencyConfig(num_scales=18, sample_sigmas=[80.0, 0.001]), teacher())
+    with pytest.raises(ConfigError, match=r"objective.sample_sigmas: \[0.001\] outside the consistency grid's range"):
+        low.make_student(copy.deepcopy(fitted_copy()), StudentConfig())
 
 
 def test_guidance_conditioning_needs_an_unguided_teacher_with_a_null_class():

@@ -47,6 +47,10 @@ class ConsistencyConfig(ObjectiveConfig):
         huber_c: pseudo-Huber c (default 0.00054 sqrt(dim), iCT).
         target_ema: decay mu of the target network (0.95 in CD/LCM; 0 makes it the student itself).
         sample_steps: network evaluations of the multistep sampler the student is exported with.
+        sample_sigmas: the multistep sampler's noise levels themselves, decreasing, inside the grid's
+            range (``karras`` only; unset: ``sample_steps`` levels of the grid, evenly spaced in index
+            from sigma_max, :func:`~distilldiff.samplers.multistep_sigmas`). Their count is the number
+            of steps. A lower last level than the grid's leaves less faint background (BENCHMARKS.md 6.3.5).
         w_min, w_max: guidance-scale conditioning as in LCM (Luo et al. 2023): per sample
             w ~ U[w_min, w_max], the teacher's ODE step uses the guided teacher
             ``D_c + w (D_c - D_u)`` and the student (and target) take w as an input; unset: off.
@@ -72,6 +76,7 @@ class ConsistencyConfig(ObjectiveConfig):
     huber_c: float | None = None
     target_ema: float = 0.95
     sample_steps: int = 1
+    sample_sigmas: list[float] | None = None
     w_min: float | None = None
     w_max: float | None = None
     default_w: float | None = None
@@ -93,6 +98,16 @@ class ConsistencyConfig(ObjectiveConfig):
             raise ValueError(f"objective.num_scales must be >= 2, got {self.num_scales}")
         if not 0 <= self.target_ema < 1:
             raise ValueError(f"objective.target_ema must be in [0, 1), got {self.target_ema}")
+        if self.sample_sigmas is not None:
+            levels = [float(v) for v in self.sample_sigmas]
+            if self.schedule != "karras":
+                raise ValueError(f"objective.sample_sigmas applies with schedule: karras only (schedule '{self.schedule}' samples on the teacher's own grid)")
+            if not levels or any(v <= 0 for v in levels) or any(b >= a for a, b in zip(levels, levels[1:])):
+                raise ValueError(f"objective.sample_sigmas must be positive and decrease strictly, got {self.sample_sigmas}")
+            if self.sample_steps not in (1, len(levels)):
+                raise ValueError(f"objective.sample_sigmas gives the number of steps itself ({len(levels)}); "
+                                 f"remove objective.sample_steps ({self.sample_steps}) or set it to {len(levels)}")
+            self.sample_steps = len(levels)
         if self.schedule in ("lcm", "flow"):
             for key in ("sigma_min", "sigma_max"):
                 if getattr(self, key) is not None:
@@ -178,7 +193,13 @@ class ConsistencyDistillation(Objective):
             f = LCMConsistencyDenoiser(inner, c.num_scales, c.timestep_scaling)
             return Student(f, f.sample_sigmas(c.sample_steps), "multistep")
         f = ConsistencyDenoiser(inner, float(self.sigmas[0]))
-        return Student(f, multistep_sigmas(self.sigmas.tolist(), c.sample_steps), "multistep")
+        if c.sample_sigmas is None:
+            return Student(f, multistep_sigmas(self.sigmas.tolist(), c.sample_steps), "multistep")
+        lo, hi = float(self.sigmas[0]), float(self.sigmas[-1])
+        outside = [v for v in c.sample_sigmas if not lo <= v <= hi * (1 + 1e-9)]
+        if outside:
+            raise ConfigError(f"objective.sample_sigmas: {outside} outside the consistency grid's range [{lo:.4g}, {hi:.4g}]")
+        return Student(f, [min(float(v), hi) for v in c.sample_sigmas], "multistep")
 
     def student_info(self) -> dict:
         # the whole grid, so that the student can be sampled with any number of steps later
