@@ -181,7 +181,7 @@ class FDistill(Objective):
         self.needs_real_data = config.uses_discriminator
         self.h_at_one = float(WEIGHTINGS[c.divergence](torch.ones(1, dtype=torch.float64)))
         self._sums: dict[str, Tensor] = {}
-        self._pairs: TeacherPairs | None = None  # made by the teacher at the first generator step
+        self._pairs: TeacherPairs | None = None  # the regression pairs, made in prepare() (or at the first generator loss)
 
     @classmethod
     def build(cls, config: FDistillConfig, teacher: nn.Module) -> "FDistill":
