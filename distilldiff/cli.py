@@ -181,11 +181,12 @@ def cmd_fid(args) -> None:
     if args.images is not None and (args.steps is not None or args.sigmas is not None):
         raise ValueError("--steps and --sigmas choose how a --model samples; an --images folder takes neither")
     _check_counts(args, "num", "steps", "batch_size")
+    sigmas = _sigmas(args)  # before the Inception network loads: a bad --sigmas is a quick one-line error
     extractor = InceptionFeatureExtractor(args.weights, device=args.device, batch_size=args.batch_size)
     if args.model is not None:
         from .inference import load_sampler
 
-        sampler = load_sampler(args.model, steps=args.steps, guidance_scale=args.guidance_scale, device=args.device, sigmas=_sigmas(args))
+        sampler = load_sampler(args.model, steps=args.steps, guidance_scale=args.guidance_scale, device=args.device, sigmas=sigmas)
         source, what = sampler.batches(args.num, seed=args.seed, batch_size=args.batch_size), f"{args.model} ({sampler.description})"
         from .export import split_checkpoint
 
@@ -199,8 +200,8 @@ def cmd_fid(args) -> None:
     result = compute_fid(source, args.num, args.ref, extractor, kid=args.kid, pr=args.pr, batch_size=args.batch_size, model=what)
     if args.steps is not None:
         result.extra["steps"] = args.steps
-    if args.sigmas is not None:
-        result.extra["sigmas"] = _sigmas(args)
+    if sigmas is not None:
+        result.extra["sigmas"] = sigmas
     line = f"FID {result.fid:.4f}  (N={result.num}, reference {result.reference}, weights: {result.weights})"
     if result.kid is not None:
         line += f"  KID {result.kid[0]:.6f} +- {result.kid[1]:.6f}"

@@ -282,6 +282,8 @@ def test_sample_and_fid_at_chosen_noise_levels(tmp_path):
     assert r.returncode == 2 and "only multistep consistency students sample at chosen noise levels" in r.stderr
     r = run_cli("fid", "--images", str(tmp_path), "--sigmas", "80,1")
     assert r.returncode == 2 and "an --images folder takes neither" in r.stderr
+    r = run_cli("fid", "--model", str(student), "--sigmas", "80,a", "--weights", str(tmp_path / "no-such-weights.pt"))
+    assert r.returncode == 2 and "--sigmas: expected comma-separated numbers, got 80,a" in r.stderr  # before the weights load
 
 
 def test_nonfinite_loss_is_a_one_line_error(tmp_path):
