@@ -169,7 +169,7 @@ def cmd_export(args) -> None:
     from .export import export_run
 
     _check_counts(args, "steps")
-    out = export_run(args.run, args.out, force=args.force, steps=args.steps)
+    out = export_run(args.run, args.out, force=args.force, steps=args.steps, sigmas=_sigmas(args))
     print(f"exported to {out} (see {out / 'README.md'} for the sampling call)")
 
 
@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty destination")
     p.add_argument("--steps", type=int, default=None,
                    help="network evaluations per sample of the exported pipeline (consistency students: any; others: their own)")
+    p.add_argument("--sigmas", default=None, help="multistep consistency students: the exported pipeline's noise levels, "
+                   "comma-separated and decreasing, instead of --steps (e.g. 80,15,2,0.1)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("fid", help="FID (and optionally KID, precision/recall) of a model or an image folder")

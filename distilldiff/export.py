@@ -24,7 +24,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -592,7 +592,23 @@ def with_steps(student: Student, meta: dict, steps: int | None, source: str | Pa
     return Student(student.denoiser, sigmas, student.sampler)
 
 
-def export_run(run: str | Path, out: str | Path, force: bool = False, steps: int | None = None) -> Path:
+def with_sigmas(student: Student, meta: dict, sigmas: Sequence[float] | None, source: str | Path) -> Student:
+    """``student`` sampling at the noise levels ``sigmas`` (``None``: its own, unchanged).
+
+    Only multistep consistency students (not LCM's) take chosen levels: decreasing, inside their noise
+    range, one network evaluation each (Song et al. 2023, sec. 4, choose the intermediate levels of
+    multistep sampling by search). ``source`` names the student in the error.
+    """
+    if sigmas is None:
+        return student
+    if "consistency_grid" not in meta or meta.get("lcm"):
+        raise ValueError(f"{source}: only multistep consistency students sample at chosen noise levels "
+                         f"(this one samples at its own: {', '.join(f'{s:.4g}' for s in student.sigmas)})")
+    return Student(student.denoiser, sigmas, student.sampler)
+
+
+def export_run(run: str | Path, out: str | Path, force: bool = False, steps: int | None = None,
+               sigmas: Sequence[float] | None = None) -> Path:
     """Export a run's EMA student (the one of its newest checkpoint, or of a given one) to a clean diffusers folder.
 
     Args:
@@ -605,9 +621,12 @@ def export_run(run: str | Path, out: str | Path, force: bool = False, steps: int
         steps: network evaluations per sample of the exported pipeline (consistency students: any
             count their grid allows, see :func:`with_steps`; others: only their own); default: the
             student's own.
+        sigmas: instead of ``steps``, the exported pipeline's noise levels themselves (multistep
+            consistency students only, :func:`with_sigmas`); default: the student's own.
 
     Returns:
-        ``out``. The model card records the FID measured with ``distilldiff fid`` if any.
+        ``out``. The model card records the FID measured with ``distilldiff fid`` if any (only for
+        the student's own noise levels).
     """
     run, out = Path(run), Path(out)
     if not run.is_dir():
@@ -626,12 +645,14 @@ def export_run(run: str | Path, out: str | Path, force: bool = False, steps: int
     student, meta = load_student(src)  # the source is read completely before the destination is touched
     if checkpoint is not None:
         load_checkpoint_ema(student, meta, checkpoint)
-    own_steps = student.num_steps
-    student = with_steps(student, meta, steps, src)
+    own_sigmas = list(student.sigmas)
+    if sigmas is not None and steps is not None:
+        raise ValueError("give the number of steps or the noise levels (sigmas), not both")
+    student = with_steps(with_sigmas(student, meta, sigmas, src), meta, steps, src)
     info = run_info(meta)
-    # a measured FID belongs to the student's own step count (fid records do not say theirs, so none is quoted for
-    # another) and to the run's newest student: none is quoted for an earlier checkpoint's
-    fid = _find_fid(*fid_folders) if student.num_steps == own_steps else None
+    # a measured FID belongs to the student's own noise levels (fid records do not say theirs, so none is quoted for
+    # others) and to the run's newest student: none is quoted for an earlier checkpoint's
+    fid = _find_fid(*fid_folders) if list(student.sigmas) == own_sigmas else None
 
     def write(folder: Path) -> None:
         save_student(student, folder, info)

@@ -10,10 +10,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .export import STUDENT_INFO_FILE, load_checkpoint_ema, load_student, split_checkpoint, student_folder, with_steps
+from .export import STUDENT_INFO_FILE, load_checkpoint_ema, load_student, split_checkpoint, student_folder, with_sigmas, with_steps
 from .images import save_grid
 from .samplers import base_denoiser, ddim_sample
-from .students import Student
 from .teachers import CFGDenoiser, ClassLabels, Denoiser, TextConditioned, VPDenoiser, load_teacher
 
 
@@ -81,12 +80,7 @@ def _load_student(folder: Path, device: torch.device, guidance_scale: float | No
     student, meta = load_student(folder)
     if checkpoint is not None:
         load_checkpoint_ema(student, meta, checkpoint)
-    if sigmas is not None:  # Song et al. 2023 (sec. 4) choose the intermediate levels of multistep sampling by search
-        if "consistency_grid" not in meta or meta.get("lcm"):
-            raise ValueError(f"{folder}: only multistep consistency students sample at chosen noise levels "
-                             f"(this one samples at its own: {', '.join(f'{s:.4g}' for s in student.sigmas)})")
-        student = Student(student.denoiser, sigmas, student.sampler)
-    student = with_steps(student, meta, steps, folder).to(device)
+    student = with_steps(with_sigmas(student, meta, sigmas, folder), meta, steps, folder).to(device)
     extra = {}
     if meta.get("guidance_scale") is not None:
         extra["guidance_scale"] = meta["guidance_scale"] if guidance_scale is None else float(guidance_scale)

@@ -252,6 +252,47 @@ def test_export_with_steps_for_consistency_students_only(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_at_chosen_noise_levels(tmp_path, capsys):
+    """`export --sigmas`: a multistep consistency student's pipeline samples at the given levels (what `sample/fid
+    --sigmas` sample), plain diffusers loads it in a fresh process and draws the same images, no FID of its own levels
+    is quoted for them; other students, --steps with --sigmas and bad lists are one-line errors that write nothing."""
+    from distilldiff.cli import main
+    from distilldiff.inference import load_sampler
+
+    grid = [0.02, 0.1, 0.5, 1.5, 3.0, 10.0, 40.0]
+    student, info = make_students()["consistency"]
+    save_student(student, tmp_path / "cm", {**info, "consistency_grid": grid})
+    (tmp_path / "cm" / "fid-mnist5k-100.json").write_text(json.dumps({"fid": 42.5, "num": 100, "reference": "mnist5k", "weights": "w"}))
+    assert main(["export", "--run", str(tmp_path / "cm"), "--out", str(tmp_path / "lv"), "--sigmas", "30,2,0.1"]) == 0
+    exported, meta = load_student(tmp_path / "lv")
+    assert meta["sigmas"] == pytest.approx([30.0, 2.0, 0.1]) and exported.sampler == "multistep"
+    assert "fid" not in meta and "42.50" not in (tmp_path / "lv" / "README.md").read_text()  # measured at its own levels
+    ours = load_sampler(str(tmp_path / "lv"), device="cpu").sample(NUM, seed=SEED)
+    torch.testing.assert_close(ours, load_sampler(str(tmp_path / "cm"), device="cpu", sigmas=[30, 2, 0.1]).sample(NUM, seed=SEED))
+    assert (ours - load_sampler(str(tmp_path / "cm"), device="cpu").sample(NUM, seed=SEED)).abs().max() > 1e-3
+    script = ("import sys, numpy as np, torch\nfrom diffusers import DiffusionPipeline\n"
+              "pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+              "out = pipe(batch_size=int(sys.argv[2]), generator=torch.Generator().manual_seed(int(sys.argv[3])), output_type='np').images\n"
+              "np.save(sys.argv[1] + '.npy', np.asarray(out))\n"
+              "assert not any(m.split('.')[0] == 'distilldiff' for m in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "lv"), str(NUM), str(SEED)], capture_output=True, text=True,
+                          cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plain = torch.from_numpy(np.load(tmp_path / "lv.npy")).permute(0, 3, 1, 2)
+    assert (plain - (ours / 2 + 0.5).clamp(0, 1)).abs().max() < 1e-5
+
+    capsys.readouterr()
+    for args, message in [(["--sigmas", "30,2,0.1", "--steps", "3"], "give --steps or --sigmas, not both"),
+                          (["--sigmas", "30,x"], "--sigmas: expected comma-separated numbers, got 30,x"),
+                          (["--sigmas", "2,30"], "student sigmas must decrease strictly")]:
+        assert main(["export", "--run", str(tmp_path / "cm"), "--out", str(tmp_path / "bad"), *args]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    run = _fake_run(tmp_path, "one_step")
+    with pytest.raises(ValueError, match="only multistep consistency students sample at chosen noise levels"):
+        export_run(run, tmp_path / "out", sigmas=[2.5])
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_of_a_kept_checkpoint(tmp_path, capsys):
     """`export --run RUN/checkpoints/step-N`: the EMA student of update N (picked from eval.jsonl, say), with N and its
     images seen on the model card; the newest checkpoint exports the same student as the run folder; a checkpoint whose
