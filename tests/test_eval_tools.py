@@ -53,7 +53,7 @@ def test_eval_mnist_scores_the_teacher(tmp_path):
     assert not out.with_name(out.name + ".tmp").exists()
 
 
-@pytest.mark.parametrize("tool", ["eval_mnist.py", "eval_t2i.py", "background_stats.py"])
+@pytest.mark.parametrize("tool", ["eval_mnist.py", "eval_t2i.py", "background_stats.py", "feature_probe.py"])
 def test_eval_tool_bad_model_is_one_line(tmp_path, tool):
     r = subprocess.run([sys.executable, f"tools/{tool}", "--model", str(tmp_path / "missing"), "--num", "4"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -204,6 +204,27 @@ def test_background_stats_finds_leaked_input_noise():
     assert leaked["above_near_black"] == pytest.approx(0.105, abs=0.01)
     clean = bg.background_stats(torch.full((4, 1, 28, 28), -1.0), z[:4])
     assert clean["quartiles"] == [-1.0, -1.0, -1.0] and clean["above_near_black"] == 0.0
+
+
+def test_feature_probe_separates_what_differs_and_not_what_does_not():
+    """tools/feature_probe.py: held-out accuracy near 1 for feature rows from two distributions, near 0.5 for one."""
+    probe = _tool("feature_probe")
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 8, generator=g), torch.randn(300, 8, generator=g)
+    assert probe.probe_accuracy(a, b + 2.0) > 0.95
+    assert 0.4 < probe.probe_accuracy(a, b) < 0.6
+
+
+def test_feature_probe_runs_on_the_teacher(tmp_path):
+    """The teacher's own 4-step samples against real digits, through both feature layers, written as JSON."""
+    out = tmp_path / "probe.json"
+    r = subprocess.run([sys.executable, "tools/feature_probe.py", "--model", "builtin:mnist", "--steps", "4", "--num", "40",
+                        "--sigmas", "0.05,1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["probe"]
+    assert [row["sigma"] for row in rows] == [0.05, 1.0]
+    assert all(0 <= row[layer] <= 1 for row in rows for layer in ("bottleneck", "decoder"))
+    assert not out.with_name(out.name + ".tmp").exists()
 
 
 def _eval_log(folder: Path, rows: list[tuple[int, int, float, float]]) -> None:

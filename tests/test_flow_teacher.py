@@ -140,6 +140,8 @@ def test_dmd2_discriminator_head_reads_the_transformers_token_features(folders, 
 
     teacher = load_teacher(str(folders["sd3"]), prompts=str(folders["prompts"]))
     assert feature_module(teacher) is teacher.model.norm_out
+    with pytest.raises(ValueError, match="one feature layer for a discriminator head, not a UNet's decoder"):
+        feature_module(teacher, "decoder")
     critic = ScoreWithHead(teacher)
     cond = teacher.conditioning.grid(3, "cpu")
     d, logit = critic(torch.randn(3, 4, 8, 8), torch.full((3,), 2.0), with_logit=True, **cond)

@@ -8,7 +8,7 @@ import torch
 
 from distilldiff.config import ConfigError
 from distilldiff.objectives import Batch, FDistill, FDistillConfig, SiD, SiDConfig
-from distilldiff.objectives.critic import ScoreWithHead, critic_loss
+from distilldiff.objectives.critic import ScoreWithHead, critic_loss, feature_module
 from distilldiff.objectives.noise import KarrasTime, LogNormal, Timesteps, make_noise_levels, noise_range
 from distilldiff.students import OneStepGenerator
 from distilldiff.teachers import GaussianMixtureDenoiser
@@ -173,6 +173,43 @@ def test_conv_head_is_a_patch_discriminator_on_the_feature_map():
         FDistillConfig(disc_head="conv")  # DMD: no head
     sida = SiD.build(SiDConfig(adv_weight=0.01, disc_head="conv"), narrow_teacher())
     assert sida.make_critic("fake_score", tiny_unet_denoiser()).head_kind == "conv"
+
+
+def test_decoder_features_are_the_unets_full_resolution_map():
+    """disc_features=decoder: the head reads the last up block's map (the image's resolution, where the bottleneck
+    is coarser); starts at 0 with D unchanged; refused where there is no decoder and without a discriminator."""
+    den = tiny_unet_denoiser()
+    x, sigma, labels = torch.randn(4, 1, 8, 8), torch.full((4,), 0.05), torch.tensor([0, 1, 2, 0])
+    sizes = {}
+    for features in ("bottleneck", "decoder"):
+        critic = ScoreWithHead(copy.deepcopy(den), head="conv", features=features)
+        assert feature_module(critic.denoiser, features) is (den_model(critic).up_blocks[-1] if features == "decoder"
+                                                             else den_model(critic).mid_block)
+        d, logit = critic(x, sigma, with_logit=True, class_labels=labels)
+        assert bool((logit == 0).all())
+        torch.testing.assert_close(d, den(x, sigma, class_labels=labels))
+        maps = []
+        hook = critic.head[0].register_forward_hook(lambda m, i, o: maps.append(i[0]))
+        critic(x, sigma, with_logit=True, class_labels=labels)
+        hook.remove()
+        sizes[features] = tuple(maps[0].shape[-2:])
+    assert sizes == {"bottleneck": (4, 4), "decoder": (8, 8)}
+    with pytest.raises(ValueError, match="no decoder features"):
+        ScoreWithHead(copy.deepcopy(fitted_copy()), features="decoder")  # an MLP
+    with pytest.raises(ValueError, match="disc_features needs a discriminator head"):
+        FDistillConfig(disc_features="decoder")  # DMD: no head
+    with pytest.raises(ValueError, match="disc_features: 'pixels' is not one of bottleneck, decoder"):
+        FDistillConfig(divergence="js", disc_features="pixels")
+    with pytest.raises(ValueError, match="disc_features needs a discriminator head"):
+        SiDConfig(disc_features="decoder")  # plain SiD
+    fd = FDistill.build(FDistillConfig(divergence="js", disc_features="decoder"), narrow_teacher())
+    assert fd.make_critic("fake_score", tiny_unet_denoiser()).features == "decoder"
+    sida = SiD.build(SiDConfig(adv_weight=0.01, disc_features="decoder"), narrow_teacher())
+    assert sida.make_critic("fake_score", tiny_unet_denoiser()).features == "decoder"
+
+
+def den_model(critic):
+    return critic.denoiser.model
 
 
 @pytest.mark.parametrize("trains_fake_score", [True, False])

@@ -24,22 +24,41 @@ from .base import Batch, edm_weight
 from .noise import NoiseLevels
 
 
-def feature_module(den: nn.Module) -> nn.Module:
-    """The layer whose output is ``den``'s bottleneck features: a diffusers UNet's ``mid_block``,
-    the last hidden layer of an MLP denoiser, or what ``den.feature_module()`` names (flow
-    transformers: their final norm, whose token features the head averages)."""
+#: where a discriminator head reads the fake score's features (objectives' ``disc_features``)
+FeatureLayer = Literal["bottleneck", "decoder"]
+FEATURE_LAYERS: tuple[str, ...] = get_args(FeatureLayer)
+
+
+def feature_module(den: nn.Module, layer: str = "bottleneck") -> nn.Module:
+    """The layer whose output a discriminator head on ``den`` reads.
+
+    ``layer="bottleneck"``: a diffusers UNet's ``mid_block``, the last hidden layer of an MLP
+    denoiser, or what ``den.feature_module()`` names (flow transformers: their final norm, whose
+    token features the head averages). ``layer="decoder"``: a diffusers UNet's last up block, the
+    decoder's full-resolution feature map ``[B, C, H, W]`` just before the output convolution;
+    only UNets have it (a ValueError names the network otherwise).
+    """
+    if layer not in FEATURE_LAYERS:
+        raise ValueError(f"feature layer {layer!r} is not one of {', '.join(FEATURE_LAYERS)}")
     own = getattr(den, "feature_module", None)
     if callable(own):
-        return own()
+        module = own()  # may raise its own error (a LoRA critic has no features)
+        if layer != "bottleneck":
+            raise ValueError(f"{type(den).__name__} has one feature layer for a discriminator head, not a UNet's decoder: "
+                             f"leave disc_features at bottleneck")
+        return module
     model = getattr(den, "model", None)
     if model is not None and getattr(model, "mid_block", None) is not None:
-        return model.mid_block
-    net = getattr(den, "net", None)
-    if isinstance(net, nn.Sequential) and len(net) >= 2:
-        return net[-2]
+        return model.mid_block if layer == "bottleneck" else model.up_blocks[-1]
     inner = getattr(den, "inner", None)
+    net = getattr(den, "net", None)
+    if layer == "bottleneck" and isinstance(net, nn.Sequential) and len(net) >= 2:
+        return net[-2]
     if isinstance(inner, nn.Module):
-        return feature_module(inner)
+        return feature_module(inner, layer)
+    if layer == "decoder":
+        raise ValueError(f"{type(den).__name__} has no decoder features for a discriminator head (a diffusers UNet's "
+                         "last up block): leave disc_features at bottleneck")
     raise ValueError(
         f"{type(den).__name__} has no known feature layer for a discriminator head (a diffusers UNet's "
         "mid_block, an MLP's last hidden layer, or a feature_module() method)"
@@ -55,7 +74,8 @@ class ScoreWithHead(Denoiser):
     """A fake score ``D_psi(x, sigma, **cond)`` with a discriminator logit on its own features.
 
     ``forward(x, sigma, with_logit=True)`` returns ``(D [B, *shape], logit [B])`` from one network
-    evaluation. The logit comes from the bottleneck features through ``head`` (output layer
+    evaluation. The logit comes from the features of ``features`` (:func:`feature_module`: the
+    bottleneck, or a UNet's full-resolution decoder map) through ``head`` (output layer
     zero-initialised, so the logit starts at 0, i.e. r = 1): ``mean_mlp``, a small MLP on their
     spatial (or token) mean (SiDA's); ``conv``, for feature maps ``[B, C, H, W]`` only, a 3x3
     convolution, GroupNorm and SiLU, then a 1x1 convolution to one logit per position, averaged over the
@@ -76,10 +96,13 @@ class ScoreWithHead(Denoiser):
             (:meth:`learning_rate_scales`): the zero-started head otherwise moves by about lr per
             update, and at short budgets stays at chance.
         head: ``mean_mlp`` or ``conv`` (see above).
+        features: ``bottleneck`` or ``decoder`` (:func:`feature_module`). The bottleneck is what DMD2 and
+            SiDA read; on small images it is nearly blind to pixel-level differences such as a speckled
+            background, which the decoder's full-resolution map shows (docs/math.md, section 3.0).
     """
 
     def __init__(self, score: Denoiser, ratio_bins: int = 0, h_init: float = 1.0, train_backbone: bool = True,
-                 head_lr_scale: float = 1.0, head: str = "mean_mlp"):
+                 head_lr_scale: float = 1.0, head: str = "mean_mlp", features: str = "bottleneck"):
         super().__init__()
         if not head_lr_scale > 0:
             raise ValueError(f"head_lr_scale must be > 0, got {head_lr_scale}")
@@ -92,7 +115,8 @@ class ScoreWithHead(Denoiser):
         for attr in ("sigma_min", "sigma_max", "sigma_data", "sample_shape", "num_classes", "null_class"):
             setattr(self, attr, getattr(score, attr))
         self._features: list[Tensor] = []
-        feature_module(score).register_forward_hook(self._keep_features)
+        self.features = features
+        feature_module(score, features).register_forward_hook(self._keep_features)
         width, ndim = self._feature_shape()
         if head == "conv":
             if ndim != 4:
@@ -122,7 +146,7 @@ class ScoreWithHead(Denoiser):
 
     @torch.no_grad()
     def _feature_shape(self) -> tuple[int, int]:
-        """Width (channels or token dimension) and number of dimensions of the bottleneck features."""
+        """Width (channels or token dimension) and number of dimensions of the head's features."""
         x = torch.zeros(1, *self.sample_shape)
         conditioning = self.denoiser.conditioning  # any valid conditioning: only the shape is read
         cond = conditioning.null(1, x.device) if conditioning.has_null else conditioning.draw(1, x.device)
@@ -172,14 +196,19 @@ class ScoreWithHead(Denoiser):
         return d, logit.to(x.dtype)
 
 
-def check_head_options(head_lr_scale: float, disc_head: str, has_discriminator: bool, needs: str) -> None:
-    """Config check of an objective's head keys: ``head_lr_scale`` positive and ``disc_head`` a known kind,
-    both left at their defaults (1, ``mean_mlp``) without a head; ``needs`` says what turns the head on."""
+def check_head_options(head_lr_scale: float, disc_head: str, has_discriminator: bool, needs: str,
+                       disc_features: str = "bottleneck") -> None:
+    """Config check of an objective's head keys: ``head_lr_scale`` positive, ``disc_head`` and ``disc_features``
+    known kinds, all left at their defaults (1, ``mean_mlp``, ``bottleneck``) without a head; ``needs`` says
+    what turns the head on."""
     if not head_lr_scale > 0:
         raise ValueError(f"objective.head_lr_scale must be > 0, got {head_lr_scale}")
     if disc_head not in HEADS:
         raise ValueError(f"objective.disc_head: {disc_head!r} is not one of {', '.join(HEADS)}")
-    for key, value, default in (("head_lr_scale", head_lr_scale, 1.0), ("disc_head", disc_head, HEADS[0])):
+    if disc_features not in FEATURE_LAYERS:
+        raise ValueError(f"objective.disc_features: {disc_features!r} is not one of {', '.join(FEATURE_LAYERS)}")
+    for key, value, default in (("head_lr_scale", head_lr_scale, 1.0), ("disc_head", disc_head, HEADS[0]),
+                                ("disc_features", disc_features, FEATURE_LAYERS[0])):
         if value != default and not has_discriminator:
             raise ValueError(f"objective.{key} needs a discriminator head ({needs}); remove the key")
 

@@ -17,7 +17,7 @@ from ..students import trainable_copy
 from ..teachers.base import Denoiser
 from ..tensors import append_dims, mean_chw
 from .base import Batch, Objective, Phase
-from .critic import HeadKind, ScoreWithHead, check_head_options, critic_loss, gan_generator_loss, global_sum
+from .critic import FeatureLayer, HeadKind, ScoreWithHead, check_head_options, critic_loss, gan_generator_loss, global_sum
 from .noise import NoiseKind, check_time_range, make_noise_levels
 from .pairs import TeacherPairs, concat_cond, teacher_pairs
 
@@ -67,9 +67,12 @@ class FDistillConfig(ObjectiveConfig):
             layers (DMD2, SiDA) or only the head.
         head_lr_scale: the discriminator head's learning rate as a multiple of the fake score's
             (only with a head; the official DMD2 code: 1).
-        disc_head: the discriminator head on the fake score's bottleneck: ``mean_mlp`` (an MLP on
+        disc_head: the discriminator head on the fake score's features: ``mean_mlp`` (an MLP on
             the features' spatial mean, SiDA's) or ``conv`` (a patch discriminator on the feature map, as
             DMD2's head is convolutional; :class:`~distilldiff.objectives.critic.ScoreWithHead`).
+        disc_features: which features the head reads: ``bottleneck`` (DMD2's and SiDA's choice) or
+            ``decoder`` (a UNet's last up block: the full-resolution map, which sees pixel-level
+            differences such as background speckle that the bottleneck of a small UNet does not).
         logit_clip: the discriminator logit log r is clamped to [-logit_clip, logit_clip].
         ratio_min, ratio_max: r is clipped to this range before h(r) (0.1, 20).
         ratio_bins: if > 0, divide r by its running mean in its noise bin (``ratio_bins`` bins equally
@@ -108,6 +111,7 @@ class FDistillConfig(ObjectiveConfig):
     disc_trains_fake_score: bool = True
     head_lr_scale: float = 1.0
     disc_head: HeadKind = "mean_mlp"
+    disc_features: FeatureLayer = "bottleneck"
     logit_clip: float = 10.0
     ratio_min: float = 0.1
     ratio_max: float = 20.0
@@ -152,7 +156,8 @@ class FDistillConfig(ObjectiveConfig):
                 raise ValueError(f"objective.{key} has no effect with regression_weight 0; remove it or set regression_weight > 0")
             if value is not None and value < 1:
                 raise ValueError(f"objective.{key} must be >= 1, got {value}")
-        check_head_options(self.head_lr_scale, self.disc_head, self.uses_discriminator, "a divergence other than reverse_kl or gan_weight > 0")
+        check_head_options(self.head_lr_scale, self.disc_head, self.uses_discriminator, "a divergence other than reverse_kl or gan_weight > 0",
+                           self.disc_features)
 
     @property
     def uses_discriminator(self) -> bool:
@@ -191,7 +196,7 @@ class FDistill(Objective):
         """The fake score: a trainable copy of the teacher, with a discriminator head if used."""
         score = trainable_copy(teacher)
         return ScoreWithHead(score, self.config.ratio_bins, self.h_at_one, head_lr_scale=self.config.head_lr_scale,
-                             head=self.config.disc_head) if self.config.uses_discriminator else score
+                             head=self.config.disc_head, features=self.config.disc_features) if self.config.uses_discriminator else score
 
     def phases(self) -> list[Phase]:
         return [Phase("fake_score", "fake_score", repeats=self.config.critic_ratio), Phase("generator", "generator")]

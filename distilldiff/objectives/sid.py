@@ -14,7 +14,7 @@ from ..teachers.base import Denoiser
 from ..teachers.guidance import CFGDenoiser
 from ..tensors import append_dims, mean_chw, sum_chw
 from .base import Batch, Objective, Phase
-from .critic import HeadKind, ScoreWithHead, check_head_options, critic_loss, gan_generator_loss
+from .critic import FeatureLayer, HeadKind, ScoreWithHead, check_head_options, critic_loss, gan_generator_loss
 from .noise import NoiseKind, check_time_range, make_noise_levels
 
 
@@ -47,9 +47,12 @@ class SiDConfig(ObjectiveConfig):
         disc_trains_fake_score: whether that loss also trains the fake score's own layers (SiDA: yes).
         head_lr_scale: the discriminator head's learning rate as a multiple of the fake score's
             (SiDA only; the official code: 1, over far more updates than a short run makes).
-        disc_head: the discriminator head on the fake score's bottleneck: ``mean_mlp`` (an MLP on
+        disc_head: the discriminator head on the fake score's features: ``mean_mlp`` (an MLP on
             the features' spatial mean, SiDA's) or ``conv`` (a patch discriminator on the feature map, as
             DMD2's head is convolutional; :class:`~distilldiff.objectives.critic.ScoreWithHead`).
+        disc_features: which features the head reads: ``bottleneck`` (DMD2's and SiDA's choice) or
+            ``decoder`` (a UNet's last up block: the full-resolution map, which sees pixel-level
+            differences such as background speckle that the bottleneck of a small UNet does not).
         fake_guidance_train, fake_guidance_eval: SiD-LSG's guidance of the fake score (Zhou et al.
             2025, "Guided Score identity Distillation"; long and short guidance): the fake score is
             trained, and read in the generator loss, through classifier-free guidance at these
@@ -79,6 +82,7 @@ class SiDConfig(ObjectiveConfig):
     disc_trains_fake_score: bool = True
     head_lr_scale: float = 1.0
     disc_head: HeadKind = "mean_mlp"
+    disc_features: FeatureLayer = "bottleneck"
     fake_guidance_train: float = 0.0
     fake_guidance_eval: float = 0.0
 
@@ -90,7 +94,7 @@ class SiDConfig(ObjectiveConfig):
             raise ValueError(f"objective.adv_weight must be >= 0 (0: plain SiD), got {self.adv_weight}")
         if self.disc_weight <= 0:
             raise ValueError(f"objective.disc_weight must be > 0, got {self.disc_weight}")
-        check_head_options(self.head_lr_scale, self.disc_head, self.adversarial, "adv_weight > 0 (SiDA)")
+        check_head_options(self.head_lr_scale, self.disc_head, self.adversarial, "adv_weight > 0 (SiDA)", self.disc_features)
         for key in ("fake_guidance_train", "fake_guidance_eval"):
             if getattr(self, key) < 0:
                 raise ValueError(f"objective.{key} must be >= 0 (0: an unguided fake score), got {getattr(self, key)}")
@@ -142,7 +146,8 @@ class SiD(Objective):
 
     def make_critic(self, name: str, teacher: Denoiser) -> nn.Module:
         score = trainable_copy(teacher)
-        return ScoreWithHead(score, head_lr_scale=self.config.head_lr_scale, head=self.config.disc_head) if self.config.adversarial else score
+        return ScoreWithHead(score, head_lr_scale=self.config.head_lr_scale, head=self.config.disc_head,
+                             features=self.config.disc_features) if self.config.adversarial else score
 
     def phases(self) -> list[Phase]:
         return [Phase("fake_score", "fake_score", repeats=self.config.critic_ratio), Phase("generator", "generator")]
