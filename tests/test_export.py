@@ -220,6 +220,16 @@ def test_cli_export(tmp_path, capsys):
     assert (tmp_path / "g.png").is_file()
 
 
+CONSISTENCY_GRID = [0.02, 0.1, 0.5, 1.5, 3.0, 10.0, 40.0]
+
+
+def _consistency_folder(folder):
+    """The tiny 3-step consistency student saved with a training grid and an FID measured at its own levels (42.5)."""
+    student, info = make_students()["consistency"]
+    save_student(student, folder, {**info, "consistency_grid": CONSISTENCY_GRID})
+    (folder / "fid-mnist5k-100.json").write_text(json.dumps({"fid": 42.5, "num": 100, "reference": "mnist5k", "weights": "w"}))
+
+
 def test_export_with_steps_for_consistency_students_only(tmp_path, capsys):
     """`export --steps K`: a consistency student's pipeline samples in K steps on its training grid (the same noise
     levels as `sample/fid --steps K`); a student distilled for a fixed count refuses another one."""
@@ -228,10 +238,8 @@ def test_export_with_steps_for_consistency_students_only(tmp_path, capsys):
     from distilldiff.inference import load_sampler
     from distilldiff.samplers import multistep_sigmas
 
-    grid = [0.02, 0.1, 0.5, 1.5, 3.0, 10.0, 40.0]
-    student, info = make_students()["consistency"]
-    save_student(student, tmp_path / "cm", {**info, "consistency_grid": grid})
-    (tmp_path / "cm" / "fid-mnist5k-100.json").write_text(json.dumps({"fid": 42.5, "num": 100, "reference": "mnist5k", "weights": "w"}))
+    grid = CONSISTENCY_GRID
+    _consistency_folder(tmp_path / "cm")
     assert main(["export", "--run", str(tmp_path / "cm"), "--out", str(tmp_path / "cm4"), "--steps", "4"]) == 0
     exported, meta = load_student(tmp_path / "cm4")
     assert exported.num_steps == 4 and meta["sigmas"] == pytest.approx(multistep_sigmas(grid, 4))
@@ -259,10 +267,7 @@ def test_export_at_chosen_noise_levels(tmp_path, capsys):
     from distilldiff.cli import main
     from distilldiff.inference import load_sampler
 
-    grid = [0.02, 0.1, 0.5, 1.5, 3.0, 10.0, 40.0]
-    student, info = make_students()["consistency"]
-    save_student(student, tmp_path / "cm", {**info, "consistency_grid": grid})
-    (tmp_path / "cm" / "fid-mnist5k-100.json").write_text(json.dumps({"fid": 42.5, "num": 100, "reference": "mnist5k", "weights": "w"}))
+    _consistency_folder(tmp_path / "cm")
     assert main(["export", "--run", str(tmp_path / "cm"), "--out", str(tmp_path / "lv"), "--sigmas", "30,2,0.1"]) == 0
     exported, meta = load_student(tmp_path / "lv")
     assert meta["sigmas"] == pytest.approx([30.0, 2.0, 0.1]) and exported.sampler == "multistep"
