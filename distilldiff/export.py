@@ -607,6 +607,15 @@ def with_sigmas(student: Student, meta: dict, sigmas: Sequence[float] | None, so
     return Student(student.denoiser, sigmas, student.sampler)
 
 
+def with_levels(student: Student, meta: dict, source: str | Path, steps: int | None = None,
+                sigmas: Sequence[float] | None = None) -> Student:
+    """``student`` sampling in ``steps`` evaluations (:func:`with_steps`) or at the noise levels ``sigmas``
+    (:func:`with_sigmas`), at most one of them given; neither: unchanged."""
+    if sigmas is not None and steps is not None:
+        raise ValueError("give the number of steps or the noise levels (sigmas), not both")
+    return with_steps(with_sigmas(student, meta, sigmas, source), meta, steps, source)
+
+
 def export_run(run: str | Path, out: str | Path, force: bool = False, steps: int | None = None,
                sigmas: Sequence[float] | None = None) -> Path:
     """Export a run's EMA student (the one of its newest checkpoint, or of a given one) to a clean diffusers folder.
@@ -646,9 +655,7 @@ def export_run(run: str | Path, out: str | Path, force: bool = False, steps: int
     if checkpoint is not None:
         load_checkpoint_ema(student, meta, checkpoint)
     own_sigmas = list(student.sigmas)
-    if sigmas is not None and steps is not None:
-        raise ValueError("give the number of steps or the noise levels (sigmas), not both")
-    student = with_steps(with_sigmas(student, meta, sigmas, src), meta, steps, src)
+    student = with_levels(student, meta, src, steps, sigmas)
     info = run_info(meta)
     # a measured FID belongs to the student's own noise levels (fid records do not say theirs, so none is quoted for
     # others) and to the run's newest student: none is quoted for an earlier checkpoint's

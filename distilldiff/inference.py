@@ -10,7 +10,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .export import STUDENT_INFO_FILE, load_checkpoint_ema, load_student, split_checkpoint, student_folder, with_sigmas, with_steps
+from .export import STUDENT_INFO_FILE, load_checkpoint_ema, load_student, split_checkpoint, student_folder, with_levels
 from .images import save_grid
 from .samplers import base_denoiser, ddim_sample
 from .teachers import CFGDenoiser, ClassLabels, Denoiser, TextConditioned, VPDenoiser, load_teacher
@@ -80,7 +80,7 @@ def _load_student(folder: Path, device: torch.device, guidance_scale: float | No
     student, meta = load_student(folder)
     if checkpoint is not None:
         load_checkpoint_ema(student, meta, checkpoint)
-    student = with_steps(with_sigmas(student, meta, sigmas, folder), meta, steps, folder).to(device)
+    student = with_levels(student, meta, folder, steps, sigmas).to(device)
     extra = {}
     if meta.get("guidance_scale") is not None:
         extra["guidance_scale"] = meta["guidance_scale"] if guidance_scale is None else float(guidance_scale)
