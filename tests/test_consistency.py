@@ -82,6 +82,7 @@ def test_target_network_is_checkpointed_and_resumed(tmp_path):
     ({"sample_sigmas": []}, "objective.sample_sigmas must be positive and decrease strictly"),
     ({"sample_sigmas": [80.0, 0.1], "sample_steps": 4}, r"gives the number of steps itself \(2\); remove objective.sample_steps \(4\)"),
     ({"sample_sigmas": [80.0, 0.1], "schedule": "lcm", "num_scales": 50}, "objective.sample_sigmas applies with schedule: karras only"),
+    ({"multistep": "segments", "schedule": "lcm", "num_scales": 50}, "objective.multistep: segments applies with schedule: karras only"),
 ])
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -117,6 +118,79 @@ def test_sample_sigmas_replace_the_grid_levels_of_the_student():
     low = ConsistencyDistillation.build(ConsistencyConfig(num_scales=18, sample_sigmas=[80.0, 0.001]), teacher())
     with pytest.raises(ConfigError, match=r"objective.sample_sigmas: \[0.001\] outside the consistency grid's range"):
         low.make_student(copy.deepcopy(fitted_copy()), StudentConfig())
+
+
+# --- multistep consistency (objective.multistep: segments; Heek et al. 2024) ---------------------
+
+
+def test_segments_cut_the_grid_at_the_sample_levels():
+    """The sample levels join the Karras grid with 0 below it; each level maps to the lower end of its own
+    segment; the student samples by deterministic DDIM at the sample levels, in its own count of steps only."""
+    from distilldiff.export import with_levels
+    from distilldiff.objectives.consistency import SegmentConsistencyDistillation
+
+    cd = ConsistencyDistillation.build(ConsistencyConfig(num_scales=18, sample_sigmas=[80.0, 15.0, 2.0, 0.1], multistep="segments"), teacher())
+    assert isinstance(cd, SegmentConsistencyDistillation)
+    karras = ConsistencyDistillation.build(ConsistencyConfig(num_scales=18), teacher()).sigmas
+    assert cd.sigmas[0] == 0 and len(cd.sigmas) == 18 + 1 + 3  # 80 is the grid's top already
+    assert set(karras.tolist()) | {0.0, 15.0, 2.0, 0.1} == set(cd.sigmas.tolist())
+    assert cd.boundaries.tolist() == [0.0, 0.1, 2.0, 15.0]
+    s = torch.tensor([0.01, 0.1, 0.1001, 2.0, 14.9, 15.0, 15.01, 80.0], dtype=torch.float64)
+    assert cd.segment_end(s).tolist() == [0.0, 0.0, 0.1, 0.1, 2.0, 2.0, 15.0, 15.0]
+    student = cd.make_student(copy.deepcopy(fitted_copy()), StudentConfig())
+    assert student.sigmas == [80.0, 15.0, 2.0, 0.1] and student.sampler == "ddim"
+    z = torch.randn(16, 2)
+    assert torch.equal(student(z, torch.Generator().manual_seed(0)), student(z, torch.Generator().manual_seed(1)))
+    info = cd.student_info()
+    assert info == {"consistency_segments": [80.0, 15.0, 2.0, 0.1]}
+    with pytest.raises(ValueError, match="samples in 4 step"):
+        with_levels(student, info, "run", steps=2)
+    default = ConsistencyDistillation.build(ConsistencyConfig(num_scales=18, sample_steps=4, multistep="segments"), teacher())
+    assert default.tops == [pytest.approx(v) for v in karras.flip(0)[[0, 4, 9, 13]].tolist()]  # the renoise sampler's levels
+    assert len(default.sigmas) == 19
+
+
+def test_a_step_to_zero_is_the_teachers_denoiser():
+    """The teacher's ODE step from sigma to 0 (the last segment's end) is Euler, D(x, sigma) itself, beside Heun
+    steps of the same batch to levels above 0."""
+    from distilldiff.teachers import GaussianMixtureDenoiser
+
+    single = GaussianMixtureDenoiser([1.0], [[0.5, -1.0]], [0.7]).double()
+    cd = ConsistencyDistillation.build(ConsistencyConfig(multistep="segments", sample_steps=2), single)
+    x = torch.randn(4, 2, dtype=torch.float64)
+    s_from = torch.tensor([0.02, 0.02, 1.0, 1.0], dtype=torch.float64)
+    s_to = torch.tensor([0.0, 0.0, 0.98, 0.98], dtype=torch.float64)
+    out = cd.ode_step(single, x, s_from, s_to, {})
+    torch.testing.assert_close(out[:2], single(x[:2], s_from[:2]), rtol=0, atol=1e-12)
+    m = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    exact = m + (x[2:] - m) * (0.49 + 0.98**2) ** 0.5 / (0.49 + 1.0) ** 0.5
+    assert (out[2:] - exact).abs().max() < 1e-5  # Heun, as test_teacher_ode_step_follows_the_exact_flow
+
+
+@pytest.mark.parametrize("solver, zero_for_the_teacher", [("euler", True), ("heun", False)])
+def test_one_level_per_segment_regresses_on_the_teachers_step(solver, zero_for_the_teacher):
+    """With every grid level a sample level, each segment is one teacher step: the target is the denoised estimate
+    of the teacher's own step, which for Euler (= DDIM) is the teacher's D. A copy of the teacher has loss 0 there;
+    a perturbed copy does not; with Heun the target differs from D by Heun's correction."""
+    from distilldiff.objectives.base import Batch, Phase
+    from distilldiff.samplers import karras_sigmas
+
+    t = teacher().double()
+    levels = karras_sigmas(3, 0.002, 80.0).tolist()
+    cd = ConsistencyDistillation.build(ConsistencyConfig(num_scales=3, sample_sigmas=levels, multistep="segments",
+                                                         solver=solver, distance="l2"), t)
+    assert cd.boundaries.tolist() == [0.0, *sorted(levels)[:-1]]
+
+    def loss_of(student_net):
+        student = cd.make_student(student_net, StudentConfig())
+        nets = {"teacher": t, "student": student, "target": cd.make_target(student)}
+        torch.manual_seed(0)
+        x0 = torch.randn(256, 2, dtype=torch.float64)
+        return float(cd.loss(Phase("consistency", "student"), nets, Batch(noise=x0, real=x0))[0].detach())
+
+    same = loss_of(copy.deepcopy(t))
+    assert (same < 1e-20) == zero_for_the_teacher, same
+    assert loss_of(copy.deepcopy(fitted_copy()).double()) > 1e-4
 
 
 def test_guidance_conditioning_needs_an_unguided_teacher_with_a_null_class():

@@ -51,6 +51,15 @@ class ConsistencyConfig(ObjectiveConfig):
             range (``karras`` only; unset: ``sample_steps`` levels of the grid, evenly spaced in index
             from sigma_max, :func:`~distilldiff.samplers.multistep_sigmas`). Their count is the number
             of steps. A lower last level than the grid's leaves less faint background (BENCHMARKS.md 6.3.5).
+        multistep: how a student of more than one step is trained and sampled (``karras`` only).
+            ``renoise`` (Song et al. 2023, Alg. 1): every level maps to the ODE's end at sigma_min,
+            and the sampler re-noises between evaluations. ``segments`` (multistep consistency models,
+            Heek, Hoogeboom, Salimans 2024): the sample levels cut the ODE into ``sample_steps``
+            segments; a level maps to the lower end of its own segment (0 for the last) through a DDIM
+            step with the student's denoised estimate, ``f(x, s) = D(x, s) + (b / s) (x - D(x, s))``, so
+            ``f(x, b) = x`` holds by construction and the student samples with deterministic DDIM at
+            the sample levels (exported as a stock DDIM pipeline). The sample levels join the grid, and
+            the grid gains the level 0 (the teacher's step from sigma_min to 0 is Euler).
         w_min, w_max: guidance-scale conditioning as in LCM (Luo et al. 2023): per sample
             w ~ U[w_min, w_max], the teacher's ODE step uses the guided teacher
             ``D_c + w (D_c - D_u)`` and the student (and target) take w as an input; unset: off.
@@ -77,6 +86,7 @@ class ConsistencyConfig(ObjectiveConfig):
     target_ema: float = 0.95
     sample_steps: int = 1
     sample_sigmas: list[float] | None = None
+    multistep: Literal["renoise", "segments"] = "renoise"
     w_min: float | None = None
     w_max: float | None = None
     default_w: float | None = None
@@ -108,6 +118,9 @@ class ConsistencyConfig(ObjectiveConfig):
                 raise ValueError(f"objective.sample_sigmas gives the number of steps itself ({len(levels)}); "
                                  f"remove objective.sample_steps ({self.sample_steps}) or set it to {len(levels)}")
             self.sample_steps = len(levels)
+        if self.multistep == "segments" and self.schedule != "karras":
+            raise ValueError(f"objective.multistep: segments applies with schedule: karras only (schedule '{self.schedule}' "
+                             "re-noises between steps)")
         if self.schedule in ("lcm", "flow"):
             for key in ("sigma_min", "sigma_max"):
                 if getattr(self, key) is not None:
@@ -124,7 +137,7 @@ class ConsistencyConfig(ObjectiveConfig):
         else:
             if self.timestep_scaling != 10.0:
                 raise ValueError("objective.timestep_scaling applies with schedule: lcm only")
-            if not 1 <= self.sample_steps <= self.num_scales - 1:
+            if self.sample_sigmas is None and not 1 <= self.sample_steps <= self.num_scales - 1:  # levels picked from the grid
                 raise ValueError(f"objective.sample_steps must be in [1, num_scales - 1], got {self.sample_steps}")
 
 
@@ -171,7 +184,10 @@ class ConsistencyDistillation(Objective):
                 f"objective.sigma_min/sigma_max = {lo:.4g}/{hi:.4g} must satisfy {teacher.sigma_min:.4g} <= sigma_min "
                 f"< sigma_max <= {teacher.sigma_max:.4g} (the teacher's range)"
             )
-        return cls(config, karras_sigmas(config.num_scales, lo, hi, config.rho).flip(0))
+        grid = karras_sigmas(config.num_scales, lo, hi, config.rho).flip(0)
+        if config.multistep == "segments":
+            return SegmentConsistencyDistillation(config, grid)
+        return cls(config, grid)
 
     @property
     def default_w(self) -> float | None:
@@ -228,14 +244,18 @@ class ConsistencyDistillation(Objective):
         return [Phase("consistency", "student")]
 
     def ode_step(self, teacher: nn.Module, x: Tensor, s_from: Tensor, s_to: Tensor, cond: dict) -> Tensor:
-        """One teacher probability-flow step in sigma space: dx/dsigma = (x - D(x, sigma)) / sigma."""
+        """One teacher probability-flow step in sigma space: dx/dsigma = (x - D(x, sigma)) / sigma.
+
+        Heun (EDM Alg. 1) where ``s_to > 0``; a step to ``s_to = 0`` is Euler, ``D(x, s_from)`` itself."""
         a, b = append_dims(s_from, x.ndim), append_dims(s_to, x.ndim)
         d = (x - teacher(x, s_from, **cond)) / a
         x_next = x + (b - a) * d
         if self.config.solver == "euler":
             return x_next
-        d2 = (x_next - teacher(x_next, s_to, **cond)) / b  # Heun (EDM Alg. 1); s_to >= sigma_min > 0
-        return x + (b - a) * (d + d2) / 2
+        above = s_to > 0  # a step to 0 stays Euler; elsewhere the second evaluation is at s_to itself
+        s2 = torch.where(above, s_to, s_from)
+        d2 = (x_next - teacher(x_next, s2, **cond)) / append_dims(s2, x.ndim)
+        return torch.where(append_dims(above, x.ndim), x + (b - a) * (d + d2) / 2, x_next)
 
     def distance(self, a: Tensor, b: Tensor) -> Tensor:
         """Per-sample distance ``[B]``: mean squared error or pseudo-Huber on the flattened sample."""
@@ -316,5 +336,88 @@ class FlowConsistencyDistillation(ConsistencyDistillation):
             x_lo = self.flow_step(nets["teacher"], x_hi, s_hi, s_lo, cond)
             target = nets["target"].forward_scaled(x_lo, s_lo, **cond)
         online = nets["student"](x_hi, sigma=s_hi, scaled=True, **cond)
+        loss = self.distance(online, target).mean()
+        return loss, {"loss": loss.detach()}
+
+
+class SegmentConsistencyDistillation(ConsistencyDistillation):
+    """Multistep consistency distillation (Heek, Hoogeboom, Salimans 2024, "Multistep Consistency Models").
+
+    The student's ``K = sample_steps`` sample levels ``s_K > ... > s_1`` and 0 cut the teacher's ODE into
+    ``K`` segments. On segment ``(b, s]`` the consistency function maps a point of the ODE to the ODE's
+    value at the segment's lower end ``b`` by one DDIM step with the student's denoised estimate,
+    ``f(x, sigma) = D(x, sigma) + (b / sigma) (x - D(x, sigma))``, so ``f(x, b) = x`` holds by
+    construction and ``K`` deterministic DDIM steps at the sample levels follow the ODE to 0. The
+    training grid is the Karras grid with the sample levels and 0 added; the loss compares the
+    student's ``D`` with the denoised estimate that would make its step land on the target
+    (``objective.multistep: segments``; docs/math.md section 3.5).
+
+    Networks: as :class:`ConsistencyDistillation`. ``sigmas`` holds 0 first.
+    """
+
+    def __init__(self, config: ConsistencyConfig, karras_grid: Tensor):
+        tops = (config.sample_sigmas if config.sample_sigmas is not None
+                else multistep_sigmas(karras_grid.tolist(), config.sample_steps))
+        lo, hi = float(karras_grid[0]), float(karras_grid[-1])
+        outside = [v for v in tops if not lo <= v <= hi * (1 + 1e-9)]
+        if outside:
+            raise ConfigError(f"objective.sample_sigmas: {outside} outside the consistency grid's range [{lo:.4g}, {hi:.4g}]")
+        tops = [min(float(v), hi) for v in tops]
+        levels = sorted(set(karras_grid.tolist()) | set(tops))
+        super().__init__(config, torch.tensor([0.0, *levels], dtype=torch.float64))
+        #: the sampler's levels, decreasing (one network evaluation each)
+        self.tops = tops
+        #: the segments' lower ends, increasing: 0, s_1, ..., s_{K-1}
+        self.boundaries = torch.tensor([0.0, *sorted(tops)[:-1]], dtype=torch.float64)
+
+    def make_student(self, teacher: Denoiser, student: StudentConfig) -> Student:
+        """The copy of the teacher (output as ``student.parameterization``) sampled by DDIM at the sample levels."""
+        check_student_keys(student, self.name, uses=("parameterization", "lora_rank", "lora_alpha"))
+        c = self.config
+        if c.guided:
+            if student.lora_rank is not None:
+                raise ConfigError("student.lora_rank: a guidance-conditioned consistency student (w_min/w_max) trains its whole "
+                                  "network (a new w embedding); remove the LoRA keys")
+            inner = set_parameterization(guidance_conditioned_copy(teacher, c.guidance_embed_scale, c.guidance_embed_gain), student.parameterization)
+        else:
+            inner = student_copy(teacher, student)
+        return Student(inner, self.tops, "ddim")
+
+    def student_info(self) -> dict:
+        # no consistency_grid: the student samples at its own levels only (the segments are trained for them)
+        info = {"consistency_segments": self.tops}
+        return info if self.default_w is None else {**info, "default_guidance_scale": self.default_w}
+
+    def segment_end(self, sigma: Tensor) -> Tensor:
+        """The lower end ``b`` of the segment ``(b, s]`` holding each ``sigma > 0`` ``[B]``."""
+        ends = self.boundaries.to(device=sigma.device, dtype=sigma.dtype)
+        return ends[torch.searchsorted(ends, sigma, right=False) - 1]
+
+    def loss(self, phase: Phase, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """d(D_theta(x_{n+1}, s_{n+1}), x0_target), with x0_target the denoised estimate whose DDIM step from
+        (x_{n+1}, s_{n+1}) lands on f_theta-(x_hat_n, s_n) at the segment's end b (Heek et al. 2024, Alg. 1)."""
+        x0, c = batch.real, self.config
+        sig = self.sigmas.to(device=x0.device, dtype=x0.dtype)
+        n = torch.randint(0, len(sig) - 1, (x0.shape[0],), device=x0.device)
+        s_hi, s_lo = sig[n + 1], sig[n]
+        b = self.segment_end(s_hi)
+        x_hi = x0 + append_dims(s_hi, x0.ndim) * torch.randn_like(x0)
+        teacher, cond = nets["teacher"], dict(batch.cond)
+        if c.guided:
+            w = draw_w(x0.shape[0], c.w_min, c.w_max, x0)
+            teacher = CFGDenoiser(teacher, w)
+            cond_f = {**cond, "guidance_scale": w}
+        else:
+            cond_f = cond
+        bb, hi = append_dims(b, x0.ndim), append_dims(s_hi, x0.ndim)
+        with torch.no_grad():
+            x_lo = self.ode_step(teacher, x_hi, s_hi, s_lo, cond)
+            at_end = append_dims(s_lo <= b, x0.ndim)  # the target is the ODE point itself: f(x, b) = x
+            s_eval = torch.where(s_lo > b, s_lo, sig[1])  # the target network is not evaluated at 0
+            d_lo = nets["target"](x_lo, s_eval, **cond_f)
+            lo = append_dims(s_eval, x0.ndim)
+            f_lo = torch.where(at_end, x_lo, d_lo + (bb / lo) * (x_lo - d_lo))
+            target = (f_lo - (bb / hi) * x_hi) / (1 - bb / hi)
+        online = nets["student"](x_hi, sigma=s_hi, **cond_f)
         loss = self.distance(online, target).mean()
         return loss, {"loss": loss.detach()}
