@@ -79,6 +79,10 @@ class StudentConfig:
             the attention projections of the student's copy of the teacher instead of all its
             weights (networks with diffusers' adapter support, e.g. ``UNet2DConditionModel``);
             ``lora_alpha`` defaults to the rank (scale 1).
+        clip_sample: one-step generators of pixel teachers: the generator's samples are clipped to the
+            images' range [-1, 1] before the objective sees them, as they are when saved and scored
+            (diffusers' ``clip_sample`` does the same to a scheduler's x0). Without it the critics see the
+            raw output, whose background spreads on both sides of -1 (BENCHMARKS.md section 2).
     """
 
     #: SiD's value for EDM-style teachers (Zhou et al. 2024, sec. 5)
@@ -89,6 +93,7 @@ class StudentConfig:
     parameterization: str | None = None
     lora_rank: int | None = None
     lora_alpha: float | None = None
+    clip_sample: bool = False
 
     def __post_init__(self):
         if self.lora_rank is not None and self.lora_rank < 1:
@@ -108,8 +113,8 @@ class StudentConfig:
         return self.DEFAULT_INIT_SIGMA if self.init_sigma is None else self.init_sigma
 
     def set_keys(self) -> list[str]:
-        """Keys given a value in the config (every default of this section is ``None``)."""
-        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+        """Keys given a value other than their default (off) in the config."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default]
 
 
 @dataclass
@@ -128,6 +133,7 @@ class CriticConfig:
 
     lora_rank: int | None = None
     lora_alpha: float | None = None
+    clip_sample: bool = False
 
     def __post_init__(self):
         if self.lora_rank is not None and self.lora_rank < 1:

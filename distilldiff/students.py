@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from .samplers import SAMPLERS, sample_loop
+from .samplers import SAMPLERS, base_denoiser, sample_loop
 from .teachers.base import Denoiser
 from .teachers.conditioning import Conditioning
 from .tensors import append_dims
@@ -114,15 +114,26 @@ class OneStepGenerator(Student):
     Args:
         denoiser: the student's denoiser (usually a deep copy of the teacher; trained in place).
         init_sigma: the fixed noise level the generator is evaluated at (``student.init_sigma``).
+        clip_sample: return ``x_g`` clipped to the images' range [-1, 1] (``student.clip_sample``), the
+            samples as they are saved and scored, so that the objective matches those; its gradient is 0
+            where the output is outside the range.
     """
 
-    def __init__(self, denoiser: Denoiser, init_sigma: float):
+    def __init__(self, denoiser: Denoiser, init_sigma: float, clip_sample: bool = False):
         if not denoiser.sigma_min <= init_sigma <= denoiser.sigma_max:
             raise ValueError(
                 f"student.init_sigma={init_sigma} is outside the teacher's noise range "
                 f"[{denoiser.sigma_min:.4g}, {denoiser.sigma_max:.4g}]"
             )
         super().__init__(denoiser, [init_sigma], "ddim")
+        self.clip_sample = bool(clip_sample)
+
+    def forward(self, z: Tensor, generator: torch.Generator | None = None, *, sigma: Tensor | float | None = None,
+                scaled: bool = False, **cond: Any) -> Tensor:
+        """``x_g`` ``[B, *sample_shape]`` of standard-normal ``z`` (clipped with ``clip_sample``); with ``sigma``,
+        the denoiser's ``D(z, sigma)`` as :meth:`Student.forward`."""
+        x = super().forward(z, generator, sigma=sigma, scaled=scaled, **cond)
+        return x.clamp(-1, 1) if self.clip_sample and sigma is None else x
 
     @property
     def init_sigma(self) -> float:
@@ -132,7 +143,13 @@ class OneStepGenerator(Student):
     def from_teacher(cls, teacher: Denoiser, init_sigma: float, student=None) -> "OneStepGenerator":
         """A generator whose denoiser is the trainable copy of ``teacher`` that the ``student``
         section asks for (:func:`student_copy`; ``None``: a plain copy)."""
-        return cls(student_copy(teacher, student) if student is not None else trainable_copy(teacher), init_sigma)
+        clip = student is not None and student.clip_sample
+        if clip and type(base_denoiser(teacher)).decode is not Denoiser.decode:
+            from .config import ConfigError
+
+            raise ConfigError(f"student.clip_sample: the samples of {type(teacher).__name__} are latents, not images in [-1, 1]; "
+                              "remove the key")
+        return cls(student_copy(teacher, student) if student is not None else trainable_copy(teacher), init_sigma, clip)
 
 
 def init_noise_level(teacher: Denoiser, student) -> float:

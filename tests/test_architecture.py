@@ -57,6 +57,35 @@ def test_student_defaults_have_one_source():
     assert hits == ["config.py"], hits
 
 
+def test_clip_sample_clips_the_one_step_generators_samples_only():
+    """student.clip_sample: x_g in [-1, 1] with gradient 0 outside the range, D(x, sigma) unclipped; a latent
+    teacher and a multistep objective refuse the key in one line; it counts as set only when on."""
+    from distilldiff.objectives import ConsistencyConfig, ConsistencyDistillation
+
+    from toy_setup import fitted_copy, teacher
+
+    assert StudentConfig().set_keys() == [] and StudentConfig(clip_sample=True).set_keys() == ["clip_sample"]
+    g = OneStepGenerator.from_teacher(fitted_copy(), 2.5, StudentConfig(clip_sample=True))
+    raw = OneStepGenerator.from_teacher(fitted_copy(), 2.5, StudentConfig())
+    z = torch.randn(512, 2, generator=torch.Generator().manual_seed(0))
+    x, r = g(z), raw(z)
+    assert r.abs().max() > 1.2 and x.abs().max() <= 1 and torch.equal(x, r.clamp(-1, 1))
+    (grad,) = torch.autograd.grad(x.sum(), g.denoiser.trainable_parameters()[-1])
+    (grad_inside,) = torch.autograd.grad(torch.where(r.abs() <= 1, r, 0).sum(), raw.denoiser.trainable_parameters()[-1])
+    torch.testing.assert_close(grad, grad_inside)  # only the pixels inside the range pass a gradient
+    torch.testing.assert_close(g(z, sigma=2.5), raw(z, sigma=2.5))
+
+    class Latent(GaussianMixtureDenoiser):
+        def decode(self, x):
+            return x
+
+    with pytest.raises(ConfigError, match="student.clip_sample: the samples of Latent are latents"):
+        OneStepGenerator.from_teacher(Latent([1.0], [[0.0, 0.0]], [1.0]), 2.5, StudentConfig(clip_sample=True))
+    cd = ConsistencyDistillation.build(ConsistencyConfig(), teacher())
+    with pytest.raises(ConfigError, match="student.clip_sample: objective 'consistency'"):
+        cd.make_student(fitted_copy(), StudentConfig(clip_sample=True))
+
+
 # --- a new objective needs its own file and its registration only ------------------------------
 
 
