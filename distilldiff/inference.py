@@ -47,7 +47,7 @@ class Sampler:
 
         One CPU generator seeded with ``seed`` draws each batch's initial noise and then any noise
         the sampler needs (multistep students), in the order an exported pipeline draws them.
-        Latent samples are decoded to pixels.
+        Latent samples are decoded to pixels; every image is clipped to [-1, 1].
         """
         g = torch.Generator().manual_seed(seed)
         conditioning = self.denoiser.conditioning
@@ -68,7 +68,8 @@ class Sampler:
                 cond = conditioning.grid(n, self.device, start)
             for key, value in self.extra_cond.items():
                 cond[key] = torch.full((n,), value, device=self.device)
-            yield self.denoiser.decode(self.draw(noise, cond, g)).float().cpu()
+            # clipped to the images' range, as they are saved and scored (a raw output may leave it)
+            yield self.denoiser.decode(self.draw(noise, cond, g)).float().clamp(-1, 1).cpu()
 
     def save_grid(self, num: int, path: str | Path, seed: int = 0, class_label: int | None = None, prompt: str | None = None) -> Path:
         """Sample ``num`` images and write them as one PNG grid."""
