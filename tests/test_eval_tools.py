@@ -53,7 +53,7 @@ def test_eval_mnist_scores_the_teacher(tmp_path):
     assert not out.with_name(out.name + ".tmp").exists()
 
 
-@pytest.mark.parametrize("tool", ["eval_mnist.py", "eval_t2i.py", "background_stats.py", "feature_probe.py"])
+@pytest.mark.parametrize("tool", ["eval_mnist.py", "eval_t2i.py", "background_stats.py", "feature_probe.py", "critic_readout.py"])
 def test_eval_tool_bad_model_is_one_line(tmp_path, tool):
     r = subprocess.run([sys.executable, f"tools/{tool}", "--model", str(tmp_path / "missing"), "--num", "4"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -225,6 +225,58 @@ def test_feature_probe_runs_on_the_teacher(tmp_path):
     assert [row["sigma"] for row in rows] == [0.05, 1.0]
     assert all(0 <= row[layer] <= 1 for row in rows for layer in ("bottleneck", "decoder"))
     assert not out.with_name(out.name + ".tmp").exists()
+
+
+def test_critic_readout_gradient_stats_per_pixel_class():
+    """tools/critic_readout.py: the pixel classes of 8-bit images and the mean descent / |grad| over each."""
+    ro = _tool("critic_readout")
+    u8 = torch.tensor([[0, 2, 3, 32, 33, 200]], dtype=torch.uint8)
+    masks = ro.pixel_classes(u8)
+    assert masks["black"].tolist() == [[True, True, False, False, False, False]]
+    assert masks["faint"].tolist() == [[False, False, True, True, False, False]]
+    assert masks["stroke"].tolist() == [[False, False, False, False, False, True]]
+    stats = ro.gradient_stats(torch.tensor([[1.0, 1.0, 2.0, -4.0, 0.0, 0.5]]), masks)
+    assert stats["faint"] == {"mean_descent": 1.0, "mean_abs": 3.0} and stats["black"]["mean_descent"] == -1.0
+
+
+def test_critic_readout_of_the_teacher_denoising_samples(tmp_path):
+    """Without a run: the faint share of the teacher's denoised samples by noise level, as JSON."""
+    out = tmp_path / "ro.json"
+    r = subprocess.run([sys.executable, "tools/critic_readout.py", "--model", "builtin:mnist", "--steps", "2", "--num", "12",
+                        "--sigmas", "0.05,1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert [row["sigma"] for row in data["rows"]] == [0.05, 1.0] and data["run_checkpoint"] is None
+    assert all(0 <= row["denoised_faint"] <= 1 and "head_accuracy" not in row for row in data["rows"])
+    assert 0 <= data["sample_faint"] <= 1 and not out.with_name(out.name + ".tmp").exists()
+
+
+@pytest.mark.slow  # two tiny MNIST runs and two tool calls: about a minute on 2 cores
+def test_critic_readout_reads_a_runs_discriminator_head(tmp_path):
+    """With --run: the head of the run's checkpoint (the decoder head of f-distill, loaded from the fake score's own
+    checkpoint file) reads real digits against samples; a run without a head is a one-line error."""
+    from distilldiff.cli import main as cli
+
+    sets = ["train.max_steps=2", "train.batch_size=2", "train.checkpoint_every=2", "train.sample_every=100",
+            "train.num_sample_images=4", "objective.disc_features=decoder", "objective.disc_head=conv", "objective.head_lr_scale=100"]
+    run = tmp_path / "fd"
+    assert cli(["distill", "--config", "configs/mnist/fdistill.yaml", "--output-dir", str(run), *[a for s in sets for a in ("--set", s)]]) == 0
+    out = tmp_path / "ro.json"
+    r = subprocess.run([sys.executable, "tools/critic_readout.py", "--model", str(run), "--run", str(run), "--checkpoint", "step-0000002",
+                        "--num", "10", "--sigmas", "0.01", "--raw", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert data["raw"] and data["run_checkpoint"].endswith("step-0000002") and 0 <= row["head_accuracy"] <= 1
+    assert row["logit_real"] != 0 or row["logit_fake"] != 0  # the head left its zero start: the trained weights were loaded
+    assert set(row["gan_gradient"]) == {"black", "faint", "stroke"}
+
+    sid = tmp_path / "sid"
+    assert cli(["distill", "--config", "configs/mnist/sid.yaml", "--output-dir", str(sid), *[a for s in sets[:5] for a in ("--set", s)]]) == 0
+    r = subprocess.run([sys.executable, "tools/critic_readout.py", "--model", str(sid), "--run", str(sid), "--num", "10"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "objective 'sid' has no fake score with a discriminator head" in r.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in r.stderr
 
 
 def _eval_log(folder: Path, rows: list[tuple[int, int, float, float]]) -> None:
