@@ -69,7 +69,8 @@ def run_critic(run: Path, checkpoint: str):
 
 
 def main() -> None:
-    from distilldiff.data import mnist5k
+    from feature_probe import digits_and_samples  # tools/, on the path when run as a script
+
     from distilldiff.inference import load_sampler
     from distilldiff.metrics.background import faint_share, to_uint8
 
@@ -98,14 +99,7 @@ def main() -> None:
     if not 10 <= args.num <= 5000:
         p.error(f"--num must be in 10..5000 (the MNIST-5k digits), got {args.num}")
     n = args.num
-    real, real_labels = mnist5k()
-    idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:n]
-    real, real_labels = real[idx], real_labels[idx]
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(n, *model.denoiser.sample_shape, generator=g)
-    cond = model.denoiser.conditioning.grid(n, torch.device("cpu"), 0)
-    with torch.no_grad():
-        fake = model.draw(z, cond, g).float()
+    real, real_labels, fake, cond = digits_and_samples(model, n)  # the probe's digits and samples
     fake = fake if args.raw else fake.clamp(-1, 1)
     masks = pixel_classes(to_uint8(fake))
     rows = []

@@ -61,8 +61,22 @@ def layer_features(teacher, images: torch.Tensor, labels: torch.Tensor, sigma: f
     return {k: torch.cat([v.mean((2, 3)), v.std((2, 3))], 1) for k, v in kept.items()}
 
 
-def main() -> None:
+def digits_and_samples(model, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """``(real, real_labels, samples, cond)``: ``n`` MNIST-5k digits (a seed-0 draw) with their labels, and ``n`` raw
+    samples of the sampler ``model`` (noise seed 0, classes cycling 0-9) with their conditioning."""
     from distilldiff.data import mnist5k
+
+    real, real_labels = mnist5k()
+    idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:n]
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(n, *model.denoiser.sample_shape, generator=g)
+    cond = model.denoiser.conditioning.grid(n, torch.device("cpu"), 0)
+    with torch.no_grad():
+        fake = model.draw(z, cond, g).float()
+    return real[idx], real_labels[idx], fake, cond
+
+
+def main() -> None:
     from distilldiff.inference import load_sampler
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,13 +99,8 @@ def main() -> None:
     if not 10 <= args.num <= 5000:
         p.error(f"--num must be in 10..5000 (the MNIST-5k digits), got {args.num}")
     n = args.num
-    real, real_labels = mnist5k()
-    idx = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:n]
-    real, real_labels = real[idx], real_labels[idx]
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(n, *model.denoiser.sample_shape, generator=g)
-    cond = model.denoiser.conditioning.grid(n, torch.device("cpu"), 0)
-    fake = model.draw(z, cond, g).float().clamp(-1, 1)
+    real, real_labels, fake, cond = digits_and_samples(model, n)
+    fake = fake.clamp(-1, 1)
     rows = []
     print(f"{args.model} ({model.description}) against MNIST-5k, features of {args.teacher}, {n} images each")
     print("sigma    " + "  ".join(f"{layer:>10}" for layer in FEATURE_LAYERS))

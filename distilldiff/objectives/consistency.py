@@ -141,6 +141,16 @@ class ConsistencyConfig(ObjectiveConfig):
                 raise ValueError(f"objective.sample_steps must be in [1, num_scales - 1], got {self.sample_steps}")
 
 
+def levels_in_grid(levels: list[float], grid: Tensor) -> list[float]:
+    """``objective.sample_sigmas`` checked against the increasing ``grid``'s range (one-line error outside it),
+    as floats, the top one capped at the grid's top (rounding)."""
+    lo, hi = float(grid[0]), float(grid[-1])
+    outside = [v for v in levels if not lo <= v <= hi * (1 + 1e-9)]
+    if outside:
+        raise ConfigError(f"objective.sample_sigmas: {outside} outside the consistency grid's range [{lo:.4g}, {hi:.4g}]")
+    return [min(float(v), hi) for v in levels]
+
+
 class ConsistencyDistillation(Objective):
     """Student ``f_theta`` (a :class:`ConsistencyDenoiser` copy of the teacher) made self-consistent
     along the teacher's probability-flow ODE. Needs real data (the ODE starts from noised data).
@@ -193,29 +203,30 @@ class ConsistencyDistillation(Objective):
     def default_w(self) -> float | None:
         return resolved_default_w(self.config.w_min, self.config.w_max, self.config.default_w)
 
+    def student_network(self, teacher: Denoiser, student: StudentConfig) -> Denoiser:
+        """The trained copy of the teacher, its output read as ``student.parameterization``: with a w range, a
+        guidance-conditioned copy (whole network, a new w input); else :func:`student_copy` (LoRA allowed)."""
+        check_student_keys(student, self.name, uses=("parameterization", "lora_rank", "lora_alpha"))
+        c = self.config
+        if not c.guided:
+            return student_copy(teacher, student)
+        if student.lora_rank is not None:
+            raise ConfigError("student.lora_rank: a guidance-conditioned consistency student (w_min/w_max) trains its whole "
+                              "network (a new w embedding); remove the LoRA keys")
+        return set_parameterization(guidance_conditioned_copy(teacher, c.guidance_embed_scale, c.guidance_embed_gain), student.parameterization)
+
     def make_student(self, teacher: Denoiser, student: StudentConfig) -> Student:
         """A multistep student: the consistency function at ``sample_steps`` grid levels from sigma_max,
         around a copy of the teacher whose output means ``student.parameterization``."""
-        check_student_keys(student, self.name, uses=("parameterization", "lora_rank", "lora_alpha"))
         c = self.config
-        if c.guided:
-            if student.lora_rank is not None:
-                raise ConfigError("student.lora_rank: a guidance-conditioned consistency student (w_min/w_max) trains its whole "
-                                  "network (a new w embedding); remove the LoRA keys")
-            inner = set_parameterization(guidance_conditioned_copy(teacher, c.guidance_embed_scale, c.guidance_embed_gain), student.parameterization)
-        else:
-            inner = student_copy(teacher, student)
+        inner = self.student_network(teacher, student)
         if c.schedule == "lcm":  # the timesteps LCMScheduler picks (Luo et al. 2023)
             f = LCMConsistencyDenoiser(inner, c.num_scales, c.timestep_scaling)
             return Student(f, f.sample_sigmas(c.sample_steps), "multistep")
         f = ConsistencyDenoiser(inner, float(self.sigmas[0]))
         if c.sample_sigmas is None:
             return Student(f, multistep_sigmas(self.sigmas.tolist(), c.sample_steps), "multistep")
-        lo, hi = float(self.sigmas[0]), float(self.sigmas[-1])
-        outside = [v for v in c.sample_sigmas if not lo <= v <= hi * (1 + 1e-9)]
-        if outside:
-            raise ConfigError(f"objective.sample_sigmas: {outside} outside the consistency grid's range [{lo:.4g}, {hi:.4g}]")
-        return Student(f, [min(float(v), hi) for v in c.sample_sigmas], "multistep")
+        return Student(f, levels_in_grid(c.sample_sigmas, self.sigmas), "multistep")
 
     def student_info(self) -> dict:
         # the whole grid, so that the student can be sampled with any number of steps later
@@ -265,26 +276,32 @@ class ConsistencyDistillation(Objective):
         c = self.config.huber_c if self.config.huber_c is not None else 0.00054 * math.sqrt(dim)
         return ((a - b).flatten(1).pow(2).sum(1) + c**2).sqrt() - c
 
-    def loss(self, phase: Phase, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        """d(f_theta(x_{n+1}, s_{n+1}), f_theta-(x_hat_n, s_n)), n ~ U{0..N-2} (Song et al. 2023, eq. 7).
-
-        With w (LCM, Luo et al. 2023, eq. 9): f takes w, and x_hat_n is the solver step on the
-        guided teacher D_w = D_c + w (D_c - D_u). For the Euler solver this equals eq. 9's
-        (1 + w) Phi(c) - w Phi(null); Heun here re-evaluates D_w at the Euler point."""
+    def teacher_pair(self, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, Tensor, Tensor, Tensor, dict]:
+        """``(x_{n+1}, s_{n+1}, x_hat_n, s_n, cond_f)``: neighbouring levels ``n ~ U{0..N-2}`` of the grid, the real
+        batch noised to ``s_{n+1}``, the teacher's ODE step from it to ``s_n`` (with w: on the guided teacher), and
+        the student's conditioning (with w: ``guidance_scale``)."""
         x0, c = batch.real, self.config
         sig = self.sigmas.to(device=x0.device, dtype=x0.dtype)
         n = torch.randint(0, len(sig) - 1, (x0.shape[0],), device=x0.device)
         s_hi, s_lo = sig[n + 1], sig[n]
         x_hi = x0 + append_dims(s_hi, x0.ndim) * torch.randn_like(x0)
         teacher, cond = nets["teacher"], dict(batch.cond)
+        cond_f = cond
         if c.guided:
             w = draw_w(x0.shape[0], c.w_min, c.w_max, x0)
-            teacher = CFGDenoiser(teacher, w)
-            cond_f = {**cond, "guidance_scale": w}
-        else:
-            cond_f = cond
+            teacher, cond_f = CFGDenoiser(teacher, w), {**cond, "guidance_scale": w}
         with torch.no_grad():
             x_lo = self.ode_step(teacher, x_hi, s_hi, s_lo, cond)
+        return x_hi, s_hi, x_lo, s_lo, cond_f
+
+    def loss(self, phase: Phase, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        """d(f_theta(x_{n+1}, s_{n+1}), f_theta-(x_hat_n, s_n)), n ~ U{0..N-2} (Song et al. 2023, eq. 7).
+
+        With w (LCM, Luo et al. 2023, eq. 9): f takes w, and x_hat_n is the solver step on the
+        guided teacher D_w = D_c + w (D_c - D_u). For the Euler solver this equals eq. 9's
+        (1 + w) Phi(c) - w Phi(null); Heun here re-evaluates D_w at the Euler point."""
+        x_hi, s_hi, x_lo, s_lo, cond_f = self.teacher_pair(nets, batch)
+        with torch.no_grad():
             target = nets["target"](x_lo, s_lo, **cond_f)
         online = nets["student"](x_hi, sigma=s_hi, **cond_f)
         loss = self.distance(online, target).mean()
@@ -358,11 +375,7 @@ class SegmentConsistencyDistillation(ConsistencyDistillation):
     def __init__(self, config: ConsistencyConfig, karras_grid: Tensor):
         tops = (config.sample_sigmas if config.sample_sigmas is not None
                 else multistep_sigmas(karras_grid.tolist(), config.sample_steps))
-        lo, hi = float(karras_grid[0]), float(karras_grid[-1])
-        outside = [v for v in tops if not lo <= v <= hi * (1 + 1e-9)]
-        if outside:
-            raise ConfigError(f"objective.sample_sigmas: {outside} outside the consistency grid's range [{lo:.4g}, {hi:.4g}]")
-        tops = [min(float(v), hi) for v in tops]
+        tops = levels_in_grid(tops, karras_grid)
         levels = sorted(set(karras_grid.tolist()) | set(tops))
         super().__init__(config, torch.tensor([0.0, *levels], dtype=torch.float64))
         #: the sampler's levels, decreasing (one network evaluation each)
@@ -372,16 +385,7 @@ class SegmentConsistencyDistillation(ConsistencyDistillation):
 
     def make_student(self, teacher: Denoiser, student: StudentConfig) -> Student:
         """The copy of the teacher (output as ``student.parameterization``) sampled by DDIM at the sample levels."""
-        check_student_keys(student, self.name, uses=("parameterization", "lora_rank", "lora_alpha"))
-        c = self.config
-        if c.guided:
-            if student.lora_rank is not None:
-                raise ConfigError("student.lora_rank: a guidance-conditioned consistency student (w_min/w_max) trains its whole "
-                                  "network (a new w embedding); remove the LoRA keys")
-            inner = set_parameterization(guidance_conditioned_copy(teacher, c.guidance_embed_scale, c.guidance_embed_gain), student.parameterization)
-        else:
-            inner = student_copy(teacher, student)
-        return Student(inner, self.tops, "ddim")
+        return Student(self.student_network(teacher, student), self.tops, "ddim")
 
     def student_info(self) -> dict:
         # no consistency_grid: the student samples at its own levels only (the segments are trained for them)
@@ -396,26 +400,14 @@ class SegmentConsistencyDistillation(ConsistencyDistillation):
     def loss(self, phase: Phase, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """d(D_theta(x_{n+1}, s_{n+1}), x0_target), with x0_target the denoised estimate whose DDIM step from
         (x_{n+1}, s_{n+1}) lands on f_theta-(x_hat_n, s_n) at the segment's end b (Heek et al. 2024, Alg. 1)."""
-        x0, c = batch.real, self.config
-        sig = self.sigmas.to(device=x0.device, dtype=x0.dtype)
-        n = torch.randint(0, len(sig) - 1, (x0.shape[0],), device=x0.device)
-        s_hi, s_lo = sig[n + 1], sig[n]
+        x_hi, s_hi, x_lo, s_lo, cond_f = self.teacher_pair(nets, batch)
         b = self.segment_end(s_hi)
-        x_hi = x0 + append_dims(s_hi, x0.ndim) * torch.randn_like(x0)
-        teacher, cond = nets["teacher"], dict(batch.cond)
-        if c.guided:
-            w = draw_w(x0.shape[0], c.w_min, c.w_max, x0)
-            teacher = CFGDenoiser(teacher, w)
-            cond_f = {**cond, "guidance_scale": w}
-        else:
-            cond_f = cond
-        bb, hi = append_dims(b, x0.ndim), append_dims(s_hi, x0.ndim)
+        bb, hi = append_dims(b, x_hi.ndim), append_dims(s_hi, x_hi.ndim)
         with torch.no_grad():
-            x_lo = self.ode_step(teacher, x_hi, s_hi, s_lo, cond)
-            at_end = append_dims(s_lo <= b, x0.ndim)  # the target is the ODE point itself: f(x, b) = x
-            s_eval = torch.where(s_lo > b, s_lo, sig[1])  # the target network is not evaluated at 0
+            at_end = append_dims(s_lo <= b, x_hi.ndim)  # the target is the ODE point itself: f(x, b) = x
+            s_eval = torch.where(s_lo > b, s_lo, s_hi)  # the target network is not evaluated at 0 (nor used there)
             d_lo = nets["target"](x_lo, s_eval, **cond_f)
-            lo = append_dims(s_eval, x0.ndim)
+            lo = append_dims(s_eval, x_hi.ndim)
             f_lo = torch.where(at_end, x_lo, d_lo + (bb / lo) * (x_lo - d_lo))
             target = (f_lo - (bb / hi) * x_hi) / (1 - bb / hi)
         online = nets["student"](x_hi, sigma=s_hi, **cond_f)
