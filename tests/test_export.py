@@ -138,7 +138,7 @@ def test_plain_diffusers_matches_distilldiff(exported, name):
         cond["guidance_scale"] = torch.full((NUM,), 3.5)
     with torch.no_grad():
         direct = student(noise, generator=g, **cond)
-    assert (direct - ours).abs().max() < 1e-5
+    assert (direct.clamp(-1, 1) - ours).abs().max() < 1e-5  # sample() gives images, clipped to [-1, 1]
     # not a trivial comparison: most pixels are inside (0, 1), images differ from each other
     assert ((plain > 0) & (plain < 1)).float().mean() > 0.3
     assert (plain[0] - plain[1]).abs().max() > 1e-2
