@@ -133,7 +133,6 @@ class CriticConfig:
 
     lora_rank: int | None = None
     lora_alpha: float | None = None
-    clip_sample: bool = False
 
     def __post_init__(self):
         if self.lora_rank is not None and self.lora_rank < 1:
