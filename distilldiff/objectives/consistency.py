@@ -399,7 +399,7 @@ class SegmentConsistencyDistillation(ConsistencyDistillation):
 
     def loss(self, phase: Phase, nets: Mapping[str, nn.Module], batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """d(D_theta(x_{n+1}, s_{n+1}), x0_target), with x0_target the denoised estimate whose DDIM step from
-        (x_{n+1}, s_{n+1}) lands on f_theta-(x_hat_n, s_n) at the segment's end b (Heek et al. 2024, Alg. 1)."""
+        (x_{n+1}, s_{n+1}) lands on f_theta-(x_hat_n, s_n) at the segment's end b (Heek et al. 2024)."""
         x_hi, s_hi, x_lo, s_lo, cond_f = self.teacher_pair(nets, batch)
         b = self.segment_end(s_hi)
         bb, hi = append_dims(b, x_hi.ndim), append_dims(s_hi, x_hi.ndim)
