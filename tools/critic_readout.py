@@ -69,9 +69,7 @@ def run_critic(run: Path, checkpoint: str):
 
 
 def main() -> None:
-    from feature_probe import digits_and_samples  # tools/, on the path when run as a script
-
-    from distilldiff.inference import load_sampler
+    from feature_probe import digits_and_samples, parsed_inputs  # tools/, on the path when run as a script
     from distilldiff.metrics.background import faint_share, to_uint8
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,18 +84,11 @@ def main() -> None:
                    "training (default: clipped to [-1, 1], as images are saved and scored)")
     p.add_argument("--out", type=Path, default=None, help="also write the table as JSON here")
     args = p.parse_args()
+    sigmas, model, teacher = parsed_inputs(p, args)
     try:
-        sigmas = [float(v) for v in args.sigmas.split(",")]
-    except ValueError:
-        p.error(f"--sigmas: expected comma-separated numbers, got {args.sigmas}")
-    try:
-        model = load_sampler(args.model, steps=args.steps, device="cpu")
-        teacher = load_sampler(args.teacher, device="cpu").denoiser
         critic, ckpt = run_critic(args.run, args.checkpoint) if args.run is not None else (None, None)
     except (FileNotFoundError, ValueError) as e:
         p.error(str(e))
-    if not 10 <= args.num <= 5000:
-        p.error(f"--num must be in 10..5000 (the MNIST-5k digits), got {args.num}")
     n = args.num
     real, real_labels, fake, cond = digits_and_samples(model, n)  # the probe's digits and samples
     fake = fake if args.raw else fake.clamp(-1, 1)

@@ -76,17 +76,12 @@ def digits_and_samples(model, n: int) -> tuple[torch.Tensor, torch.Tensor, torch
     return real[idx], real_labels[idx], fake, cond
 
 
-def main() -> None:
+def parsed_inputs(p: argparse.ArgumentParser, args: argparse.Namespace):
+    """``(sigmas, model, teacher)`` of the options ``--sigmas``, ``--model`` (``--steps``) and ``--teacher``: the noise
+    levels, the model's sampler and the teacher's denoiser; a bad value (or ``--num`` outside 10..5000) is a one-line
+    ``p.error``."""
     from distilldiff.inference import load_sampler
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a run, student or exported folder, or a teacher (builtin:mnist)")
-    p.add_argument("--steps", type=int, default=None, help="teachers: DDIM steps (default 50); students: their own")
-    p.add_argument("--teacher", default="builtin:mnist", help="the network whose features are probed (default builtin:mnist)")
-    p.add_argument("--sigmas", default="0.01,0.05,0.2,1", help="comma-separated noise levels (default 0.01,0.05,0.2,1)")
-    p.add_argument("--num", type=int, default=600, help="images of each kind (default 600)")
-    p.add_argument("--out", type=Path, default=None, help="also write the table as JSON here")
-    args = p.parse_args()
     try:
         sigmas = [float(v) for v in args.sigmas.split(",")]
     except ValueError:
@@ -98,6 +93,20 @@ def main() -> None:
         p.error(str(e))
     if not 10 <= args.num <= 5000:
         p.error(f"--num must be in 10..5000 (the MNIST-5k digits), got {args.num}")
+    return sigmas, model, teacher
+
+
+def main() -> None:
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a run, student or exported folder, or a teacher (builtin:mnist)")
+    p.add_argument("--steps", type=int, default=None, help="teachers: DDIM steps (default 50); students: their own")
+    p.add_argument("--teacher", default="builtin:mnist", help="the network whose features are probed (default builtin:mnist)")
+    p.add_argument("--sigmas", default="0.01,0.05,0.2,1", help="comma-separated noise levels (default 0.01,0.05,0.2,1)")
+    p.add_argument("--num", type=int, default=600, help="images of each kind (default 600)")
+    p.add_argument("--out", type=Path, default=None, help="also write the table as JSON here")
+    args = p.parse_args()
+    sigmas, model, teacher = parsed_inputs(p, args)
     n = args.num
     real, real_labels, fake, cond = digits_and_samples(model, n)
     fake = fake.clamp(-1, 1)
