@@ -8,6 +8,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
 import re
 import shutil
@@ -90,6 +91,21 @@ def writing(path: str | os.PathLike, note: str | Callable[[], str | None] | None
         if code is None:
             raise
         raise WriteError(path, code, note() if callable(note) else note) from e
+
+
+def write_json(path: str | os.PathLike, obj: object, indent: int = 2) -> Path:
+    """Write ``obj`` as JSON to ``path`` (parents made) through a temporary sibling renamed into place, so
+    ``path`` holds the complete file or what it held before; returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(obj, indent=indent) + "\n")
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def fsync_tree(root: Path) -> None:

@@ -3,10 +3,11 @@
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import pytest
 
-from distilldiff.atomic import replace_folder
+from distilldiff.atomic import replace_folder, write_json
 from distilldiff.cli import main
 from distilldiff.engine import Engine
 from distilldiff.objectives import SiD, SiDConfig
@@ -103,6 +104,22 @@ def test_replace_folder(tmp_path):
     with pytest.raises(RuntimeError, match="nothing was written"):
         replace_folder(dest, lambda d: None)
     assert (dest / "y").read_text() == "2"
+
+
+def test_write_json_replaces_the_file_whole(tmp_path, monkeypatch):
+    """The tools' --out files: a complete file or the previous one, never half of one, and no temporary left."""
+    out = write_json(tmp_path / "a" / "b.json", {"x": 1})
+    assert json.loads(out.read_text()) == {"x": 1} and sorted(p.name for p in out.parent.iterdir()) == ["b.json"]
+    real_write = Path.write_text
+
+    def half_then_full_disk(self, text, *a, **k):
+        real_write(self, text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_full_disk)
+    with pytest.raises(OSError):
+        write_json(out, {"x": 2, "y": [1, 2, 3]})
+    assert json.loads(out.read_text()) == {"x": 1} and sorted(p.name for p in out.parent.iterdir()) == ["b.json"]
 
 
 def _three_checkpoints(tmp_path):

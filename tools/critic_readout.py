@@ -21,11 +21,12 @@ speckle"):
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from distilldiff.atomic import write_json
 
 #: pixel classes of 8-bit images: black < 3 <= faint <= 32; stroke > 128 (faint_share's limits)
 FAINT, STROKE = (3, 32), 128
@@ -120,11 +121,8 @@ def main() -> None:
                      f"  faint-pixel descent {gf['mean_descent']:+.3g} |grad| {gf['mean_abs']:.3g}")
         print(line, flush=True)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps({"model": args.model, "teacher": args.teacher, "raw": args.raw, "run_checkpoint": str(ckpt) if ckpt else None,
-                                   "num": n, "sample_faint": round(faint_share(fake), 4), "rows": rows}, indent=1) + "\n")
-        tmp.replace(args.out)
+        write_json(args.out, {"model": args.model, "teacher": args.teacher, "raw": args.raw, "run_checkpoint": str(ckpt) if ckpt else None,
+                              "num": n, "sample_faint": round(faint_share(fake), 4), "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,12 @@ background speckle, not a way to sample.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from distilldiff.atomic import write_json
 from distilldiff.metrics.background import faint_share, near_black_share
 from distilldiff.metrics.classifier import class_accuracy, classifier_fd
 
@@ -128,11 +127,7 @@ def main() -> None:
             print(f"| {name} | {steps} | {row['class_accuracy']:.3f} | {row['classifier_fd']:.2f} | {row['near_black']:.3f} | {row['faint']:.3f} | "
                   f"{row['class_spread']:.4f} | {fid} |", flush=True)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(rows, indent=2) + "\n")
-        tmp.replace(out)
+        write_json(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,12 @@ Teachers sample with deterministic DDIM ("trailing" timesteps) and classifier-fr
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from distilldiff.atomic import write_json
 from distilldiff.captions import CAPTION_ASSETS
 from distilldiff.inference import load_sampler
 from distilldiff.metrics.background import grid_stats
@@ -115,11 +115,7 @@ def main() -> None:
                   f"{r['agree_size']:.3f} | {r['classifier_fd']:.2f} | {r['same_prompt_spread']:.4f} | {r['near_black']:.3f} | {r['sample_seconds']:.0f} |"
                   + (f" FID-{r['fid_num']} {r['fid']:.2f}" if "fid" in r else ""), flush=True)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")  # a complete file or none
-        tmp.write_text(json.dumps(rows, indent=2) + "\n")
-        tmp.replace(out)
+        write_json(args.out, rows)
 
 
 if __name__ == "__main__":

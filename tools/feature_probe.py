@@ -16,12 +16,12 @@ images and scored on the other 40%. Held-out accuracy 0.5: the layer cannot tell
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from distilldiff.atomic import write_json
 from distilldiff.objectives.critic import FEATURE_LAYERS, feature_module
 
 
@@ -120,10 +120,7 @@ def main() -> None:
         rows.append({"sigma": sigma, **acc})
         print(f"{sigma:<8g} " + "  ".join(f"{acc[layer]:>10.3f}" for layer in FEATURE_LAYERS), flush=True)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text(json.dumps({"model": args.model, "teacher": args.teacher, "num": n, "probe": rows}, indent=1) + "\n")
-        tmp.replace(args.out)
+        write_json(args.out, {"model": args.model, "teacher": args.teacher, "num": n, "probe": rows}, indent=1)
 
 
 if __name__ == "__main__":
