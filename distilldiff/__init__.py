@@ -27,7 +27,7 @@ _LAZY: dict[str, str] = {
     # importing .objectives registers the built-in objectives in OBJECTIVES
     **dict.fromkeys(["OBJECTIVES", "Batch", "Objective", "Phase", "SiD", "SiDConfig", "Stage", "register"], ".objectives"),
     **dict.fromkeys(["ddim_sample", "karras_sigmas", "multistep_sample"], ".samplers"),
-    **dict.fromkeys(["OneStepGenerator", "Student"], ".students"),
+    **dict.fromkeys(["FewStepGenerator", "OneStepGenerator", "Student"], ".students"),
     **dict.fromkeys(["train_teacher"], ".teacher_training"),
     **dict.fromkeys(["CFGDenoiser", "ClassLabels", "Conditioning", "Denoiser", "GaussianMixtureDenoiser", "VPDenoiser", "load_teacher"], ".teachers"),
 }
@@ -37,7 +37,7 @@ __all__ = [
     "build_distill_task", "distill", "Engine", "NonFiniteError", "TrainTask",
     "OBJECTIVES", "Batch", "Objective", "Phase", "SiD", "SiDConfig", "Stage", "register",
     "ddim_sample", "karras_sigmas", "multistep_sample", "Sampler", "load_sampler",
-    "OneStepGenerator", "Student", "train_teacher", "export_run", "load_student", "save_student",
+    "FewStepGenerator", "OneStepGenerator", "Student", "train_teacher", "export_run", "load_student", "save_student",
     "CFGDenoiser", "ClassLabels", "Conditioning", "Denoiser", "GaussianMixtureDenoiser", "VPDenoiser", "load_teacher",
 ]
 
@@ -49,7 +49,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the eager imports; at run time t
     from .inference import Sampler, load_sampler
     from .objectives import OBJECTIVES, Batch, Objective, Phase, SiD, SiDConfig, Stage, register
     from .samplers import ddim_sample, karras_sigmas, multistep_sample
-    from .students import OneStepGenerator, Student
+    from .students import FewStepGenerator, OneStepGenerator, Student
     from .teacher_training import train_teacher
     from .teachers import CFGDenoiser, ClassLabels, Conditioning, Denoiser, GaussianMixtureDenoiser, VPDenoiser, load_teacher
 

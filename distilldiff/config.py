@@ -79,10 +79,15 @@ class StudentConfig:
             the attention projections of the student's copy of the teacher instead of all its
             weights (networks with diffusers' adapter support, e.g. ``UNet2DConditionModel``);
             ``lora_alpha`` defaults to the rank (scale 1).
-        clip_sample: one-step generators of pixel teachers: the generator's samples are clipped to the
-            images' range [-1, 1] before the objective sees them, as they are when saved and scored
-            (diffusers' ``clip_sample`` does the same to a scheduler's x0). Without it the critics see the
-            raw output, whose background spreads on both sides of -1 (BENCHMARKS.md section 2).
+        clip_sample: generators (one- and few-step) of pixel teachers: the generator's samples are clipped to
+            the images' range [-1, 1] before the objective sees them, as they are when saved and scored
+            (diffusers' ``clip_sample`` does the same to a scheduler's x0; a few-step generator clips the x0 of
+            every evaluation, and its exported pipeline does too). Without it the critics see the raw output,
+            whose background spreads on both sides of -1 (BENCHMARKS.md section 2).
+        sigmas: instead of ``init_sigma``, the decreasing noise levels of a few-step generator of a pixel
+            teacher (two or more; SiD, f-distill / DMD / DMD2): the generator's x0 at each level is re-noised
+            to the next (:class:`~distilldiff.students.FewStepGenerator`, DMD2's multi-step generator trained
+            by backward simulation).
     """
 
     #: SiD's value for EDM-style teachers (Zhou et al. 2024, sec. 5)
@@ -94,8 +99,19 @@ class StudentConfig:
     lora_rank: int | None = None
     lora_alpha: float | None = None
     clip_sample: bool = False
+    sigmas: list[float] | None = None
 
     def __post_init__(self):
+        if self.sigmas is not None:
+            levels = [float(x) for x in self.sigmas]
+            if len(levels) < 2:
+                raise ConfigError(f"student.sigmas: {self.sigmas} has fewer than two levels; a one-step generator takes student.init_sigma")
+            if any(b >= a for a, b in zip(levels, levels[1:])) or levels[-1] <= 0:
+                raise ConfigError(f"student.sigmas: {self.sigmas} must be positive and strictly decreasing")
+            if self.init_sigma is not None or self.init_timestep is not None:
+                raise ConfigError("student.sigmas and student.init_sigma / init_timestep both set; the first of student.sigmas is the "
+                                  "generator's first level")
+            self.sigmas = levels
         if self.lora_rank is not None and self.lora_rank < 1:
             raise ConfigError(f"student.lora_rank: {self.lora_rank} must be >= 1")
         if self.lora_alpha is not None and self.lora_rank is None:

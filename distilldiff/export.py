@@ -85,7 +85,7 @@ def stock_ddim_scheduler(student: Student, conditional: bool = False):
     if t0 < den.num_train_timesteps:
         betas = DDPMScheduler.from_config(cfg).betas[:t0]
         cfg.update(num_train_timesteps=t0, trained_betas=betas.tolist())
-    cfg.update(timestep_spacing="trailing", clip_sample=False, thresholding=False, set_alpha_to_one=True, steps_offset=0)
+    cfg.update(timestep_spacing="trailing", clip_sample=student.clip_sample, thresholding=False, set_alpha_to_one=True, steps_offset=0)
     return DDIMScheduler.from_config(cfg)
 
 
@@ -319,7 +319,8 @@ def save_student(student: Student, folder: str | Path, info: dict[str, Any] | No
         pipeline = "DDIMPipeline"
     else:
         scheduler = DDPMScheduler.from_config(_teacher_scheduler_config(den))
-        pipe = DistillDiffPipeline(den.model, scheduler, student.sigmas, student.sampler, den.num_classes, guidance, boundary)
+        pipe = DistillDiffPipeline(den.model, scheduler, student.sigmas, student.sampler, den.num_classes, guidance, boundary,
+                                   student.clip_sample)
         pipe.save_pretrained(str(folder), safe_serialization=True)
         index_path = folder / "model_index.json"
         index = json.loads(index_path.read_text())
@@ -335,6 +336,7 @@ def save_student(student: Student, folder: str | Path, info: dict[str, Any] | No
         "pipeline": pipeline,
         "sampler": student.sampler,
         "sigmas": student.sigmas,
+        "clip_sample": student.clip_sample,
         "timesteps": [float(t) for t in den.sigma_to_timestep(torch.tensor(student.sigmas, dtype=torch.float64))],
         "prediction_type": den.prediction_type,
         "sigma_data": den.sigma_data,
@@ -450,7 +452,7 @@ def load_student(folder: str | Path) -> tuple[Student, dict]:
         s0, sd = meta["consistency_boundary"]
         den.sigma_data = float(sd)
         den = ConsistencyDenoiser(den, s0)
-    return Student(den.eval(), meta["sigmas"], meta["sampler"]), meta
+    return Student(den.eval(), meta["sigmas"], meta["sampler"], bool(meta.get("clip_sample", False))), meta
 
 
 def _load_text_to_image(folder: Path, meta: dict) -> Student:

@@ -92,7 +92,8 @@ def lcm_sample_timesteps(num_train_timesteps: int, num_scales: int, steps: int) 
 
 
 def sample_loop(
-    denoiser: Denoiser, noise: Tensor, sigmas: Tensor, sampler: str = "ddim", generator: torch.Generator | None = None, **cond: Any
+    denoiser: Denoiser, noise: Tensor, sigmas: Tensor, sampler: str = "ddim", generator: torch.Generator | None = None,
+    clip: bool = False, **cond: Any
 ) -> Tensor:
     """Run ``len(sigmas)`` denoiser evaluations from standard-normal ``noise`` ``[B, *sample_shape]``.
 
@@ -100,7 +101,9 @@ def sample_loop(
     noise, t = 1 of a flow teacher) is evaluated as ``denoiser.forward_scaled(noise, inf)``. Between evaluations,
     ``"ddim"`` moves deterministically, ``x_b = x0 + (sigma_b / sigma_a) (x_a - x0)`` (DDIM =
     Euler in sigma space), and ``"multistep"`` re-noises, ``x_b = x0 + sigma_b * n`` with fresh
-    ``n`` from ``generator`` (consistency sampling; :meth:`~distilldiff.teachers.Denoiser.fresh_noise`). The last evaluation's x0 is returned.
+    ``n`` from ``generator`` (consistency sampling; :meth:`~distilldiff.teachers.Denoiser.fresh_noise`). With ``clip``,
+    every evaluation's x0 is clipped to the images' range [-1, 1] (diffusers' ``clip_sample``). The last evaluation's x0
+    is returned.
     Gradients flow (students train through this); wrap in ``torch.no_grad()`` to sample.
     """
     if sampler not in SAMPLERS:
@@ -110,6 +113,8 @@ def sample_loop(
     x = None if pure else noise * denoiser.prior_scale(sigmas[0])
     for i, s in enumerate(sigmas):
         x0 = denoiser.forward_scaled(noise, s, **cond) if pure and i == 0 else denoiser(x, s, **cond)
+        if clip:
+            x0 = x0.clamp(-1, 1)
         if i + 1 == len(sigmas):
             return x0
         if sampler == "ddim":  # from sigma = inf, (x - x0) / sigma is the noise (its limit)

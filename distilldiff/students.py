@@ -33,9 +33,11 @@ class Student(nn.Module):
         denoiser: the student's denoiser (usually a deep copy of the teacher; trained in place).
         sigmas: decreasing noise levels, one per network evaluation.
         sampler: ``"ddim"`` (deterministic) or ``"multistep"`` (re-noise between evaluations).
+        clip_sample: clip the x0 of every evaluation to the images' range [-1, 1] (diffusers' ``clip_sample``;
+            ``student.clip_sample``).
     """
 
-    def __init__(self, denoiser: Denoiser, sigmas: Sequence[float], sampler: str = "ddim"):
+    def __init__(self, denoiser: Denoiser, sigmas: Sequence[float], sampler: str = "ddim", clip_sample: bool = False):
         super().__init__()
         sigmas = [float(s) for s in sigmas]
         if not sigmas:
@@ -53,6 +55,7 @@ class Student(nn.Module):
         self.denoiser = denoiser
         self.sigmas = sigmas
         self.sampler = sampler
+        self.clip_sample = bool(clip_sample)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -91,7 +94,8 @@ class Student(nn.Module):
         """
         if sigma is not None:
             return self.denoiser.forward_scaled(z, sigma, **cond) if scaled else self.denoiser(z, sigma, **cond)
-        return sample_loop(self.denoiser, z, torch.tensor(self.sigmas, dtype=torch.float64), self.sampler, generator, **cond)
+        sigmas = torch.tensor(self.sigmas, dtype=torch.float64)
+        return sample_loop(self.denoiser, z, sigmas, self.sampler, generator, clip=self.clip_sample, **cond)
 
 
 def draw_samples(student: nn.Module, noise: Tensor, cond: dict, generator: torch.Generator | None = None) -> Tensor:
@@ -125,15 +129,7 @@ class OneStepGenerator(Student):
                 f"student.init_sigma={init_sigma} is outside the teacher's noise range "
                 f"[{denoiser.sigma_min:.4g}, {denoiser.sigma_max:.4g}]"
             )
-        super().__init__(denoiser, [init_sigma], "ddim")
-        self.clip_sample = bool(clip_sample)
-
-    def forward(self, z: Tensor, generator: torch.Generator | None = None, *, sigma: Tensor | float | None = None,
-                scaled: bool = False, **cond: Any) -> Tensor:
-        """``x_g`` ``[B, *sample_shape]`` of standard-normal ``z`` (clipped with ``clip_sample``); with ``sigma``,
-        the denoiser's ``D(z, sigma)`` as :meth:`Student.forward`."""
-        x = super().forward(z, generator, sigma=sigma, scaled=scaled, **cond)
-        return x.clamp(-1, 1) if self.clip_sample and sigma is None else x
+        super().__init__(denoiser, [init_sigma], "ddim", clip_sample)
 
     @property
     def init_sigma(self) -> float:
@@ -144,12 +140,54 @@ class OneStepGenerator(Student):
         """A generator whose denoiser is the trainable copy of ``teacher`` that the ``student``
         section asks for (:func:`student_copy`; ``None``: a plain copy)."""
         clip = student is not None and student.clip_sample
-        if clip and type(base_denoiser(teacher)).decode is not Denoiser.decode:
-            from .config import ConfigError
-
-            raise ConfigError(f"student.clip_sample: the samples of {type(teacher).__name__} are latents, not images in [-1, 1]; "
-                              "remove the key")
+        if clip:
+            _require_pixels(teacher, "student.clip_sample", "the samples of {} are latents, not images in [-1, 1]")
         return cls(student_copy(teacher, student) if student is not None else trainable_copy(teacher), init_sigma, clip)
+
+
+class FewStepGenerator(Student):
+    """A generator of ``K`` evaluations, trained by a generator objective (SiD, f-distill) like a one-step one.
+
+    Its sample is the re-noising sampler's (``"multistep"``, as DMD2's multi-step generator, Yin et al.
+    2024, "Improved Distribution Matching Distillation for Fast Image Synthesis"): ``x0_k = G(x_k, sigma_k)``,
+    ``x_{k+1} = x0_k + sigma_{k+1} n_k`` with fresh ``n_k``, from ``x_0 = prior_scale(sigma_0) z``; the last
+    ``x0`` is the sample ``[B, *sample_shape]``. The objective trains the whole chain: its gradient flows
+    through all ``K`` evaluations (the student is called like any generator), so distribution matching
+    applies to the distribution the sampler draws from, and the critic is fit to the same samples.
+    A training draw costs ``K`` evaluations with gradients. (DMD2 instead trains each sample at one
+    level reached without gradients, "backward simulation"; that matches only the mixture over levels
+    of the ``x0_k`` to the data; on a Gaussian mixture its samples missed a mode of 30% mass on two of three
+    seeds, docs/math.md, section 2.2.1.)
+
+    Args:
+        denoiser: the student's denoiser (a copy of the teacher; trained in place).
+        sigmas: ``K >= 2`` decreasing noise levels (``student.sigmas``).
+        clip_sample: clip every evaluation's x0 to [-1, 1] (``student.clip_sample``), in training and sampling.
+    """
+
+    def __init__(self, denoiser: Denoiser, sigmas: Sequence[float], clip_sample: bool = False):
+        if len(sigmas) < 2:
+            raise ValueError(f"a few-step generator needs two or more noise levels, got {list(sigmas)}")
+        super().__init__(denoiser, sigmas, "multistep", clip_sample)
+
+    @classmethod
+    def from_teacher(cls, teacher: Denoiser, student) -> "FewStepGenerator":
+        """A generator at ``student.sigmas`` whose denoiser is the trainable copy of ``teacher`` that the
+        ``student`` section asks for (:func:`student_copy`). Pixel teachers only: the re-noising
+        sampler exports as :class:`~distilldiff.pipelines.DistillDiffPipeline`, which stock text-to-image
+        pipelines have no counterpart of."""
+        _require_pixels(teacher, "student.sigmas", "few-step generators are built for pixel teachers; {} is not one "
+                        "(set student.init_sigma or init_timestep for a one-step generator)")
+        return cls(student_copy(teacher, student), student.sigmas, student.clip_sample)
+
+
+def _require_pixels(teacher: Denoiser, key: str, why: str) -> None:
+    """One-line :class:`~distilldiff.config.ConfigError` naming ``key`` unless ``teacher`` samples images
+    (its ``decode`` is the identity); ``why`` is formatted with the teacher's class name."""
+    if type(base_denoiser(teacher)).decode is not Denoiser.decode:
+        from .config import ConfigError
+
+        raise ConfigError(f"{key}: {why.format(type(base_denoiser(teacher)).__name__)}; remove the key")
 
 
 def init_noise_level(teacher: Denoiser, student) -> float:

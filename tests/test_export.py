@@ -15,7 +15,7 @@ import torch
 from distilldiff.export import export_run, load_student, save_student, stock_ddim_scheduler
 from distilldiff.pipelines import DistillDiffPipeline, GuidedUNet2DModel
 from distilldiff.inference import load_sampler
-from distilldiff.students import ConsistencyDenoiser, Student
+from distilldiff.students import ConsistencyDenoiser, FewStepGenerator, Student
 from distilldiff.teachers import VPDenoiser
 
 NUM, SEED = 6, 3
@@ -68,6 +68,9 @@ def make_students() -> dict[str, tuple[Student, dict]]:
         # consistency parameterisation around a guidance-conditioned network (LCM-style)
         "guided_consistency": (Student(ConsistencyDenoiser(lcm, 0.02), [40.0, 1.0], "multistep"),
                                {"objective": "test", "default_guidance_scale": 2.0}),
+        # a few-step generator (student.sigmas) whose every x0 is clipped (student.clip_sample): DistillDiffPipeline
+        "generator_clip": (FewStepGenerator(tiny_denoiser("epsilon", num_classes=3, seed=8), [2.5, 0.8, 0.2], clip_sample=True),
+                           {"objective": "test"}),
     }
 
 
@@ -77,7 +80,7 @@ PLAIN_DIFFUSERS = textwrap.dedent(
     import numpy as np, torch
     from diffusers import DDIMPipeline, DiffusionPipeline
     root, num, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    for name in ["one_step", "few_step", "class_cond", "guided", "consistency", "guided_consistency"]:
+    for name in ["one_step", "few_step", "class_cond", "guided", "consistency", "guided_consistency", "generator_clip"]:
         folder = f"{root}/{name}"
         index = json.load(open(folder + "/model_index.json"))
         g = torch.Generator().manual_seed(seed)
@@ -113,13 +116,14 @@ def test_pipeline_classes(exported):
     classes = dict(line.split() for line in stdout.strip().splitlines())
     assert classes == {"one_step": "DDIMPipeline", "few_step": "DDIMPipeline",
                        "class_cond": "DistillDiffPipeline", "guided": "DistillDiffPipeline",
-                       "consistency": "DistillDiffPipeline", "guided_consistency": "DistillDiffPipeline"}
+                       "consistency": "DistillDiffPipeline", "guided_consistency": "DistillDiffPipeline",
+                       "generator_clip": "DistillDiffPipeline"}
     for name in classes:
         assert not list((root / name).rglob("*.bin")) and list((root / name / "unet").glob("*.safetensors"))
         assert "```python" in (root / name / "README.md").read_text()
 
 
-@pytest.mark.parametrize("name", ["one_step", "few_step", "class_cond", "guided", "consistency", "guided_consistency"])
+@pytest.mark.parametrize("name", ["one_step", "few_step", "class_cond", "guided", "consistency", "guided_consistency", "generator_clip"])
 def test_plain_diffusers_matches_distilldiff(exported, name):
     root, students, _ = exported
     plain = torch.from_numpy(np.load(root / f"{name}.npy")).permute(0, 3, 1, 2)
@@ -142,6 +146,23 @@ def test_plain_diffusers_matches_distilldiff(exported, name):
     # not a trivial comparison: most pixels are inside (0, 1), images differ from each other
     assert ((plain > 0) & (plain < 1)).float().mean() > 0.3
     assert (plain[0] - plain[1]).abs().max() > 1e-2
+
+
+def test_clipped_few_step_generator_exports_its_clip(exported):
+    """The pipeline clips every step's x0, as the generator does: without the clip it samples other images."""
+    root, students, _ = exported
+    student, _ = students["generator_clip"]
+    assert json.loads((root / "generator_clip" / "distilldiff_student.json").read_text())["clip_sample"] is True
+    assert load_student(root / "generator_clip")[0].clip_sample
+    pipe = DistillDiffPipeline.from_pretrained(str(root / "generator_clip"))
+    assert pipe.config.clip_sample and pipe.config.sampler == "multistep"
+    g = torch.Generator().manual_seed(SEED)
+    noise = torch.randn((NUM, *student.sample_shape), generator=g)
+    cond = {"class_labels": torch.arange(NUM) % 3}
+    with torch.no_grad():
+        clipped = student(noise, generator=torch.Generator().manual_seed(1), **cond)
+        raw = Student(student.denoiser, student.sigmas, "multistep")(noise, generator=torch.Generator().manual_seed(1), **cond)
+    assert (clipped - raw.clamp(-1, 1)).abs().max() > 0.1
 
 
 def test_guidance_scale_reaches_the_network(exported):

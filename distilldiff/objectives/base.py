@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError, ObjectiveConfig, StudentConfig
-from ..students import OneStepGenerator, Student, init_noise_level, trainable_copy
+from ..students import FewStepGenerator, OneStepGenerator, Student, init_noise_level, trainable_copy
 from ..teachers.base import Denoiser
 from ..tensors import append_dims, sum_chw
 
@@ -108,9 +108,12 @@ class Objective(abc.ABC):
         """The trained student, built from the (unguided) teacher and the ``student`` section.
 
         Default: a one-step generator at ``student.init_sigma`` whose denoiser is a copy of the
-        teacher with its output read as ``student.parameterization`` (SiD, f-distill). Objectives
-        that build other students override this and reject the keys of ``student`` they do not
-        use (:func:`check_student_keys`)."""
+        teacher with its output read as ``student.parameterization`` (SiD, f-distill), or with
+        ``student.sigmas`` a few-step generator at those levels, trained through all its steps.
+        Objectives that build other students override this and reject the keys of ``student`` they
+        do not use (:func:`check_student_keys`)."""
+        if student.sigmas is not None:
+            return FewStepGenerator.from_teacher(teacher, student)
         return OneStepGenerator.from_teacher(teacher, init_noise_level(teacher, student), student)
 
     def make_critic(self, name: str, teacher: Denoiser) -> nn.Module:

@@ -12,8 +12,8 @@ from typing import Callable, ClassVar, Literal, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..config import ObjectiveConfig
-from ..students import trainable_copy
+from ..config import ConfigError, ObjectiveConfig, StudentConfig
+from ..students import Student, trainable_copy
 from ..teachers.base import Denoiser
 from ..tensors import append_dims, mean_chw
 from .base import Batch, Objective, Phase
@@ -191,6 +191,14 @@ class FDistill(Objective):
     @classmethod
     def build(cls, config: FDistillConfig, teacher: nn.Module) -> "FDistill":
         return cls(config, teacher)
+
+    def make_student(self, teacher: Denoiser, student: StudentConfig) -> Student:
+        """The one- or few-step generator of :meth:`Objective.make_student`; DMD's regression loss needs the
+        deterministic one-step generator (its pairs map noise to one sample)."""
+        if student.sigmas is not None and self.config.regression_weight > 0:
+            raise ConfigError("objective.regression_weight: DMD's regression pairs need a one-step generator, and student.sigmas "
+                              "makes a few-step one (re-noised between steps); remove one of the keys")
+        return super().make_student(teacher, student)
 
     def make_critic(self, name: str, teacher: Denoiser) -> nn.Module:
         """The fake score: a trainable copy of the teacher, with a discriminator head if used."""

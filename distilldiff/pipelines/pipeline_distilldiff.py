@@ -169,6 +169,7 @@ class DistillDiffPipeline(DiffusionPipeline):
         guidance_scale: default guidance scale ``w`` of a guidance-conditioned student, else ``None``.
         consistency: ``[sigma_min, sigma_data]`` of a consistency student's boundary-condition
             parameterisation ``f = c_skip x + (c_out / c_out^E) (D - c_skip^E x)``, else ``None``.
+        clip_sample: clip every evaluation's x0 estimate to [-1, 1] (as a diffusers scheduler's ``clip_sample``).
     """
 
     model_cpu_offload_seq = "unet"
@@ -182,6 +183,7 @@ class DistillDiffPipeline(DiffusionPipeline):
         num_classes: int | None = None,
         guidance_scale: float | None = None,
         consistency: list | None = None,
+        clip_sample: bool = False,
     ):
         super().__init__()
         if not sigmas:
@@ -194,6 +196,7 @@ class DistillDiffPipeline(DiffusionPipeline):
         self.register_to_config(
             sigmas=[float(s) for s in sigmas], sampler=sampler, num_classes=num_classes,
             guidance_scale=guidance_scale, consistency=None if consistency is None else [float(c) for c in consistency],
+            clip_sample=bool(clip_sample),
         )
 
     @classmethod
@@ -213,7 +216,7 @@ class DistillDiffPipeline(DiffusionPipeline):
         dtype = kwargs.get("torch_dtype")
         unet = unet_cls.from_pretrained(os.path.join(folder, "unet"), use_safetensors=True, **({"torch_dtype": dtype} if dtype else {}))
         scheduler = DDPMScheduler.from_pretrained(os.path.join(folder, "scheduler"))
-        keys = ("sigmas", "sampler", "num_classes", "guidance_scale", "consistency")
+        keys = ("sigmas", "sampler", "num_classes", "guidance_scale", "consistency", "clip_sample")
         pipe = cls(unet, scheduler, **{k: index[k] for k in keys if k in index})
         return pipe.to(kwargs["device"]) if kwargs.get("device") else pipe
 
@@ -315,6 +318,8 @@ class DistillDiffPipeline(DiffusionPipeline):
         x = latents.to(device) * (1 + sigmas[0] ** 2).sqrt()
         for i in self.progress_bar(range(len(sigmas))):
             x0 = self.denoise(x, sigmas[i].expand(batch_size), cond)
+            if self.config.clip_sample:
+                x0 = x0.clamp(-1, 1)
             if i + 1 == len(sigmas):
                 x = x0
             elif self.config.sampler == "ddim":
