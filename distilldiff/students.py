@@ -173,9 +173,9 @@ class FewStepGenerator(Student):
     @classmethod
     def from_teacher(cls, teacher: Denoiser, student) -> "FewStepGenerator":
         """A generator at ``student.sigmas`` whose denoiser is the trainable copy of ``teacher`` that the
-        ``student`` section asks for (:func:`student_copy`). Pixel teachers only: the re-noising
-        sampler exports as :class:`~distilldiff.pipelines.DistillDiffPipeline`, which stock text-to-image
-        pipelines have no counterpart of."""
+        ``student`` section asks for (:func:`student_copy`). Pixel teachers only, so far: their students export
+        as :class:`~distilldiff.pipelines.DistillDiffPipeline`, which runs the re-noising sampler; latent and flow
+        students export as stock text-to-image pipelines, whose schedulers distilldiff does not set up for it."""
         _require_pixels(teacher, "student.sigmas", "few-step generators are built for pixel teachers; {} is not one "
                         "(set student.init_sigma or init_timestep for a one-step generator)")
         return cls(student_copy(teacher, student), student.sigmas, student.clip_sample)
