@@ -86,8 +86,8 @@ class StudentConfig:
             whose background spreads on both sides of -1 (BENCHMARKS.md section 2).
         sigmas: instead of ``init_sigma``, the decreasing noise levels of a few-step generator of a pixel
             teacher (two or more; SiD, f-distill / DMD / DMD2): the generator's x0 at each level is re-noised
-            to the next (:class:`~distilldiff.students.FewStepGenerator`, DMD2's multi-step generator trained
-            by backward simulation).
+            to the next (:class:`~distilldiff.students.FewStepGenerator`, DMD2's multi-step sampler), and the
+            objective trains it through all its steps (not by DMD2's backward simulation: docs/math.md 2.2.1).
     """
 
     #: SiD's value for EDM-style teachers (Zhou et al. 2024, sec. 5)
