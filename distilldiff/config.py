@@ -164,6 +164,9 @@ class TrainConfig:
     ``max_steps`` counts training steps (one pass over all phases: critic then generator).
     ``batch_size`` is the global batch of every phase step (over processes and accumulation).
     ``lr_schedule``: ``constant``, or ``linear`` decay from ``lr`` to 0 at ``max_steps``.
+    ``grad_clip``: clip every trained network's gradient to this global norm before its update (None: none);
+    ``critic_grad_clip``: the critics' own clip (fake score, discriminator; None: ``grad_clip``), since their
+    losses are on another scale than the generator's: ``.inf`` clips only the generator.
     ``lr_warmup_steps``: ramp the learning rate linearly from ``lr / lr_warmup_steps`` to ``lr`` over
     the first updates (0: none), before the schedule; every network's optimiser alike.
     ``gradient_checkpointing``: recompute the trained networks' activations in the backward pass
@@ -182,6 +185,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.0, 0.999)
     weight_decay: float = 0.0
     grad_clip: float | None = None
+    critic_grad_clip: float | None = None
     ema_halflife_kimg: float = 500.0
     ema_rampup: float | None = 0.05
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
@@ -204,7 +208,7 @@ class TrainConfig:
                     "keep_checkpoints", "num_sample_images"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("lr", "critic_lr", "grad_clip", "ema_halflife_kimg", "time_budget_min"):
+        for key in ("lr", "critic_lr", "grad_clip", "critic_grad_clip", "ema_halflife_kimg", "time_budget_min"):
             value = getattr(self, key)
             if value is not None and not value > 0:  # also rejects nan
                 raise ConfigError(f"train.{key} must be > 0, got {value}")

@@ -168,9 +168,10 @@ def build_distill_task(cfg: DistillConfig, objective: Objective | None = None, t
     """
     teacher = teacher if teacher is not None else build_teacher(cfg.teacher)
     objective = objective if objective is not None else build_objective(cfg, teacher)
-    if cfg.train.critic_lr is not None and "critic" not in objective.networks.values():
-        raise ConfigError(f"train.critic_lr: objective '{objective.name}' trains no critic (fake score or discriminator); "
-                          "remove the key")
+    for key in ("critic_lr", "critic_grad_clip"):
+        if getattr(cfg.train, key) is not None and "critic" not in objective.networks.values():
+            raise ConfigError(f"train.{key}: objective '{objective.name}' trains no critic (fake score or discriminator); "
+                              "remove the key")
     base = teacher.base
     torch.manual_seed(cfg.train.seed)  # fresh layers (guidance embedding, discriminator) start from the seed
     student = objective.make_student(base, cfg.student)

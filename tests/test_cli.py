@@ -74,6 +74,7 @@ def test_distill_checkpoint_resume_and_sample(tmp_path):
         (["student.init_sigma=500"], "student.init_sigma=500.0 is outside the teacher's noise range"),
         (["train.num_sample_images=0"], "train.num_sample_images must be >= 1, got 0"),
         (["train.grad_clip=0"], "train.grad_clip must be > 0, got 0.0"),
+        (["train.critic_grad_clip=-1"], "train.critic_grad_clip must be > 0, got -1.0"),
         (["train.lr=.nan"], "train.lr must be > 0, got nan"),
         (["train.lr_warmup_steps=-1"], "train.lr_warmup_steps must be >= 0, got -1"),
     ],

@@ -16,10 +16,11 @@ def test_fresh_layers_start_from_the_seed():
     assert any(not torch.equal(a[k], other[k]) for k in a)
 
 
-@pytest.mark.parametrize("config,overrides", [
-    ("configs/mnist/consistency.yaml", ["train.critic_lr=0.0001"]),
-    ("configs/mnist/t2i_flow_scm_ladd.yaml", ["objective.adv_weight=0"]),  # sCM without LADD has no discriminator
+@pytest.mark.parametrize("config,overrides,key", [
+    ("configs/mnist/consistency.yaml", ["train.critic_lr=0.0001"], "critic_lr"),
+    ("configs/mnist/t2i_flow_scm_ladd.yaml", ["objective.adv_weight=0"], "critic_lr"),  # sCM without LADD has no discriminator
+    ("configs/mnist/consistency.yaml", ["train.critic_grad_clip=1.0"], "critic_grad_clip"),
 ])
-def test_critic_lr_without_a_critic_is_refused(config, overrides):
-    with pytest.raises(ConfigError, match="train.critic_lr: objective '(consistency|scm)' trains no critic"):
+def test_critic_keys_without_a_critic_are_refused(config, overrides, key):
+    with pytest.raises(ConfigError, match=f"train.{key}: objective '(consistency|scm)' trains no critic"):
         build_distill_task(load_config(DistillConfig, config, overrides))

@@ -178,6 +178,7 @@ class Engine:
         models, opts = [], []
         self.params: dict[str, list[nn.Parameter]] = {}
         self.base_lr: dict[str, float] = {}
+        self.max_norm: dict[str, float] = {}
         for name in self.trainable:
             net = task.networks[name].train().requires_grad_(False)
             self.params[name] = trainable_parameters(net)
@@ -189,6 +190,9 @@ class Engine:
             opts.append(torch.optim.AdamW(param_groups(net, self.params[name], lr), lr=lr, betas=train.betas,
                                           weight_decay=train.weight_decay))
             self.base_lr[name] = lr
+            critic = obj.networks[name] != "student" and train.critic_grad_clip is not None
+            clip = train.critic_grad_clip if critic else train.grad_clip
+            self.max_norm[name] = clip if clip is not None else math.inf
             models.append(net)
         prepared = acc.prepare(*models, *opts)
         self.models = dict(zip(self.trainable, prepared[: len(models)]))
@@ -271,8 +275,7 @@ class Engine:
             factor = lr_factor(self.state.step, cfg.max_steps, cfg.lr_schedule, cfg.lr_warmup_steps)
             for group in opt.param_groups:
                 group["lr"] = self.base_lr[phase.trains] * group.get("lr_scale", 1.0) * factor
-        max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
-        norm = acc.clip_grad_norm_(model.parameters(), max_norm)  # None under DeepSpeed
+        norm = acc.clip_grad_norm_(model.parameters(), self.max_norm[phase.trains])  # None under DeepSpeed
         scaled = acc.scaler is not None  # fp16: the loss scaler skips overflowing steps itself
         if norm is not None and not scaled and self._any(not bool(torch.isfinite(torch.as_tensor(norm)))):
             opt.zero_grad(set_to_none=True)
