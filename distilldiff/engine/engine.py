@@ -100,6 +100,12 @@ def enable_gradient_checkpointing(net: nn.Module, name: str) -> None:
         m.enable_gradient_checkpointing()
 
 
+def critic_or_shared(role: str, shared, critic_own):
+    """A trained network's setting: the critics' own (``train.critic_lr``, ``critic_grad_clip``) where ``role``
+    is ``critic`` and that key is set, else the setting every network shares (``lr``, ``grad_clip``)."""
+    return critic_own if role == "critic" and critic_own is not None else shared
+
+
 def trainable_parameters(net: nn.Module) -> list[nn.Parameter]:
     """The parameters ``net`` declares trainable (``net.trainable_parameters()``), else all of them."""
     declared = getattr(net, "trainable_parameters", None)
@@ -186,12 +192,12 @@ class Engine:
                 p.requires_grad_(True)
             if train.gradient_checkpointing:
                 enable_gradient_checkpointing(net, name)
-            lr = train.lr if obj.networks[name] == "student" or train.critic_lr is None else train.critic_lr
+            role = obj.networks[name]
+            lr = critic_or_shared(role, train.lr, train.critic_lr)
             opts.append(torch.optim.AdamW(param_groups(net, self.params[name], lr), lr=lr, betas=train.betas,
                                           weight_decay=train.weight_decay))
             self.base_lr[name] = lr
-            critic = obj.networks[name] != "student" and train.critic_grad_clip is not None
-            clip = train.critic_grad_clip if critic else train.grad_clip
+            clip = critic_or_shared(role, train.grad_clip, train.critic_grad_clip)
             self.max_norm[name] = clip if clip is not None else math.inf
             models.append(net)
         prepared = acc.prepare(*models, *opts)
