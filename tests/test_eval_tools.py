@@ -215,6 +215,19 @@ def test_feature_probe_separates_what_differs_and_not_what_does_not():
     assert 0.4 < probe.probe_accuracy(a, b) < 0.6
 
 
+def test_feature_probe_standardises_with_the_fitting_rows_only():
+    """The probe's held-out rows are standardised with the fitting rows' statistics: a row's logit does not depend on
+    the other rows scored with it (standardising the held-out set on its own statistics would make it depend)."""
+    probe = _tool("feature_probe")
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(100, 4, generator=g), torch.randn(100, 4, generator=g) + 1.0])
+    logit = probe.linear_probe(x, torch.cat([torch.ones(100), torch.zeros(100)]))
+    rows = torch.randn(10, 4, generator=g)
+    with_outlier = logit(torch.cat([rows, torch.full((1, 4), 1e3)]))
+    assert torch.equal(logit(rows), with_outlier[:10])
+    assert (logit(x[:100]) > 0).double().mean() > 0.6 and (logit(x[100:]) < 0).double().mean() > 0.6
+
+
 def test_feature_probe_runs_on_the_teacher(tmp_path):
     """The teacher's own 4-step samples against real digits, through both feature layers, written as JSON."""
     out = tmp_path / "probe.json"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,25 +26,36 @@ from distilldiff.atomic import write_json
 from distilldiff.objectives.critic import FEATURE_LAYERS, feature_module
 
 
-def probe_accuracy(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, steps: int = 300) -> float:
-    """Held-out accuracy of a logistic regression separating feature rows ``real`` ``[N, D]`` from ``fake`` ``[N, D]``."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.cat([real, fake]).double()
-    y = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))]).double()
-    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
-    perm = torch.randperm(len(x), generator=g)
-    cut = int(0.6 * len(x))
-    train, test = perm[:cut], perm[cut:]
+def linear_probe(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A logistic regression fitted to rows ``x`` ``[N, D]`` with labels ``y`` ``[N]`` (1 or 0), on features
+    standardised with these rows' own mean and standard deviation; returns the logit function of new rows
+    ``[M, D] -> [M]``, which standardises them with the same (the fitting rows') statistics, row by row."""
+    mean, std = x.double().mean(0), x.double().std(0) + 1e-6
+    xs, y = (x.double() - mean) / std, y.double()
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([w, b], lr=0.05)
     with torch.enable_grad():
         for _ in range(steps):
             opt.zero_grad()
-            loss = F.binary_cross_entropy_with_logits(x[train] @ w + b, y[train]) + 1e-3 * w.square().sum()
+            loss = F.binary_cross_entropy_with_logits(xs @ w + b, y) + 1e-3 * w.square().sum()
             loss.backward()
             opt.step()
-    return float(((x[test] @ w + b > 0).double() == y[test]).double().mean())
+    w, b = w.detach(), b.detach()
+    return lambda rows: ((rows.double() - mean) / std) @ w + b
+
+
+def probe_accuracy(real: torch.Tensor, fake: torch.Tensor, seed: int = 0, steps: int = 300) -> float:
+    """Held-out accuracy of a logistic regression separating feature rows ``real`` ``[N, D]`` from ``fake`` ``[N, D]``:
+    fitted (standardisation included) on a random 60% of the rows, scored on the other 40%."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([real, fake]).double()
+    y = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))]).double()
+    perm = torch.randperm(len(x), generator=g)
+    cut = int(0.6 * len(x))
+    train, test = perm[:cut], perm[cut:]
+    logit = linear_probe(x[train], y[train], steps)
+    return float(((logit(x[test]) > 0).double() == y[test]).double().mean())
 
 
 def layer_features(teacher, images: torch.Tensor, labels: torch.Tensor, sigma: float, seed: int) -> dict[str, torch.Tensor]:
