@@ -272,3 +272,31 @@ def test_grad_clip_and_the_critics_own_clip(tmp_path, critic_clip, critic_clippe
     assert max(norms["generator"]) <= 1e-3 * (1 + 1e-4)
     assert (max(norms["fake_score"]) <= 1e-3 * (1 + 1e-4)) == critic_clipped
     assert critic_clipped or min(norms["fake_score"]) > 1e-2  # unclipped: the toy critic's own norms are far larger
+
+
+def test_the_log_window_keeps_each_gradient_norms_peak(tmp_path):
+    """Every log line has ``{phase}/grad_norm`` (the window's mean) and ``{phase}/grad_norm_max`` (its largest single
+    update), read from what each update returned; other values are averaged only."""
+    from distilldiff.engine import LogWindow
+    from distilldiff.objectives import SiD, SiDConfig
+    from toy_setup import sid_task, teacher
+
+    window = LogWindow(peaks=("grad_norm",))
+    for norm in (1.0, 10.0, 2.0):
+        window.add({"critic/grad_norm": norm, "critic/loss": norm}, repeats=2)
+        window.add({"critic/grad_norm": 2 * norm, "critic/loss": 0.0}, repeats=2)
+        window.end_step()
+    logs = window.flush(batch_size=1)
+    assert logs["critic/grad_norm"] == pytest.approx((1.5 + 15 + 3) / 3) and logs["critic/grad_norm_max"] == 20.0
+    assert "critic/loss_max" not in logs and logs["critic/loss"] == pytest.approx(13 / 6)
+
+    engine = Engine(sid_task(SiD(SiDConfig(), teacher())), train_config(max_steps=4, batch_size=8, log_every=2), tmp_path)
+    returned: list[dict[str, float]] = []
+    run_phase = engine._run_phase
+    engine._run_phase = lambda phase: returned.append(run_phase(phase)) or returned[-1]
+    engine.train()
+    for name in ("generator", "fake_score"):
+        norms = [r[f"{name}/grad_norm"] for r in returned if f"{name}/grad_norm" in r]
+        assert len(norms) == 4
+        logged = dict(engine.history.state_dict()["series"][f"{name}/grad_norm_max"])
+        assert logged == {2: max(norms[:2]), 4: max(norms[2:])}

@@ -165,7 +165,7 @@ def _history() -> LossHistory:
     h = LossHistory()
     for step in range(10, 210, 10):
         h.add(step, {
-            "critic/loss": 1.0 / step, "critic/w": 0.5, "critic/grad_norm": 10.0 / step,
+            "critic/loss": 1.0 / step, "critic/w": 0.5, "critic/grad_norm": 10.0 / step, "critic/grad_norm_max": 30.0 / step,
             "generator/loss": -math.log(step), "generator/adv_loss": 0.1, "generator/grad_norm": torch.tensor(2.0),
             "img_per_s": 100.0 + step, "nonfinite_skipped": 0,
         })
@@ -191,7 +191,7 @@ def test_loss_plot_groups():
         "critic: loss": ["critic/loss"],
         "generator: loss": ["generator/adv_loss", "generator/loss"],
         "critic: other": ["critic/w"],
-        "gradient norm": ["critic/grad_norm", "generator/grad_norm"],
+        "gradient norm": ["critic/grad_norm", "critic/grad_norm_max", "generator/grad_norm"],
         "throughput (images/s)": ["img_per_s"],
         "sample grids": ["samples/near_black"],
         "evaluation: class_accuracy": ["eval/class_accuracy"],

@@ -477,7 +477,7 @@ class Engine:
         evaluator = self.task.evaluator
         schedule = Schedule(cfg.max_steps, cfg.log_every, cfg.sample_every, cfg.checkpoint_every,
                             evaluator.every if evaluator is not None else None, self.state.step, resumed=checkpoint is not None)
-        window = LogWindow()
+        window = LogWindow(peaks=("grad_norm",))
         acc.print(self.startup_line())
         if self.state.step < cfg.max_steps:  # e.g. DMD's regression pairs: before the clock of the time estimate starts
             self.task.objective.prepare({n: acc.unwrap_model(m) for n, m in self.models.items()} | self.frozen, acc.device)

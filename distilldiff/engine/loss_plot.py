@@ -1,7 +1,7 @@
 """Training curves: the logged scalars of a run, kept in a :class:`LossHistory` and drawn as one PNG.
 
 :class:`LossHistory` collects the dicts the engine logs (``{phase}/loss``, ``{phase}/grad_norm``,
-``img_per_s``, ``eval/...``, ``samples/...``) as ``{name: [(step, value), ...]}``; it is plain JSON
+``{phase}/grad_norm_max``, ``img_per_s``, ``eval/...``, ``samples/...``) as ``{name: [(step, value), ...]}``; it is plain JSON
 (:meth:`LossHistory.state_dict`), so it can be saved with a checkpoint and restored on resume.
 :func:`write_loss_plot` draws it with matplotlib's Agg canvas (no pyplot, no global state, no
 display needed), one panel per group of comparable curves, and writes the PNG atomically.
@@ -117,7 +117,7 @@ def group_series(names: Sequence[str]) -> dict[str, list[str]]:
             put((5, f"evaluation: {tail}"), name)
         elif tail and head == "samples":
             put((4, "sample grids"), name)
-        elif tail == "grad_norm":
+        elif tail in ("grad_norm", "grad_norm_max"):
             put((2, "gradient norm"), name)
         elif tail and tail.endswith("loss"):
             put((0, f"{head}: loss"), name)

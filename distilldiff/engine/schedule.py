@@ -64,13 +64,21 @@ class Schedule:
 
 
 class LogWindow:
-    """Averages the logged values over the steps since the last log line, and the images per second."""
+    """Averages the logged values over the steps since the last log line, and the images per second.
 
-    def __init__(self):
+    Args:
+        peaks: names (the part after ``phase/``) whose largest single value in the window is logged too, as
+            ``{phase}/{name}_max``: an average hides a one-update spike, such as a critic's gradient norm jumping
+            tenfold for one update (BENCHMARKS.md section 6.3.8).
+    """
+
+    def __init__(self, peaks: tuple[str, ...] = ()):
+        self.peaks = frozenset(peaks)
         self.reset()
 
     def reset(self) -> None:
         self.sums: dict[str, float] = {}
+        self.maxima: dict[str, float] = {}
         self.steps = 0
         self.start = time.time()
 
@@ -78,6 +86,8 @@ class LogWindow:
         """Add one phase call's logs; a phase that runs ``repeats`` times per step counts as one."""
         for k, v in logs.items():
             self.sums[k] = self.sums.get(k, 0.0) + v / repeats
+            if k.rpartition("/")[2] in self.peaks:
+                self.maxima[k] = max(self.maxima.get(k, v), v)
 
     def end_step(self) -> None:
         self.steps += 1
@@ -87,9 +97,10 @@ class LogWindow:
         self.start += seconds
 
     def flush(self, batch_size: int) -> dict[str, float]:
-        """The window's averages and ``img_per_s``; starts a new window."""
+        """The window's averages, the maxima of ``peaks`` and ``img_per_s``; starts a new window."""
         elapsed = max(time.time() - self.start, 1e-9)
         logs = {k: v / self.steps for k, v in self.sums.items()}
+        logs.update({f"{k}_max": v for k, v in self.maxima.items()})
         logs["img_per_s"] = self.steps * batch_size / elapsed
         self.reset()
         return logs
