@@ -68,8 +68,8 @@ class LogWindow:
 
     Args:
         peaks: names (the part after ``phase/``) whose largest single value in the window is logged too, as
-            ``{phase}/{name}_max``: an average hides a one-update spike, such as a critic's gradient norm jumping
-            tenfold for one update (BENCHMARKS.md section 6.3.8).
+            ``{phase}/{name}_max``: a window's average flattens a one-update spike, such as the spikes of a
+            critic's gradient norm in BENCHMARKS.md section 6.3.8.
     """
 
     def __init__(self, peaks: tuple[str, ...] = ()):
