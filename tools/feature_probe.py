@@ -30,8 +30,9 @@ def linear_probe(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> Callable
     """A logistic regression fitted to rows ``x`` ``[N, D]`` with labels ``y`` ``[N]`` (1 or 0), on features
     standardised with these rows' own mean and standard deviation; returns the logit function of new rows
     ``[M, D] -> [M]``, which standardises them with the same (the fitting rows') statistics, row by row."""
-    mean, std = x.double().mean(0), x.double().std(0) + 1e-6
-    xs, y = (x.double() - mean) / std, y.double()
+    x, y = x.double(), y.double()
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    xs = (x - mean) / std
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.Adam([w, b], lr=0.05)
