@@ -192,3 +192,30 @@ def test_one_step_student_reproduces_the_mixture(tmp_path, divergence):
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         FDistillConfig(**kwargs)
+
+
+def test_resumed_run_with_a_discriminator_head_is_bitwise_the_uninterrupted_one(tmp_path):
+    """The discriminator head, its running means of r (per noise bin) and of h, and the GAN term's state
+    travel with the checkpoint: 3 updates, a checkpoint, 3 more after ``resume`` equal 6 uninterrupted
+    updates bit for bit (generator, fake score with its head and buffers, EMA)."""
+    def run(folder, max_steps, resume=None):
+        fd = FDistill(FDistillConfig(divergence="js", gan_weight=0.1, ratio_bins=4, normalize_h=True, tmax=600), teacher())
+        student = fd.make_student(copy.deepcopy(fitted_copy()), StudentConfig(init_sigma=2.5))
+        torch.manual_seed(0)  # the head's fresh layers start from the seed, as `distilldiff distill` builds them
+        engine = Engine(task_for(fd, student), train_config(max_steps=max_steps, batch_size=16, checkpoint_every=3, seed=3), folder)
+        engine.train(resume=resume)
+        return engine
+
+    full = run(tmp_path / "full", 6)
+    run(tmp_path / "part", 3)
+    resumed = run(tmp_path / "part", 6, resume="latest")
+    assert resumed.state.step == 6
+    for name in ("generator", "fake_score"):
+        a, b = full.task.networks[name].state_dict(), resumed.task.networks[name].state_dict()
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}.{key}"
+    head = full.task.networks["fake_score"]
+    assert not torch.equal(head.h_mean, torch.ones_like(head.h_mean))  # the running means moved, and were resumed
+    for a, b in zip(full.ema.module.state_dict().values(), resumed.ema.module.state_dict().values()):
+        assert torch.equal(a, b)
