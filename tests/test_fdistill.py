@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from distilldiff.config import StudentConfig
+from distilldiff.config import ConfigError, StudentConfig
 from distilldiff.engine import Engine
 from distilldiff.objectives import Batch, FDistill, FDistillConfig
 from distilldiff.objectives.fdistill import F_OF_R, WEIGHTINGS
@@ -133,6 +133,40 @@ def test_regression_loss_adds_the_weighted_mse_to_the_teacher_pairs():
     assert gen.weight.grad is not None and bool(gen.weight.grad.abs().sum() > 0)
 
 
+def test_regression_share_draws_that_share_of_the_batch_in_pairs():
+    """regression_share 0.25: a batch of 8 generated images comes with 2 pairs, in the same generator call,
+    and the regression term is the MSE over those 2."""
+    torch.manual_seed(0)
+    t = teacher()
+    fd = FDistill(FDistillConfig(regression_weight=0.5, regression_pairs=4, regression_steps=20, regression_share=0.25), t)
+    gen = torch.nn.Linear(2, 2).double()
+    calls = []
+
+    def generator(noise, **cond):
+        calls.append(noise.detach().clone())
+        return gen(noise.double()).float()
+
+    nets = {"teacher": t, "fake_score": copy.deepcopy(fitted_copy()), "generator": generator}
+    noise = torch.randn(8, 2)
+    _, logs = fd.generator_loss(nets, Batch(noise=noise))
+    assert len(calls) == 1 and calls[0].shape == (10, 2) and torch.equal(calls[0][:8], noise)
+    pairs = fd.pairs(t, torch.device("cpu"))
+    idx = [int((pairs.noise == z).all(1).nonzero()) for z in calls[0][8:]]  # which pairs were drawn
+    expected = ((gen(pairs.noise[idx].double()).float() - pairs.target[idx]) ** 2).mean()
+    torch.testing.assert_close(logs["reg_loss"], expected.detach())
+
+
+def test_regression_share_that_splits_a_pair_is_refused_before_the_pairs_are_made(tmp_path):
+    """0.25 of a micro-batch of 6 is 1.5 pairs: the run stops at once with the key named, before the
+    teacher spends time on the pairs."""
+    fd = FDistill(FDistillConfig(regression_weight=0.5, regression_pairs=16, regression_steps=10, regression_share=0.25), teacher())
+    student = fd.make_student(copy.deepcopy(fitted_copy()), StudentConfig(init_sigma=2.5))
+    engine = Engine(task_for(fd, student), train_config(max_steps=2, batch_size=6, log_every=1), tmp_path)
+    with pytest.raises(ConfigError, match=r"objective.regression_share=0.25 gives 1.5 pairs per micro-batch of 6"):
+        engine.train()
+    assert fd._pairs is None
+
+
 def test_engine_makes_the_pairs_before_the_first_update(tmp_path):
     """Objective.prepare: the engine has the pairs made before step 1, and the regression term is logged."""
     fd = FDistill(FDistillConfig(regression_weight=0.5, regression_pairs=16, regression_steps=10), teacher())
@@ -189,6 +223,9 @@ def test_one_step_student_reproduces_the_mixture(tmp_path, divergence):
     ({"regression_pairs": 64}, "objective.regression_pairs has no effect with regression_weight 0"),
     ({"regression_steps": 20}, "objective.regression_steps has no effect with regression_weight 0"),
     ({"regression_weight": 0.25, "regression_steps": 0}, "objective.regression_steps must be >= 1"),
+    ({"regression_share": 0.5}, "objective.regression_share has no effect with regression_weight 0"),
+    ({"regression_weight": 0.25, "regression_share": 0.0}, r"objective.regression_share must be in \(0, 1\]"),
+    ({"regression_weight": 0.25, "regression_share": 1.5}, r"objective.regression_share must be in \(0, 1\]"),
 ])
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):

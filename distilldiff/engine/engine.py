@@ -480,7 +480,7 @@ class Engine:
         window = LogWindow(peaks=("grad_norm",))
         acc.print(self.startup_line())
         if self.state.step < cfg.max_steps:  # e.g. DMD's regression pairs: before the clock of the time estimate starts
-            self.task.objective.prepare({n: acc.unwrap_model(m) for n, m in self.models.items()} | self.frozen, acc.device)
+            self.task.objective.prepare({n: acc.unwrap_model(m) for n, m in self.models.items()} | self.frozen, acc.device, self.micro_batch)
         start_step, wall0 = self.state.step, time.time()
         bar = tqdm(total=cfg.max_steps, initial=self.state.step, disable=not acc.is_local_main_process,
                    desc=self.task.objective.name, dynamic_ncols=True)

@@ -134,10 +134,11 @@ class Objective(abc.ABC):
         """Extra student inputs for sample grids and evaluations (e.g. its guidance scale)."""
         return {}
 
-    def prepare(self, nets: Mapping[str, nn.Module], device: torch.device) -> None:
+    def prepare(self, nets: Mapping[str, nn.Module], device: torch.device, micro_batch: int) -> None:
         """Called once by the engine before the first training step of every run or resume, with all
-        networks (unwrapped) on ``device``: objectives that precompute something from the teacher
-        (DMD's regression pairs) do it here. Its time is not training time. Default: nothing."""
+        networks (unwrapped) on ``device`` and the per-process micro-batch size: objectives that
+        precompute something from the teacher (DMD's regression pairs) do it here, and may reject
+        options that do not fit the micro-batch. Its time is not training time. Default: nothing."""
 
     def update_targets(self, nets: Mapping[str, nn.Module]) -> None:
         """Called after every training step (all its phases and micro-batches, on every process) with

@@ -100,6 +100,10 @@ class FDistillConfig(ObjectiveConfig):
         regression_pairs: number of pairs (default 1024; only with ``regression_weight`` > 0).
         regression_steps: teacher sampling steps per pair on its own grid (default 50, as the
             teacher's reference FID; only with ``regression_weight`` > 0).
+        regression_share: pairs per update as a share of the batch, in (0, 1] (default 1: as many
+            pairs as generated images; 0.25 with batch 32: 8 pairs). Smaller shares cost less per update
+            (the loss adds only the generator's pass on the pairs); the share times every micro-batch
+            must be a whole number, so the pairs per update do not change with processes or accumulation.
     """
 
     name: ClassVar[str] = "fdistill"
@@ -131,6 +135,7 @@ class FDistillConfig(ObjectiveConfig):
     regression_weight: float = 0.0
     regression_pairs: int | None = None
     regression_steps: int | None = None
+    regression_share: float | None = None
 
     def __post_init__(self):
         if self.critic_ratio < 1:
@@ -156,6 +161,11 @@ class FDistillConfig(ObjectiveConfig):
                 raise ValueError(f"objective.{key} has no effect with regression_weight 0; remove it or set regression_weight > 0")
             if value is not None and value < 1:
                 raise ValueError(f"objective.{key} must be >= 1, got {value}")
+        if self.regression_share is not None:
+            if self.regression_weight == 0:
+                raise ValueError("objective.regression_share has no effect with regression_weight 0; remove it or set regression_weight > 0")
+            if not 0 < self.regression_share <= 1:
+                raise ValueError(f"objective.regression_share must be in (0, 1], got {self.regression_share}")
         check_head_options(self.head_lr_scale, self.disc_head, self.uses_discriminator, "a divergence other than reverse_kl or gan_weight > 0",
                            self.disc_features)
 
@@ -264,7 +274,7 @@ class FDistill(Objective):
         ``regression_weight`` ||G(z) - y(z)||^2 on teacher pairs (DMD sec. 3.3)."""
         c = self.config
         if c.regression_weight > 0:  # one generator call for both batches (one forward per backward under DDP)
-            z, cond, y = self.pairs(nets["teacher"], batch.noise.device).draw(batch.noise.shape[0])
+            z, cond, y = self.pairs(nets["teacher"], batch.noise.device).draw(self.pairs_per_batch(batch.noise.shape[0]))
             x_all = nets["generator"](torch.cat([batch.noise, z]), **concat_cond(batch.cond, cond))
             x_g, x_pairs = x_all.split([batch.noise.shape[0], z.shape[0]])
         else:
@@ -301,10 +311,21 @@ class FDistill(Objective):
         logs["loss"] = loss.detach()
         return loss, logs
 
-    def prepare(self, nets: Mapping[str, nn.Module], device: torch.device) -> None:
-        """With ``regression_weight`` > 0: the regression pairs, before the first update."""
+    def prepare(self, nets: Mapping[str, nn.Module], device: torch.device, micro_batch: int) -> None:
+        """With ``regression_weight`` > 0: the regression pairs, before the first update (after checking
+        that ``regression_share`` gives whole pairs per micro-batch)."""
         if self.config.regression_weight > 0:
+            self.pairs_per_batch(micro_batch)
             self.pairs(nets["teacher"], device)
+
+    def pairs_per_batch(self, batch: int) -> int:
+        """Regression pairs drawn with a (micro-)batch of ``batch`` generated images: ``regression_share * batch``."""
+        share = self.config.regression_share or 1.0
+        n = share * batch
+        if n < 1 or abs(n - round(n)) > 1e-6:
+            raise ConfigError(f"objective.regression_share={share} gives {n:g} pairs per micro-batch of {batch} "
+                              "(train.batch_size / processes / grad_accum); choose a share that gives a whole number >= 1")
+        return round(n)
 
     def pairs(self, teacher: Denoiser, device: torch.device) -> TeacherPairs:
         """The regression pairs (noise z, the teacher's deterministic sample y(z)), made at the first call."""
