@@ -155,17 +155,15 @@ class FDistillConfig(ObjectiveConfig):
         check_time_range(self.tmin, self.tmax)
         if self.regression_weight < 0:
             raise ValueError(f"objective.regression_weight must be >= 0, got {self.regression_weight}")
+        for key in ("regression_pairs", "regression_steps", "regression_share"):
+            if getattr(self, key) is not None and self.regression_weight == 0:
+                raise ValueError(f"objective.{key} has no effect with regression_weight 0; remove it or set regression_weight > 0")
         for key in ("regression_pairs", "regression_steps"):
             value = getattr(self, key)
-            if value is not None and self.regression_weight == 0:
-                raise ValueError(f"objective.{key} has no effect with regression_weight 0; remove it or set regression_weight > 0")
             if value is not None and value < 1:
                 raise ValueError(f"objective.{key} must be >= 1, got {value}")
-        if self.regression_share is not None:
-            if self.regression_weight == 0:
-                raise ValueError("objective.regression_share has no effect with regression_weight 0; remove it or set regression_weight > 0")
-            if not 0 < self.regression_share <= 1:
-                raise ValueError(f"objective.regression_share must be in (0, 1], got {self.regression_share}")
+        if self.regression_share is not None and not 0 < self.regression_share <= 1:
+            raise ValueError(f"objective.regression_share must be in (0, 1], got {self.regression_share}")
         check_head_options(self.head_lr_scale, self.disc_head, self.uses_discriminator, "a divergence other than reverse_kl or gan_weight > 0",
                            self.disc_features)
 
