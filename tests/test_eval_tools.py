@@ -149,7 +149,8 @@ def test_bench_gpu_configs_trains_packs_and_resumes(tmp_path):
     import tarfile
 
     env = {**os.environ, "PYTHON": sys.executable, "THREADS": "1", "SCORE": "0", "CHECKPOINTS": "1",
-           "SET": "train.batch_size=4 train.time_budget_min=0.02 eval.num=10 eval.metrics=[classifier_fd] train.checkpoint_every=2"}
+           "SET": "train.batch_size=4 train.time_budget_min=0.02 eval.num=10 eval.metrics=[classifier_fd] train.checkpoint_every=2 "
+                  "objective.regression_pairs=8 objective.regression_steps=2"}
     runs, out = tmp_path / "runs", tmp_path / "out"
     for call in (1, 2):
         if call == 2:

@@ -26,8 +26,9 @@
 # student; leave room for one evaluation, 60-110 s for FID-5k with six runs on an H200), SET (extra
 # `--set` overrides for every run, space-separated KEY=VALUE), SCORE (default 1), NUM (images per scored
 # entry, default 5000), SCORE_LIMIT_S (default 200), CHECKPOINTS (default 0), PYTHON (default python3).
-# A CPU dry run of the whole path: SET="train.batch_size=8 train.time_budget_min=0.1 eval.num=20
-# eval.metrics=[classifier_fd]" SCORE=0 tools/bench_gpu_configs.sh /tmp/runs /tmp/out fdistill guidance
+# A CPU dry run of the whole path (fdistill's regression pairs cut to a few): SET="train.batch_size=8
+# train.time_budget_min=0.1 eval.num=20 eval.metrics=[classifier_fd] objective.regression_pairs=8
+# objective.regression_steps=2" SCORE=0 tools/bench_gpu_configs.sh /tmp/runs /tmp/out fdistill
 set -u
 runs=$1; out=$2; shift 2
 [ $# -gt 0 ] || { echo "usage: $0 RUNS OUT NAME..." >&2; exit 2; }
