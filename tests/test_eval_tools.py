@@ -393,3 +393,25 @@ def test_eval_mnist_real_refuses_model_options(extra):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == "", r.stderr
     assert r.stderr.strip().splitlines()[-1].endswith("--real scores the digits themselves: it takes no --steps, --sigmas or --w")
+
+
+def test_regression_error_scores_students_on_fresh_pairs(tmp_path):
+    """tools/regression_error.py: one row per student, the mean squared gap to the teacher's DDIM samples on fresh
+    pairs, which is the same number computed here by hand; a folder that holds no student is one line and exit 1."""
+    from distilldiff.export import load_student
+    from distilldiff.objectives.pairs import teacher_pairs
+    from distilldiff.teachers import load_teacher
+
+    student = ROOT / "benchmarks" / "main-job-cpu" / "student-fdistill-js-reg025"
+    out = tmp_path / "errors.json"
+    r = subprocess.run([sys.executable, "tools/regression_error.py", "--num", "6", "--steps", "2", "--seed", "3", "--out", str(out),
+                        f"reg={student}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = json.loads(out.read_text())
+    with torch.no_grad():
+        pairs = teacher_pairs(load_teacher("builtin:mnist"), 6, 2, "cpu", seed=3)
+        by_hand = ((load_student(student)[0](pairs.noise, **pairs.cond) - pairs.target) ** 2).mean().item()
+    assert row["name"] == "reg" and row["mse"] == pytest.approx(by_hand, rel=1e-5)
+    r = subprocess.run([sys.executable, "tools/regression_error.py", "--num", "2", "--steps", "1", f"x={tmp_path}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and str(tmp_path) in r.stderr
