@@ -397,7 +397,8 @@ def test_eval_mnist_real_refuses_model_options(extra):
 
 def test_regression_error_scores_students_on_fresh_pairs(tmp_path):
     """tools/regression_error.py: one row per student, the mean squared gap to the teacher's DDIM samples on fresh
-    pairs, which is the same number computed here by hand; a folder that holds no student is one line and exit 1."""
+    pairs, which is the same number computed here by hand; a folder that holds no student, or a few-step student, is one
+    line and exit 1."""
     from distilldiff.export import load_student
     from distilldiff.objectives.pairs import teacher_pairs
     from distilldiff.teachers import load_teacher
@@ -415,3 +416,7 @@ def test_regression_error_scores_students_on_fresh_pairs(tmp_path):
     r = subprocess.run([sys.executable, "tools/regression_error.py", "--num", "2", "--steps", "1", f"x={tmp_path}"], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and str(tmp_path) in r.stderr
+    four_step = ROOT / "benchmarks" / "few-step" / "student-fdistill-js-4step"
+    r = subprocess.run([sys.executable, "tools/regression_error.py", "--num", "2", "--steps", "1", str(four_step)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip() == f"{four_step}: a 4-step student; the regression error is defined for one-step students"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -25,24 +26,24 @@ from distilldiff.teachers import load_teacher
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("models", nargs="+", metavar="NAME=FOLDER", help="one-step students (student or run folders)")
+    p.add_argument("models", nargs="+", metavar="[NAME=]FOLDER", help="one-step students (student or run folders)")
     p.add_argument("--teacher", default="builtin:mnist")
     p.add_argument("--num", type=int, default=512, help="fresh pairs")
     p.add_argument("--steps", type=int, default=50, help="the teacher's DDIM steps (the loss's default: 50)")
     p.add_argument("--seed", type=int, default=1, help="the pairs' seed (training pairs use 0)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args()
-    models = [m.split("=", 1) for m in args.models]
-    for m in models:
-        if len(m) != 2:
-            p.error(f"expected NAME=FOLDER, got {m[0]!r}")
     torch.set_grad_enabled(False)
     students = []
-    for name, folder in models:  # every folder checked before the teacher spends time on the pairs
+    for spec in args.models:  # every folder checked before the teacher spends time on the pairs
+        name, folder = spec.rsplit("=", 1) if "=" in spec else (Path(spec).name, spec)  # as tools/fid_vs_steps.py
         try:
-            students.append((name, folder, load_student(student_folder(folder))[0]))
+            student = load_student(student_folder(folder))[0]
         except (FileNotFoundError, ValueError) as e:
             sys.exit(str(e))
+        if len(student.sigmas) != 1:  # a few-step student re-noises between steps: no deterministic map to compare
+            sys.exit(f"{folder}: a {len(student.sigmas)}-step student; the regression error is defined for one-step students")
+        students.append((name, folder, student))
     pairs = teacher_pairs(load_teacher(args.teacher), args.num, args.steps, "cpu", seed=args.seed)
     rows = []
     for name, folder, student in students:
