@@ -171,15 +171,19 @@ def test_bench_gpu_configs_trains_packs_and_resumes(tmp_path):
     r = subprocess.run(["bash", "tools/bench_gpu_configs.sh", str(runs), str(out / "3"), "nope"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unknown NAME 'nope'" in r.stderr
-    # a wall-clock limit on training: the run, far from its budget, is stopped by SIGTERM and still leaves its student
-    env.update(BUDGET_MIN="30", TRAIN_WALL_S="25", CHECKPOINTS="0")
+    # a wall-clock limit on training: two seeds, far from their budget, are stopped by SIGTERM and still leave their
+    # students; only the seed STUDENT_SEEDS names is packed
+    env.update(BUDGET_MIN="30", TRAIN_WALL_S="25", CHECKPOINTS="0", SEEDS="0 1", STUDENT_SEEDS="1")
     r = subprocess.run(["bash", "tools/bench_gpu_configs.sh", str(tmp_path / "runs4"), str(out / "4"), "fdistill"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "TRAIN_WALL_S=25 reached" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "SIGTERM received" in (tmp_path / "runs4" / "train-fdistill-s0.log").read_text()
+    for seed in (0, 1):
+        assert "SIGTERM received" in (tmp_path / "runs4" / f"train-fdistill-s{seed}.log").read_text()
+        assert (tmp_path / "runs4" / f"s{seed}" / "fdistill-js" / "student" / "distilldiff_student.json").is_file()
     whole.write_bytes(b"".join(p.read_bytes() for p in sorted((out / "4").glob("students.tar.part-*"))))
     with tarfile.open(whole) as tar:
-        assert "s0/fdistill-js/student/distilldiff_student.json" in tar.getnames(), tar.getnames()[:5]
+        names = tar.getnames()
+    assert "s1/fdistill-js/student/distilldiff_student.json" in names and not any(n.startswith("s0/") for n in names), names[:5]
 
 
 def test_bench_gpu_configs_bad_wall_limit_is_one_line(tmp_path):
@@ -188,6 +192,15 @@ def test_bench_gpu_configs_bad_wall_limit_is_one_line(tmp_path):
     r = subprocess.run(["bash", "tools/bench_gpu_configs.sh", str(tmp_path / "runs"), str(tmp_path / "out"), "fdistill"], cwd=ROOT,
                        env={**os.environ, "TRAIN_WALL_S": "7m"}, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.strip() == "tools/bench_gpu_configs.sh: TRAIN_WALL_S must be whole seconds, got '7m'"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bench_gpu_configs_student_seed_not_trained_is_one_line(tmp_path):
+    """STUDENT_SEEDS may only name seeds that SEEDS trains; anything else stops the script before anything runs."""
+    r = subprocess.run(["bash", "tools/bench_gpu_configs.sh", str(tmp_path / "runs"), str(tmp_path / "out"), "fdistill"], cwd=ROOT,
+                       env={**os.environ, "SEEDS": "0 1", "STUDENT_SEEDS": "2"}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "tools/bench_gpu_configs.sh: STUDENT_SEEDS names seed '2', which SEEDS ('0 1') does not train"
     assert not (tmp_path / "runs").exists()
 
 

@@ -7,7 +7,7 @@
 #      `guidance` is stage 1 then stage 2 (guidance_stage2.yaml, its teacher the stage-1 run); each run
 #      evaluates FID-5k during training (RUN/eval.jsonl: FID against images seen);
 #   3. every run's logs, eval.jsonl, configs, grids and student (4.4 MB each: a few runs per call fit the
-#      64 MiB that comes back), packed into OUT before scoring, so that they come back even if scoring runs out
+#      64 MiB that comes back; STUDENT_SEEDS picks whose), packed into OUT before scoring, so that they come back even if scoring runs out
 #      of time; with CHECKPOINTS=1 also the
 #      newest checkpoint of every single-stage run of the first seed, for --resume in a later call (about 31 MB
 #      for f-distill: carry at most two back; staged runs, progressive and guidance stage 2, are meant to finish
@@ -25,7 +25,9 @@
 # training then get SIGTERM, finish their step and any evaluation under way, and write a checkpoint and their
 # student; leave room for one evaluation, 60-110 s for FID-5k with six runs on an H200), SET (extra
 # `--set` overrides for every run, space-separated KEY=VALUE), SCORE (default 1), NUM (images per scored
-# entry, default 5000), SCORE_LIMIT_S (default 200), CHECKPOINTS (default 0), PYTHON (default python3).
+# entry, default 5000), SCORE_LIMIT_S (default 200), CHECKPOINTS (default 0), STUDENT_SEEDS (the seeds whose students
+# are packed, default all of SEEDS: five objectives x three seeds are 66 MB, over what a device call returns),
+# PYTHON (default python3).
 # A CPU dry run of the whole path (fdistill's regression pairs cut to a few): SET="train.batch_size=8
 # train.time_budget_min=0.1 eval.num=20 eval.metrics=[classifier_fd] objective.regression_pairs=8
 # objective.regression_steps=2" SCORE=0 tools/bench_gpu_configs.sh /tmp/runs /tmp/out fdistill
@@ -40,6 +42,10 @@ for n in "$@"; do
   [ -n "${run_name[$n]:-}" ] || { echo "$0: unknown NAME '$n' (one of: ${!run_name[*]})" >&2; exit 2; }
 done
 [[ -z "${TRAIN_WALL_S:-}" || "$TRAIN_WALL_S" =~ ^[0-9]+$ ]] || { echo "$0: TRAIN_WALL_S must be whole seconds, got '$TRAIN_WALL_S'" >&2; exit 2; }
+student_seeds=${STUDENT_SEEDS:-$seeds}
+for s in $student_seeds; do
+  [[ " $seeds " == *" $s "* ]] || { echo "$0: STUDENT_SEEDS names seed '$s', which SEEDS ('$seeds') does not train" >&2; exit 2; }
+done
 mkdir -p "$runs" "$out"
 t0=$(date +%s)
 . "$(dirname "$0")/bench_common.sh"
@@ -93,7 +99,7 @@ stamp "training done"; tail -n 2 "$runs"/train-*.log
 
 first=${seeds%% *}
 pack_run_records "$runs" "$out"
-seed_dirs=(); for s in $seeds; do seed_dirs+=("s$s"); done
+seed_dirs=(); for s in $student_seeds; do seed_dirs+=("s$s"); done
 (cd "$runs" && find "${seed_dirs[@]}" -path '*/checkpoints' -prune -o -type d -name student -print | tar cf - -T - | split -b 15m - "$out/students.tar.part-")
 if [ "${CHECKPOINTS:-0}" = 1 ]; then  # single-stage runs: the newest checkpoint, config and eval.jsonl, for --resume
   (cd "$runs" && for c in $(find "s$first" -mindepth 2 -maxdepth 2 -type d -name checkpoints); do
