@@ -18,7 +18,7 @@ from ..teachers.base import Denoiser
 from ..tensors import append_dims, mean_chw
 from .base import Batch, Objective, Phase
 from .critic import FeatureLayer, HeadKind, ScoreWithHead, check_head_options, critic_loss, gan_generator_loss, global_sum
-from .noise import NoiseKind, check_time_range, make_noise_levels
+from .noise import NoiseKind, check_time_range, query_and_fake_noise
 from .pairs import TeacherPairs, concat_cond, teacher_pairs
 
 #: h(r) = r^2 f''(r) (up to a positive constant) for r = p_teacher / q_student (f-distill, Table 1)
@@ -187,10 +187,8 @@ class FDistill(Objective):
         self.config = config
         self.sigma_data = float(teacher.sigma_data)
         c = config
-        kw = dict(sigma_min=c.sigma_min, sigma_max=c.sigma_max, rho=c.rho, tmin=c.tmin, tmax=c.tmax, p_mean=c.p_mean, p_std=c.p_std)
-        #: the generator phase's noise levels, also the discriminator's
-        self.query_noise = make_noise_levels(c.noise, teacher, **kw)
-        self.fake_noise = self.query_noise if c.fake_score_noise == "generator" else make_noise_levels("lognormal", teacher, **kw)
+        #: the generator phase's noise levels and the fake score's, also the discriminator's
+        self.query_noise, self.fake_noise = query_and_fake_noise(c, teacher)
         self.needs_real_data = config.uses_discriminator
         self.h_at_one = float(WEIGHTINGS[c.divergence](torch.ones(1, dtype=torch.float64)))
         self._sums: dict[str, Tensor] = {}

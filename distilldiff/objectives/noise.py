@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -154,6 +154,30 @@ def make_noise_levels(kind: str, teacher, *, sigma_min: float | None, sigma_max:
     raise ConfigError(f"unknown noise distribution {kind!r}; expected 'karras', 'lognormal' or 'timesteps'")
 
 
+class ScoreNoiseConfig(Protocol):
+    """The noise fields shared by the configs of SiD and f-distill (see their docstrings)."""
+
+    noise: NoiseKind
+    fake_score_noise: Literal["generator", "lognormal"]
+    sigma_min: float | None
+    sigma_max: float | None
+    rho: float
+    tmin: int
+    tmax: int
+    p_mean: float
+    p_std: float
+
+
+def query_and_fake_noise(config: ScoreNoiseConfig, teacher) -> tuple[NoiseLevels, NoiseLevels]:
+    """``(query, fake)``: the levels a score-distillation objective queries the teacher and the fake score at
+    (``config.noise``), and those its fake score trains at: the same object for ``fake_score_noise: generator``
+    (DMD2's practice), EDM's ``lognormal`` otherwise (SiD's official recipe). Both lie in the teacher's range."""
+    c = config
+    kw = dict(sigma_min=c.sigma_min, sigma_max=c.sigma_max, rho=c.rho, tmin=c.tmin, tmax=c.tmax, p_mean=c.p_mean, p_std=c.p_std)
+    query = make_noise_levels(c.noise, teacher, **kw)
+    return query, query if c.fake_score_noise == "generator" else make_noise_levels("lognormal", teacher, **kw)
+
+
 def scaled_input(den: nn.Module, x0: Tensor, n: Tensor, sigma: Tensor) -> Tensor:
     """``(x0 + sigma n) / prior_scale(sigma)`` of denoiser ``den`` (its ``forward_scaled`` input), written
     ``x0 / p + n / q`` with ``q = p / sigma`` so that it is ``n`` at ``sigma = inf``."""
@@ -166,4 +190,4 @@ def prior_ratio(den: nn.Module, sigma: Tensor) -> Tensor:
     return torch.where(torch.isinf(sigma), torch.ones_like(ratio), ratio)
 
 
-__all__ = ["NoiseKind", "check_time_range", "EDM_SIGMA_MIN", "EDM_SIGMA_MAX", "NoiseLevels", "KarrasTime", "LogNormal", "Timesteps", "make_noise_levels", "noise_range", "prior_ratio", "scaled_input"]
+__all__ = ["NoiseKind", "check_time_range", "EDM_SIGMA_MIN", "EDM_SIGMA_MAX", "NoiseLevels", "KarrasTime", "LogNormal", "Timesteps", "make_noise_levels", "noise_range", "query_and_fake_noise", "ScoreNoiseConfig", "prior_ratio", "scaled_input"]

@@ -15,7 +15,7 @@ from ..teachers.guidance import CFGDenoiser
 from ..tensors import append_dims, mean_chw, sum_chw
 from .base import Batch, Objective, Phase
 from .critic import FeatureLayer, HeadKind, ScoreWithHead, check_head_options, critic_loss, gan_generator_loss
-from .noise import NoiseKind, check_time_range, make_noise_levels
+from .noise import NoiseKind, check_time_range, query_and_fake_noise
 
 
 @dataclass
@@ -126,10 +126,8 @@ class SiD(Objective):
         self.config = config
         self.sigma_data = float(teacher.sigma_data)
         c = config
-        kw = dict(sigma_min=c.sigma_min, sigma_max=c.sigma_max, rho=c.rho, tmin=c.tmin, tmax=c.tmax, p_mean=c.p_mean, p_std=c.p_std)
-        #: the generator phase's noise levels (SiDA: also the discriminator's)
-        self.query_noise = make_noise_levels(c.noise, teacher, **kw)
-        self.fake_noise = self.query_noise if c.fake_score_noise == "generator" else make_noise_levels("lognormal", teacher, **kw)
+        #: the generator phase's noise levels and the fake score's (SiDA: also the discriminator's)
+        self.query_noise, self.fake_noise = query_and_fake_noise(c, teacher)
         self.needs_real_data = c.adversarial
 
     @classmethod
