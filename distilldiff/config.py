@@ -309,7 +309,8 @@ class DistillConfig:
     critic: CriticConfig = field(default_factory=CriticConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    #: real data for objectives that need it: ``mnist5k``, or (text-to-image teachers) a folder of image + caption pairs
+    #: real data for objectives that need it (and only for those: set for one that does not, it is an error):
+    #: ``mnist5k``, or (text-to-image teachers) a folder of image + caption pairs
     data: str | None = None
     output_dir: str = "runs/distill"
 

@@ -172,6 +172,9 @@ def build_distill_task(cfg: DistillConfig, objective: Objective | None = None, t
         if getattr(cfg.train, key) is not None and "critic" not in objective.networks.values():
             raise ConfigError(f"train.{key}: objective '{objective.name}' trains no critic (fake score or discriminator); "
                               "remove the key")
+    if cfg.data is not None and not objective.needs_real_data:
+        raise ConfigError(f"data: {cfg.data!r}: objective '{objective.name}' as configured trains without real data; "
+                          "remove the key (or --set data=null)")
     base = teacher.base
     torch.manual_seed(cfg.train.seed)  # fresh layers (guidance embedding, discriminator) start from the seed
     student = objective.make_student(base, cfg.student)

@@ -1,4 +1,4 @@
-"""Building a run from a config: reproducible networks, keys that would be ignored."""
+"""Building a run from a config: reproducible networks, keys that would be ignored (critic settings, real data)."""
 
 import pytest
 import torch
@@ -24,3 +24,13 @@ def test_fresh_layers_start_from_the_seed():
 def test_critic_keys_without_a_critic_are_refused(config, overrides, key):
     with pytest.raises(ConfigError, match=f"train.{key}: objective '(consistency|scm)' trains no critic"):
         build_distill_task(load_config(DistillConfig, config, overrides))
+
+
+def test_real_data_the_objective_does_not_use_is_refused():
+    """f-distill reverse KL without a GAN term (DMD) is data-free: a ``data`` key would be silently ignored."""
+    dmd = ["objective.divergence=reverse_kl"]
+    with pytest.raises(ConfigError, match=r"data: 'mnist5k': objective 'fdistill' as configured trains without real data"):
+        build_distill_task(load_config(DistillConfig, "configs/mnist/fdistill.yaml", dmd))
+    task = build_distill_task(load_config(DistillConfig, "configs/mnist/fdistill.yaml", [*dmd, "data=null"]))
+    assert task.data_fn is None
+    assert build_distill_task(load_config(DistillConfig, "configs/mnist/fdistill.yaml")).data_fn is not None  # JS: its head sees real digits
