@@ -84,7 +84,8 @@ def test_clip_sample_clips_the_one_step_generators_samples_only():
     cd = ConsistencyDistillation.build(ConsistencyConfig(), teacher())
     with pytest.raises(ConfigError, match="student.clip_sample: objective 'consistency'"):
         cd.make_student(fitted_copy(), StudentConfig(clip_sample=True))
-    assert load_config(DistillConfig, "configs/mnist/fdistill.yaml").student.clip_sample  # the main job's
+    assert load_config(DistillConfig, "configs/mnist/dmd_regression.yaml").student.clip_sample  # the main job's
+    assert load_config(DistillConfig, "configs/mnist/fdistill.yaml").student.clip_sample  # the main job's before
     with pytest.raises(ConfigError, match="critic.clip_sample"):  # a student key only
         load_config(DistillConfig, "configs/mnist/fdistill.yaml", overrides=["critic.clip_sample=true"])
 

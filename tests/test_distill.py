@@ -34,3 +34,19 @@ def test_real_data_the_objective_does_not_use_is_refused():
     task = build_distill_task(load_config(DistillConfig, "configs/mnist/fdistill.yaml", [*dmd, "data=null"]))
     assert task.data_fn is None
     assert build_distill_task(load_config(DistillConfig, "configs/mnist/fdistill.yaml")).data_fn is not None  # JS: its head sees real digits
+
+
+def test_every_shipped_config_of_the_mnist_teacher_builds():
+    """Each config for the shipped pixel teacher builds its run (teacher, student, critics, data): no key of it is
+    refused, e.g. real data for an objective that trains without it."""
+    from pathlib import Path
+
+    import yaml
+
+    files = [f for f in sorted(Path("configs/mnist").rglob("*.yaml"))
+             if (yaml.safe_load(f.read_text()).get("teacher") or {}).get("path") == "builtin:mnist"]
+    assert any(f.name == "dmd_regression.yaml" for f in files) and len(files) >= 15
+    for f in files:
+        cfg = load_config(DistillConfig, str(f))
+        task = build_distill_task(cfg)  # the engine draws teacher pairs later, before the first update
+        assert (task.data_fn is not None) == task.objective.needs_real_data == (cfg.data is not None), f

@@ -58,8 +58,9 @@ WORDS = ["a", "photo", "of", "cat", "dog", "red", "blue", "house", "tree", "car"
 VARIANTS = {
     "full": {"objective.gan_weight": 0.001},
     "bf16_frozen": {"objective.gan_weight": 0.001, "teacher.dtype": "bfloat16"},
-    "bf16_lora_critic": {"teacher.dtype": "bfloat16", "critic.lora_rank": "RANK"},
-    "bf16_lora_both": {"teacher.dtype": "bfloat16", "critic.lora_rank": "RANK", "student.lora_rank": "RANK"},
+    # DMD (no GAN term) trains without real data: `data` unset
+    "bf16_lora_critic": {"teacher.dtype": "bfloat16", "critic.lora_rank": "RANK", "data": None},
+    "bf16_lora_both": {"teacher.dtype": "bfloat16", "critic.lora_rank": "RANK", "student.lora_rank": "RANK", "data": None},
     "bf16_checkpointing": {"objective.gan_weight": 0.001, "teacher.dtype": "bfloat16", "train.gradient_checkpointing": True},
 }
 
